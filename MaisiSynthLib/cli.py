@@ -1,0 +1,294 @@
+"""`maisi-synth`: the command line.
+
+User errors end as one line on stderr ("error: <problem>. Fix: <hint>.") and exit status 2; an
+interrupted run exits 130; neither leaves an output file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import CancelledError, MaisiSynthError, OptionError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _size(values: list[str]) -> tuple[int, int, int] | str:
+    if values == ["auto"]:
+        return "auto"
+    try:
+        sizes = tuple(int(v) for v in values)
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise OptionError(f"--output-size takes three positive whole numbers or 'auto', got {' '.join(values)}", "e.g. --output-size 256 256 128")
+    return sizes
+
+
+def _triple(name: str, values: list[str] | None, kind=float):
+    if values is None:
+        return None
+    try:
+        parsed = tuple(kind(v) for v in values)
+    except ValueError:
+        parsed = ()
+    if len(parsed) != 3 or min(parsed) <= 0:
+        raise OptionError(f"{name} takes three positive numbers, got {' '.join(values)}", f"e.g. {name} 1.5 1.5 2")
+    return parsed
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
+    p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
+    p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
+    p.add_argument("--model-dir", help="model folder (default: the embedded demo model, or $MAISI_SYNTH_MODEL_DIR)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--cfg-scale", type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)")
+    p.add_argument("--solver", default="euler", choices=["euler", "heun"], help="ODE step (euler = official)")
+    p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
+    p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--preview", help="also write a PNG with three slices and the mask's contours")
+    p.add_argument("--label-output", help="also write the mask on the output grid (label map)")
+    p.add_argument("--decode-window", nargs=3, metavar="N", help="VAE sliding window in latent voxels")
+    p.add_argument("--decode-overlap", type=float, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .pipeline import GenerateRequest, generate
+
+    request = GenerateRequest(
+        mask=args.mask,
+        output=args.output,
+        model_dir=args.model_dir,
+        steps=args.steps,
+        seed=args.seed,
+        cfg_scale=args.cfg_scale,
+        solver=args.solver,
+        output_size=_size(args.output_size) if args.output_size else None,
+        spacing=_triple("--spacing", args.spacing),
+        device=args.device,
+        precision=args.precision,
+        preview=args.preview,
+        label_output=args.label_output,
+        decode_window=_triple("--decode-window", args.decode_window, int),
+        decode_overlap=args.decode_overlap,
+    )
+    bar = None
+    stage_started = {}
+    done_words = {"load": "models ready", "encode-mask": "mask encoded", "sample": "sampled", "decode": "decoded"}
+
+    def progress(event: dict) -> None:
+        # A stage is announced when it has finished, so a failing stage prints nothing but its error.
+        nonlocal bar
+        if args.quiet:
+            return
+        stage = event["stage"]
+        if stage not in stage_started:
+            for previous in [s for s in stage_started if s in done_words and not stage_started[s][1]]:
+                if bar is not None and previous == "sample":
+                    bar.close()
+                    bar = None
+                print(f"[{event['elapsed']:7.1f} s] {done_words[previous]}", file=sys.stderr, flush=True)
+                stage_started[previous] = (stage_started[previous][0], True)
+            stage_started[stage] = (event["elapsed"], False)
+        if stage == "sample" and "total" in event:
+            if bar is None:
+                bar = tqdm(total=event["total"], desc="sampling", unit="step", file=sys.stderr, leave=False)
+            bar.n = event["i"]
+            bar.refresh()
+
+    try:
+        result = generate(request, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        t = result.timings
+        print(f"wrote {result.output} ({'x'.join(map(str, result.shape))}, spacing {result.spacing} mm, seed {result.seed})")
+        if result.preview:
+            print(f"wrote {result.preview}")
+        if result.label_output:
+            print(f"wrote {result.label_output}")
+        print(
+            f"generation took {t['encode-mask'] + t['sample'] + t['decode']:.1f} s "
+            f"(sampling {t['sample']:.1f} s for {result.steps} {result.solver} steps, decoding {t['decode']:.1f} s; "
+            f"model load {t['load']:.1f} s, total {t['total']:.1f} s) on {result.device}"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# info
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a model folder", description="Print a model's config, sizes and memory needs.")
+    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--output-size", nargs=3, type=int, metavar="N", help="output size for the memory estimate")
+    p.add_argument("--cfg", action="store_true", help="estimate memory with tumor CFG (doubles the batch)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run_info)
+
+
+def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool = False) -> dict:
+    """A model folder's description, without loading its weights."""
+    from .models import _param_estimate, compression_of, estimate_memory, locate_model_folder, network_kwargs
+    from .pipeline import default_model_dir
+
+    folder = locate_model_folder(model_dir or default_model_dir())
+    config = folder.config
+    networks = {}
+    for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def"):
+        target, kwargs = network_kwargs(config, key)
+        networks[key] = {
+            "class": target.rsplit(".", 1)[1],
+            "num_channels": kwargs.get("num_channels"),
+            "parameters": _param_estimate(config, key),
+        }
+    _, scheduler = network_kwargs(config, "noise_scheduler")
+    rules = folder.grid_rules()
+    size = tuple(output_size or folder.settings.get("default_output_size", (256, 256, 256)))
+    window = folder.inference["autoencoder_sliding_window_infer_size"]
+    memory = estimate_memory(config, size, precision, cfg, window)
+    c = compression_of(config)
+    return {
+        "name": folder.name,
+        "folder": str(folder.root),
+        "layout": "official" if folder.config_path.parent.name == "configs" else "flat",
+        "config": str(folder.config_path),
+        "weights": {p.name: round(p.stat().st_size / 2**20, 2) for p in folder.weight_files()},
+        "networks": networks,
+        "latent_channels": int(network_kwargs(config, "diffusion_unet_def")[1]["in_channels"]),
+        "compression": c,
+        "scheduler": scheduler,
+        "inference_defaults": folder.inference,
+        "grid_rules": rules.to_dict(),
+        "memory_estimate": {
+            "output_size": list(size),
+            "latent_shape": [n // c for n in size],
+            "precision": precision,
+            "cfg": cfg,
+            **{k: round(v / 2**30, 3) for k, v in memory.items()},
+            "unit": "GiB",
+        },
+        "description": folder.settings.get("description", ""),
+    }
+
+
+def _run_info(args) -> int:
+    info = model_info(args.model_dir, args.output_size, args.precision, args.cfg)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"model        {info['name']}  ({info['layout']} layout, {info['folder']})")
+    if info["description"]:
+        print(f"             {info['description']}")
+    print(f"config       {info['config']}")
+    for name, mb in info["weights"].items():
+        print(f"weights      {name:<28} {mb:9.2f} MB")
+    for key, net in info["networks"].items():
+        print(f"network      {net['class']:<26} channels {net['num_channels']}  {net['parameters'] / 1e6:8.2f} M parameters")
+    s = info["scheduler"]
+    print(
+        f"scheduler    rectified flow, {s.get('num_train_timesteps', 1000)} train timesteps, "
+        f"timestep shift {'on' if s.get('use_timestep_transform') else 'off'}"
+    )
+    d = info["inference_defaults"]
+    print(
+        f"defaults     {d['num_inference_steps']} steps, cfg {d['cfg_guidance_scale']}, decode window "
+        f"{d['autoencoder_sliding_window_infer_size']} (overlap {d['autoencoder_sliding_window_infer_overlap']})"
+    )
+    r = info["grid_rules"]
+    print(
+        f"grid         sizes multiple of {r['size_multiple']}; spacing x,y {r['spacing_xy_mm']} mm, z {r['spacing_z_mm']} mm; "
+        f"in-plane FOV >= {r['min_fov_xy_mm']} mm"
+    )
+    m = info["memory_estimate"]
+    print(
+        f"memory       for {'x'.join(map(str, m['output_size']))} ({m['precision']}{', cfg' if m['cfg'] else ''}): "
+        f"weights {m['weights']:.2f} GiB, sampling {m['sampling']:.2f} GiB, decoding {m['decoding']:.2f} GiB, "
+        f"peak on device ~{m['peak_device']:.2f} GiB (rough estimate), output {m['output_on_cpu']:.2f} GiB on the CPU"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# labels
+
+
+def _add_labels(sub) -> None:
+    p = sub.add_parser("labels", help="list MAISI label ids and names")
+    p.add_argument("--tumors", action="store_true", help="only tumors, with their host organs")
+    p.set_defaults(run=_run_labels)
+
+
+def _run_labels(args) -> int:
+    from . import labels as L
+
+    if args.tumors:
+        for tumor, hosts in L.TUMOR_HOSTS.items():
+            host = L.name_of(hosts[0]) if len(hosts) == 1 else "majority neighbouring " + (
+                "lung lobe" if hosts == L.LUNG_LOBES else "bone"
+            )
+            print(f"{tumor:4d}  {L.name_of(tumor):<26} host: {host}")
+        return 0
+    for label, name in sorted(L.label_names().items()):
+        print(f"{label:4d}  {name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maisi-synth", description="Mask → synthetic CT (MAISI-v2).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_info(sub)
+    _add_labels(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.run(args)
+    except CancelledError:
+        print("cancelled; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MaisiSynthError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

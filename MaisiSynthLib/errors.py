@@ -1,0 +1,60 @@
+"""User-facing error types.
+
+Each kind of user error has its own type so that the CLI, the worker and the Slicer module can
+report it the same way: one line naming the problem, plus a hint saying how to fix it.
+"""
+
+from __future__ import annotations
+
+
+class MaisiSynthError(Exception):
+    """Base class of every error a user can fix by changing the input."""
+
+    kind = "error"
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message.rstrip(".")
+        if self.hint:
+            text += f". Fix: {self.hint.rstrip('.')}"
+        return " ".join(text.split()) + "."
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "hint": self.hint}
+
+
+class MaskError(MaisiSynthError):
+    """The mask file is missing, unreadable or not a valid MAISI label map."""
+
+    kind = "bad-mask"
+
+
+class GeometryError(MaisiSynthError):
+    """Spacing, field of view or output size is outside what the model accepts."""
+
+    kind = "bad-geometry"
+
+
+class ModelError(MaisiSynthError):
+    """The model folder, its config or a checkpoint is missing or does not match."""
+
+    kind = "bad-model"
+
+
+class OptionError(MaisiSynthError):
+    """A generation option (steps, solver, device, output path, ...) is invalid."""
+
+    kind = "bad-option"
+
+
+class CancelledError(MaisiSynthError):
+    """The user cancelled a running request."""
+
+    kind = "cancelled"
+
+    def __init__(self, message: str = "cancelled by the user", hint: str = "") -> None:
+        super().__init__(message, hint)

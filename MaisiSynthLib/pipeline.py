@@ -1,0 +1,298 @@
+"""`generate(request) -> result`: the one path from a mask file to a synthetic CT file.
+
+Every front door (CLI, worker, batch export, Slicer through the worker) calls `generate`. Its order
+is fixed so that bad input costs nothing: options, output paths, model folder and mask are all
+checked before any network is loaded, and outputs are written only at the very end, all or none.
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import labels as L
+from .decoding import decode_latent, to_hu
+from .errors import CancelledError, ModelError, OptionError
+from .grid import resolve_output_grid, spacing_of
+from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
+from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
+from .preview import render_preview
+from .sampling import SOLVERS, Conditioning, sample_latent, spacing_condition
+from .volumes import (
+    atomic_paths,
+    check_output_path,
+    check_writable,
+    format_of,
+    from_canonical,
+    save_volume,
+    to_canonical,
+)
+
+Progress = Callable[[dict], None]
+STAGES = ("load", "encode-mask", "sample", "decode", "write")
+
+
+@dataclass
+class GenerateRequest:
+    """What to generate. Sizes and spacings are in RAS order (x: left→right, y: posterior→anterior,
+    z: inferior→superior), as the official pipeline orders them; `None` means the model's default."""
+
+    mask: str | Path
+    output: str | Path
+    model_dir: str | Path | None = None
+    steps: int | None = None
+    seed: int = 0
+    cfg_scale: float | None = None
+    solver: str = "euler"
+    output_size: tuple[int, int, int] | str | None = None
+    spacing: tuple[float, float, float] | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    preview: str | Path | None = None
+    label_output: str | Path | None = None
+    decode_window: tuple[int, int, int] | None = None
+    decode_overlap: float | None = None
+    # False: sample with the diffusion UNet alone (no ControlNet residuals); the mask then only gives
+    # the grid, spacing and body crop. For engine checks and UNet-only models.
+    controlnet: bool = True
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GenerateRequest":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise OptionError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(sorted(known))}")
+        if "mask" not in data or "output" not in data:
+            raise OptionError("a generate request needs 'mask' and 'output'", "give both paths")
+        return cls(**data)
+
+
+@dataclass
+class GenerateResult:
+    output: Path
+    preview: Path | None
+    label_output: Path | None
+    seed: int
+    steps: int
+    solver: str
+    cfg_scale: float
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    model_dir: str
+    device: str
+    timings: dict = field(default_factory=dict)
+    peak_memory: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    latent: torch.Tensor | None = None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("latent")
+        for key in ("output", "preview", "label_output"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        return data
+
+
+def default_model_dir() -> Path:
+    """The demo model shipped in the repository (or the folder named by $MAISI_SYNTH_MODEL_DIR)."""
+    import os
+
+    if os.environ.get("MAISI_SYNTH_MODEL_DIR"):
+        return Path(os.environ["MAISI_SYNTH_MODEL_DIR"])
+    return Path(__file__).resolve().parent.parent / "Resources" / "models" / "demo"
+
+
+def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
+    """Validate the options and fill the model's defaults; returns the resolved settings."""
+    defaults = folder.inference
+    steps = request.steps if request.steps is not None else int(defaults["num_inference_steps"])
+    cfg = request.cfg_scale if request.cfg_scale is not None else float(defaults["cfg_guidance_scale"])
+    window = request.decode_window or tuple(defaults["autoencoder_sliding_window_infer_size"])
+    overlap = request.decode_overlap if request.decode_overlap is not None else float(
+        defaults["autoencoder_sliding_window_infer_overlap"]
+    )
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
+        raise OptionError(f"steps must be a whole number from 1 to 1000, got {steps!r}", "pass e.g. --steps 30")
+    if request.solver not in SOLVERS:
+        raise OptionError(f"unknown solver '{request.solver}'", f"use one of {', '.join(SOLVERS)}")
+    if not isinstance(cfg, (int, float)) or not np.isfinite(cfg) or cfg < 0:
+        raise OptionError(f"cfg scale must be a number >= 0, got {cfg!r}", "pass e.g. --cfg-scale 0 (off) or 2")
+    if not isinstance(request.seed, int) or isinstance(request.seed, bool) or not 0 <= request.seed < 2**63:
+        raise OptionError(f"seed must be a whole number >= 0, got {request.seed!r}", "pass e.g. --seed 42")
+    if len(window) != 3 or min(window) < 1:
+        raise OptionError(f"decode window must be three positive latent sizes, got {window}", "pass e.g. --decode-window 48 48 48")
+    if not 0 <= overlap < 1:
+        raise OptionError(f"decode overlap must be in [0, 1), got {overlap}", "pass e.g. --decode-overlap 0.25")
+    outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
+    if len(set(p.absolute() for p in outputs)) != len(outputs):
+        raise OptionError("the output, preview and label paths must differ", "give each output its own file name")
+    if Path(request.mask).absolute() in {p.absolute() for p in outputs}:
+        raise OptionError("an output path is the input mask itself", "write the outputs to new files")
+    check_output_path(request.output)
+    if request.label_output:
+        check_output_path(request.label_output)
+    if request.preview:
+        if not str(request.preview).lower().endswith(".png"):
+            raise OptionError(f"preview {request.preview} must be a .png file", "name the preview e.g. preview.png")
+        check_writable(request.preview)
+    return {"steps": steps, "cfg": float(cfg), "window": tuple(int(w) for w in window), "overlap": float(overlap)}
+
+
+def _cancel_check(cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set
+    return cancel
+
+
+def generate(
+    request: GenerateRequest,
+    models: MaisiModels | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | threading.Event | None = None,
+    keep_latent: bool = False,
+) -> GenerateResult:
+    """Mask file → CT file (+ optional preview PNG and label map on the output grid).
+
+    `progress` receives {"stage", "elapsed", ...} dicts (sampling adds "i" and "total"); `cancel` is
+    polled between sampling steps and decoding windows and raises CancelledError, leaving no file.
+    """
+    started = time.perf_counter()
+    cancelled = _cancel_check(cancel)
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    def report(stage: str, **extra) -> None:
+        if progress is not None:
+            progress({"stage": stage, "elapsed": round(time.perf_counter() - started, 3), **extra})
+
+    def check_cancel() -> None:
+        if cancelled():
+            raise CancelledError()
+
+    # 1. Everything cheap first: options, output paths, the model folder's files, device, the mask.
+    if models is None:
+        folder = locate_model_folder(request.model_dir or default_model_dir(), require_controlnet=request.controlnet)
+        device = resolve_device(request.device)
+        resolve_precision(request.precision, device)
+    else:
+        folder = models.folder
+        device = models.device
+        if request.controlnet and models.controlnet is None:
+            raise ModelError(f"the model in {folder.root} has no ControlNet", "use a model folder with controlnet_3d_rflow-ct.pt")
+    settings = _check_options(request, folder)
+    rules = folder.grid_rules()
+
+    t = time.perf_counter()
+    mask = read_mask(request.mask)
+    labels_c, affine_c = to_canonical(mask.labels, mask.affine)
+    shape, affine = resolve_output_grid(labels_c.shape, affine_c, rules, request.output_size, request.spacing)
+    spacing = spacing_of(affine)
+    labels = resample_labels(labels_c, affine_c, shape, affine)
+    gone = lost_labels(labels_c, labels)
+    if gone:
+        notes.append(
+            "resampling to the output grid removed label(s) "
+            + ", ".join(f"{g} ({L.name_of(g)})" for g in gone)
+            + ": they are smaller than one output voxel"
+        )
+    labels, added = ensure_body(labels, spacing)
+    if added:
+        notes.append("the mask had no body label (200); it was added around the organs (see masks.ensure_body)")
+    timings["read-mask"] = time.perf_counter() - t
+    check_cancel()
+
+    # 2. Models (reused when the caller passes them, as the worker does).
+    t = time.perf_counter()
+    report("load")
+    if models is None:
+        models = load_models(folder, device, request.precision)
+    timings["load"] = time.perf_counter() - t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 3. Conditioning.
+    t = time.perf_counter()
+    report("encode-mask")
+    labels_t = torch.from_numpy(labels.astype(np.int64))[None, None]
+    control = binary_code(labels_t).to(device) if request.controlnet else None
+    uncond = None
+    if settings["cfg"] > 0 and control is not None:
+        uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
+    modality = torch.tensor([int(folder.inference.get("modality", 1))], dtype=torch.long, device=device)
+    cond = Conditioning(control, spacing_condition(spacing), modality, settings["cfg"], uncond)
+    timings["encode-mask"] = time.perf_counter() - t
+
+    # 4. Sampling.
+    t = time.perf_counter()
+
+    def on_step(info: dict) -> None:
+        report("sample", i=info["i"] + 1, total=info["total"])
+        check_cancel()
+
+    check_cancel()
+    report("sample", i=0, total=settings["steps"])
+    latent = sample_latent(
+        models, cond, models.latent_shape(shape), request.seed, settings["steps"], request.solver, on_step
+    )
+    timings["sample"] = time.perf_counter() - t
+    del cond, control, uncond
+
+    # 5. Decoding.
+    t = time.perf_counter()
+    report("decode")
+    image = decode_latent(
+        models, latent, settings["window"], settings["overlap"], lambda n: report("decode", window=n), cancelled
+    )
+    hu = to_hu(image, labels)
+    del image
+    timings["decode"] = time.perf_counter() - t
+    check_cancel()
+
+    # 6. Writing, all outputs at once.
+    t = time.perf_counter()
+    report("write")
+    hu_out, affine_out = from_canonical(hu, affine, mask.affine)
+    if hu_out.shape == mask.shape and np.allclose(affine_out, mask.affine, atol=1e-4):
+        affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
+    like = mask.volume if format_of(request.output) == "nifti" else None
+    paths = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
+    with atomic_paths(*paths) as temps:
+        save_volume(temps[0], hu_out, affine_out, like)
+        rest = iter(temps[1:])
+        if request.preview:
+            render_preview(hu, labels, spacing).save(next(rest), format="PNG")
+        if request.label_output:
+            labels_out, _ = from_canonical(labels, affine, mask.affine)
+            save_volume(next(rest), labels_out.astype(np.int16), affine_out, like)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    peak = {"process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return GenerateResult(
+        output=Path(request.output),
+        preview=Path(request.preview) if request.preview else None,
+        label_output=Path(request.label_output) if request.label_output else None,
+        seed=request.seed,
+        steps=settings["steps"],
+        solver=request.solver,
+        cfg_scale=settings["cfg"],
+        shape=tuple(int(n) for n in hu_out.shape),
+        spacing=tuple(round(s, 6) for s in spacing_of(affine_out)),
+        model_dir=str(folder.root),
+        device=str(device),
+        timings={k: round(v, 3) for k, v in timings.items()},
+        peak_memory=peak,
+        notes=notes,
+        latent=latent.cpu() if keep_latent else None,
+    )

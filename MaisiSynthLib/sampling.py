@@ -1,0 +1,146 @@
+"""The rectified-flow sampler: timestep schedule, ControlNet-conditioned velocity, Euler and Heun.
+
+Layout after k-diffusion: the schedule is computed separately (MONAI's `RFlowScheduler`, so the
+timestep shift by latent size and the float16 storage of timesteps are exactly the official ones);
+the velocity model is a closure that hides the conditioning (ControlNet residuals from the mask code,
+spacing, modality, tumor CFG); each solver is a small function driving that closure and calling
+`callback` once per step, which is where progress is reported and cancellation happens.
+
+Time runs from t = T (noise) to t = 0 (data); the network predicts the velocity v = x0 − noise, and a
+step moves x by v · (t − t_next) / T, exactly as `RFlowScheduler.step` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .models import MaisiModels
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepCallback = Callable[[dict], None]
+
+
+def initial_noise(shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The noise contract: float32 CPU normal noise from `seed`, then moved, so a seed means the same
+    latent on every device."""
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def spacing_condition(spacing: tuple[float, float, float]) -> torch.Tensor:
+    """Spacing in mm × 100, shape (1, 3), rounded through float16 as the official pipeline computes it."""
+    return (torch.tensor([list(spacing)], dtype=torch.float32).half() * 100).float()
+
+
+def schedule(models: MaisiModels, num_steps: int, latent_shape: tuple[int, ...]):
+    """A fresh scheduler with timesteps set for this latent size; returns (scheduler, t, t_next).
+
+    The latent size goes in as a tensor, as in the official code: the shift is then computed in float32
+    before rounding to float16, which decides a few timesteps by one float16 ulp.
+    """
+    scheduler = models.new_scheduler()
+    scheduler.set_timesteps(
+        num_inference_steps=int(num_steps), input_img_size_numel=torch.prod(torch.tensor(latent_shape[-3:]))
+    )
+    timesteps = scheduler.timesteps
+    next_timesteps = torch.cat((timesteps[1:], torch.tensor([0], dtype=timesteps.dtype)))
+    return scheduler, timesteps, next_timesteps
+
+
+@dataclass
+class Conditioning:
+    """Everything the velocity model needs besides the latent and the timestep (all on the device)."""
+
+    control: torch.Tensor | None  # (1, 8, X, Y, Z) mask code at image resolution
+    spacing: torch.Tensor  # (1, 3) mm × 100
+    modality: torch.Tensor | None  # (1,) class label, CT = 1
+    cfg_scale: float = 0.0
+    control_uncond: torch.Tensor | None = None  # the mask with tumors replaced by their hosts
+
+
+def velocity_model(models: MaisiModels, cond: Conditioning) -> Velocity:
+    """v(x, t): ControlNet residuals into the UNet; with CFG, one batch of (conditional, unconditional).
+
+    The unconditional branch is the tumor-free mask with class label 0, as in the official inference.
+    """
+    guided = cond.cfg_scale > 0
+    if guided and cond.control is not None and cond.control_uncond is None:
+        raise ValueError("CFG needs the unconditional (tumor-free) mask code")
+    device = models.device
+    spacing = cond.spacing.to(device)
+    control = cond.control
+    modality = cond.modality if models.uses_modality else None
+    if guided:
+        spacing = torch.cat([spacing, spacing])
+        if control is not None:
+            control = torch.cat([control, cond.control_uncond])
+        if modality is not None:
+            modality = torch.cat([modality, torch.zeros_like(modality)])
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # The networks see the float16 timestep value as a float32 tensor, as in the official loop.
+        timesteps = torch.tensor([float(t)], dtype=torch.float32, device=device)
+        if guided:
+            x, timesteps = torch.cat([x, x]), torch.cat([timesteps, timesteps])
+        with torch.no_grad(), models.autocast():
+            residuals = {}
+            if models.controlnet is not None and control is not None:
+                down, mid = models.controlnet(x=x, timesteps=timesteps, controlnet_cond=control, class_labels=modality)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            v = models.unet(x=x, timesteps=timesteps, spacing_tensor=spacing, class_labels=modality, **residuals)
+        v = v.float()
+        if guided:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cond.cfg_scale * (v_cond - v_uncond)
+        return v
+
+    return velocity
+
+
+def sample_euler(velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None) -> torch.Tensor:
+    """The official stepping: one velocity evaluation and one `RFlowScheduler.step` per timestep."""
+    total = len(timesteps)
+    for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
+        v = velocity(x, t)
+        x, _ = scheduler.step(v, t, x, t_next)
+        if callback is not None:
+            callback({"i": i, "total": total, "t": float(t), "t_next": float(t_next), "x": x})
+    return x
+
+
+def sample_heun(velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None) -> torch.Tensor:
+    """Heun's second-order step: Euler predictor, then the mean of the start and end velocities.
+
+    Two network evaluations per step (the last step included: at t = 0 the flow's velocity is
+    defined), on the same timestep grid and with the same step sizes as Euler.
+    """
+    total = len(timesteps)
+    for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
+        v = velocity(x, t)
+        x_pred, _ = scheduler.step(v, t, x, t_next)
+        v_next = velocity(x_pred, t_next)
+        x, _ = scheduler.step(0.5 * (v + v_next), t, x, t_next)
+        if callback is not None:
+            callback({"i": i, "total": total, "t": float(t), "t_next": float(t_next), "x": x})
+    return x
+
+
+SOLVERS = {"euler": sample_euler, "heun": sample_heun}
+
+
+def sample_latent(
+    models: MaisiModels,
+    cond: Conditioning,
+    latent_shape: tuple[int, ...],
+    seed: int,
+    num_steps: int = 30,
+    solver: str = "euler",
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Noise from `seed` → latent after `num_steps` solver steps (float32, on the device)."""
+    scheduler, timesteps, next_timesteps = schedule(models, num_steps, latent_shape)
+    x = initial_noise(latent_shape, seed, models.device)
+    return SOLVERS[solver](velocity_model(models, cond), x, scheduler, timesteps, next_timesteps, callback)

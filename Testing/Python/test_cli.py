@@ -1,0 +1,142 @@
+"""`maisi-synth` end to end, as a real process: a CT from a mask, and every kind of bad input."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+
+from MaisiSynthLib.models import AUTOENCODER_FILE, CONTROLNET_FILE, UNET_FILE
+
+from conftest import ras_affine, run_cli, save_nifti, torso_labels
+
+
+def test_generate_writes_an_int16_ct_on_the_mask_grid(tmp_path, tiny_model):
+    labels = torso_labels(64)
+    # an oblique-free but flipped/offset grid, as scanners write them
+    affine = np.array([[-3.0, 0, 0, 95.0], [0, -3.0, 0, 120.0], [0, 0, 3.0, -40.0], [0, 0, 0, 1]])
+    mask = save_nifti(tmp_path / "mask.nii.gz", labels, affine)
+    out = tmp_path / "out" / "ct.nii.gz"
+    result = run_cli(
+        "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(tiny_model),
+        "--steps", "4", "--preview", str(tmp_path / "preview.png"), "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "generation took" in result.stdout
+    img = nib.load(str(out))
+    ct = np.asanyarray(img.dataobj)
+    assert img.get_data_dtype() == np.int16 and ct.shape == labels.shape
+    np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+    assert ct.min() >= -1000 and ct.max() <= 1000
+    assert (ct[labels == 0] == -1000).all()
+    assert (ct[labels > 0] > -1000).mean() > 0.2  # the body is not simply air
+    png = (tmp_path / "preview.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_generate_nrrd_output_keeps_geometry(tmp_path, tiny_model):
+    labels = torso_labels(64)
+    header = {"space": "left-posterior-superior", "space directions": np.diag([3.0, 3.0, 3.0]), "space origin": np.array([90.0, 90.0, -90.0])}
+    nrrd.write(str(tmp_path / "mask.nrrd"), labels, header)
+    out = tmp_path / "ct.nrrd"
+    result = run_cli("generate", "--mask", str(tmp_path / "mask.nrrd"), "--output", str(out), "--model-dir", str(tiny_model), "--steps", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    ct, ct_header = nrrd.read(str(out))
+    assert ct.dtype == np.int16 and ct.shape == labels.shape
+    np.testing.assert_allclose(ct_header["space directions"], np.diag([3.0, 3.0, 3.0]), atol=1e-6)
+    np.testing.assert_allclose(ct_header["space origin"], [90.0, 90.0, -90.0], atol=1e-6)
+    assert (ct[labels == 0] == -1000).all()
+
+
+def test_info_reports_parameters_and_memory(tiny_model):
+    result = run_cli("info", "--model-dir", str(tiny_model), "--output-size", "128", "128", "64")
+    assert result.returncode == 0, result.stderr
+    assert "DiffusionModelUNetMaisi" in result.stdout and "M parameters" in result.stdout
+    assert "memory       for 128x128x64" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2, no output file, nothing else changed.
+
+
+def _model_copy(tmp_path, tiny_model):
+    target = tmp_path / "model"
+    shutil.copytree(tiny_model, target)
+    return target
+
+
+class Unpicklable:
+    pass
+
+
+def _bad_inputs(tmp_path, tiny_model):
+    """name → (mask path, model folder, extra args, expected words in the message)."""
+    good = save_nifti(tmp_path / "good.nii.gz", torso_labels(64))
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("this is not an image")
+    four_d = save_nifti(tmp_path / "4d.nii.gz", np.stack([torso_labels(32)] * 3, axis=-1))
+    floats = torso_labels(64).astype(np.float32)
+    floats[10:12, 10:12, 10:12] = 0.4
+    float_mask = save_nifti(tmp_path / "float.nii.gz", floats)
+    unknown = torso_labels(64)
+    unknown[5:7, 5:7, 5:7] = 150
+    unknown_mask = save_nifti(tmp_path / "unknown.nii.gz", unknown)
+    empty = save_nifti(tmp_path / "empty.nii.gz", np.zeros((64, 64, 64), np.int16))
+    coarse = save_nifti(tmp_path / "coarse.nii.gz", torso_labels(64), ras_affine((10.0, 10.0, 3.0)))
+    small_fov = save_nifti(tmp_path / "smallfov.nii.gz", torso_labels(64), ras_affine((0.75, 0.75, 3.0)))
+
+    no_controlnet = _model_copy(tmp_path / "a", tiny_model)
+    (no_controlnet / CONTROLNET_FILE).unlink()
+    wrong_keys = _model_copy(tmp_path / "b", tiny_model)
+    ckpt = torch.load(wrong_keys / UNET_FILE, weights_only=True)
+    ckpt["unet_state_dict"]["bogus.weight"] = torch.zeros(2)
+    torch.save(ckpt, wrong_keys / UNET_FILE)
+    pickled = _model_copy(tmp_path / "c", tiny_model)
+    ae = torch.load(pickled / AUTOENCODER_FILE, weights_only=True)
+    torch.save({"state": ae, "meta": Unpicklable()}, pickled / AUTOENCODER_FILE)
+
+    return {
+        "missing file": (tmp_path / "absent.nii.gz", tiny_model, [], "mask file not found"),
+        "non-image file": (text, tiny_model, [], "cannot read mask notes.nii.gz"),
+        "4-D volume": (four_d, tiny_model, [], "4 dimensions"),
+        "float labels": (float_mask, tiny_model, [], "non-integer values"),
+        "unknown label ids": (unknown_mask, tiny_model, [], "150 that are not MAISI labels"),
+        "empty mask": (empty, tiny_model, [], "empty"),
+        "spacing out of range": (coarse, tiny_model, [], "in-plane spacing 10"),
+        "FOV out of range": (small_fov, tiny_model, [], "field of view 48 x 48 mm"),
+        "output size not allowed": (good, tiny_model, ["--output-size", "60", "60", "60"], "output size 60x60x60 is not allowed"),
+        "missing checkpoint": (good, no_controlnet, [], "missing checkpoint(s) controlnet_3d_rflow-ct.pt"),
+        "checkpoint with wrong keys": (good, wrong_keys, [], "unexpected keys bogus.weight"),
+        "pickle-only checkpoint": (good, pickled, [], "needs pickle code execution"),
+        "unsupported output format": (good, tiny_model, ["--output", str(tmp_path / "out" / "ct.mha")], "unsupported output format"),
+    }
+
+
+BAD_CASES = [
+    "missing file", "non-image file", "4-D volume", "float labels", "unknown label ids", "empty mask",
+    "spacing out of range", "FOV out of range", "output size not allowed", "missing checkpoint",
+    "checkpoint with wrong keys", "pickle-only checkpoint", "unsupported output format",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_model, case):
+    mask, model, extra, expected = _bad_inputs(tmp_path, tiny_model)[case]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    output = ["--output", str(out_dir / "ct.nii.gz")] if "--output" not in extra else []
+    result = run_cli("generate", "--mask", str(mask), *output, "--model-dir", str(model),
+                     "--preview", str(out_dir / "p.png"), "--steps", "2", *extra)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    assert "Fix: " in lines[0]
+    assert result.stdout == ""
+    assert list(out_dir.iterdir()) == []
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
