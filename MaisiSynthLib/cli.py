@@ -260,6 +260,94 @@ def _run_labels(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
+# train, phantoms
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the VAE, the diffusion UNet or the ControlNet",
+        description="Train one stage into an official-format model folder (<output_dir>/model). "
+        "Multi-process: torchrun --nproc_per_node G -m MaisiSynthLib train ...",
+    )
+    p.add_argument("stage", choices=["vae", "unet", "controlnet"])
+    p.add_argument("--config", help="training config JSON (every key has a default)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set controlnet.contrastive=false (repeatable)")
+    p.add_argument("--cases", help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
+    p.add_argument("--network", help="official-format network config JSON")
+    p.add_argument("--output-dir", help="run folder (model/, state/, logs/, latents/)")
+    p.add_argument("--base-model-dir", help="start from this model folder's weights (fine-tuning)")
+    p.add_argument("--steps", type=int, help="total optimiser steps of this stage")
+    p.add_argument("--batch-size", type=int, help="cases per process per step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/state/<stage>.pt")
+    p.add_argument("--stop-after", type=int, metavar="STEP", help="stop (with a checkpoint) at this step")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from .training import train
+
+    stage = args.stage
+    result = train(
+        stage,
+        args.config,
+        args.overrides,
+        resume=args.resume,
+        stop_after=args.stop_after,
+        progress=not args.quiet,
+        cases=args.cases,
+        network=args.network,
+        output_dir=args.output_dir,
+        base_model_dir=args.base_model_dir,
+        seed=args.seed,
+        device=args.device,
+        **{f"{stage}.steps": args.steps, f"{stage}.batch_size": args.batch_size},
+    )
+    if result.get("is_main", True):
+        print(f"{stage}: steps {result['start']}→{result['end']}, loss {result['loss']:.5f}, {result['seconds']:.1f} s")
+    return 0
+
+
+def _add_phantoms(sub) -> None:
+    p = sub.add_parser(
+        "phantoms",
+        help="write procedural CT phantoms with MAISI labels",
+        description="Write caseNNNN_image.nii.gz / caseNNNN_label.nii.gz pairs (deterministic by seed).",
+    )
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--size", nargs=3, default=["128", "128", "64"], metavar="N", help="voxels x y z (default 128 128 64)")
+    p.add_argument("--spacing", nargs=3, default=["3", "3", "5"], metavar="MM", help="mm x y z (default 3 3 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tumors", default="all", help="all, random, none, or comma-separated tumor ids (e.g. 26,23)")
+    p.set_defaults(run=_run_phantoms)
+
+
+def _run_phantoms(args) -> int:
+    from tqdm import tqdm
+
+    from .phantoms import write_phantoms
+
+    size = _triple("--size", args.size, int)
+    spacing = _triple("--spacing", args.spacing)
+    tumors = args.tumors
+    if tumors not in ("all", "random", "none"):
+        try:
+            tumors = [int(t) for t in tumors.split(",") if t.strip()]
+        except ValueError:
+            raise OptionError(f"--tumors takes all, random, none or ids, got '{args.tumors}'", "e.g. --tumors 26,23") from None
+    bar = tqdm(total=args.count, desc="phantoms", unit="case", file=sys.stderr)
+    pairs = write_phantoms(args.out, args.count, size, spacing, args.seed, tumors, progress=lambda: bar.update(1))
+    bar.close()
+    print(f"wrote {len(pairs)} image/label pairs to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_labels(sub)
+    _add_train(sub)
+    _add_phantoms(sub)
     return parser
 
 

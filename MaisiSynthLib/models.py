@@ -511,6 +511,56 @@ def _param_estimate(config: dict, key: str) -> int:
 # Writing model folders in the official format
 
 
+def _plain_state(module: torch.nn.Module) -> dict:
+    # Unwrap DistributedDataParallel / AveragedModel so keys are the bare network's.
+    while hasattr(module, "module"):
+        module = module.module
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    from .volumes import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def save_json(data: dict, path: str | Path) -> None:
+    from .volumes import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def save_autoencoder(path: str | Path, autoencoder: torch.nn.Module) -> None:
+    """`autoencoder_v1.pt`: a plain state dict, as the official file."""
+    _atomic_save(_plain_state(autoencoder), Path(path))
+
+
+def save_unet(
+    path: str | Path,
+    unet: torch.nn.Module,
+    scale_factor: float | torch.Tensor,
+    num_train_timesteps: int = 1000,
+    epoch: int = 0,
+    loss: float = 0.0,
+) -> None:
+    """`diff_unet_3d_rflow-ct.pt`: {epoch, loss, num_train_timesteps, scale_factor, unet_state_dict}."""
+    checkpoint = {
+        "epoch": int(epoch),
+        "loss": float(loss),
+        "num_train_timesteps": int(num_train_timesteps),
+        "scale_factor": torch.as_tensor(scale_factor, dtype=torch.float32).detach().cpu().reshape(()),
+        "unet_state_dict": _plain_state(unet),
+    }
+    _atomic_save(checkpoint, Path(path))
+
+
+def save_controlnet(path: str | Path, controlnet: torch.nn.Module, epoch: int = 0, loss: float = 0.0) -> None:
+    """`controlnet_3d_rflow-ct.pt`: {epoch, loss, controlnet_state_dict}."""
+    _atomic_save({"epoch": int(epoch), "loss": float(loss), "controlnet_state_dict": _plain_state(controlnet)}, Path(path))
+
+
 def save_model_folder(
     root: str | Path,
     config: dict,
@@ -524,11 +574,9 @@ def save_model_folder(
 ) -> Path:
     """Write config + checkpoints with the official file names and keys (flat or official layout).
 
-    `extra` adds entries such as epoch and loss to the UNet and ControlNet checkpoints, as the
-    official training scripts save them.
+    `extra` adds epoch and loss to the UNet and ControlNet checkpoints, as the official training
+    scripts save them.
     """
-    from .volumes import atomic_path
-
     root = Path(root)
     if layout not in ("flat", "official"):
         raise ValueError(f"layout must be 'flat' or 'official', got {layout!r}")
@@ -537,35 +585,13 @@ def save_model_folder(
     config_dir.mkdir(parents=True, exist_ok=True)
     weights_dir.mkdir(parents=True, exist_ok=True)
     extra = dict(extra or {})
-
-    def plain(module: torch.nn.Module) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-    def save(obj, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
-
-    def dump(data: dict, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-    dump(config, config_dir / CONFIG_NAME)
+    epoch, loss = int(extra.get("epoch", 0)), float(extra.get("loss", 0.0))
+    save_json(config, config_dir / CONFIG_NAME)
     if settings:
-        dump(settings, config_dir / SETTINGS_NAME)
-    save(plain(autoencoder), weights_dir / AUTOENCODER_FILE)
-    unet_ckpt = {
-        "epoch": int(extra.get("epoch", 0)),
-        "loss": float(extra.get("loss", 0.0)),
-        "num_train_timesteps": int(network_kwargs(config, "noise_scheduler")[1].get("num_train_timesteps", 1000)),
-        "scale_factor": torch.as_tensor(scale_factor, dtype=torch.float32).detach().cpu().reshape(()),
-        "unet_state_dict": plain(unet),
-    }
-    save(unet_ckpt, weights_dir / UNET_FILE)
+        save_json(settings, config_dir / SETTINGS_NAME)
+    save_autoencoder(weights_dir / AUTOENCODER_FILE, autoencoder)
+    timesteps = int(network_kwargs(config, "noise_scheduler")[1].get("num_train_timesteps", 1000))
+    save_unet(weights_dir / UNET_FILE, unet, scale_factor, timesteps, epoch, loss)
     if controlnet is not None:
-        cn_ckpt = {
-            "epoch": int(extra.get("epoch", 0)),
-            "loss": float(extra.get("loss", 0.0)),
-            "controlnet_state_dict": plain(controlnet),
-        }
-        save(cn_ckpt, weights_dir / CONTROLNET_FILE)
+        save_controlnet(weights_dir / CONTROLNET_FILE, controlnet, epoch, loss)
     return root

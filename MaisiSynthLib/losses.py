@@ -1,0 +1,113 @@
+"""Training losses: the rectified-flow loss and MAISI-v2's region-specific contrastive loss.
+
+Rectified flow (MONAI's `RFlowScheduler.add_noise`): x_t = (1 − t/T)·x0 + (t/T)·noise, and the
+network regresses the velocity x0 − noise.
+
+The region-specific contrastive loss makes the ControlNet follow small regions (tumors) that the flow
+loss barely sees. The mask c is paired with a perturbed mask c' without the ROI, both pass through
+ControlNet + UNet on the same noisy latent, and
+
+    L_roi = −min(D_roi, δ),  D_roi = mean over the ROI of |v(c) − v(c')|     (push apart inside)
+    L_bg  = mean over 1 − dilate(ROI) of
+              paper:    |v(c) − v(c')|          (the two predictions agree outside the ROI)
+              official: |v(c') − (x0 − noise)|  (the perturbed prediction is a good flow outside)
+    L     = L_flow + λ (L_roi + L_bg),  λ = 0.01, δ = 2.
+
+The ROI is where c and c' differ (at image resolution, as in the official code); the background is
+the complement of the ROI dilated by one voxel (3×3×3). Both are brought to latent resolution by
+max-pooling — a latent voxel touched by the ROI counts as ROI, and counts as background only if its
+whole image block is outside the dilated ROI — so a tumor smaller than one latent voxel still has
+an ROI (the official nearest-neighbour resize can drop it). Each term is averaged per sample, then
+over the batch, so a batch split across GPUs gives the same loss as one process (the official code
+pools the batch; identical at its batch size of 1). An empty ROI gives zero for that sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import labels as L
+from .masks import remove_tumors
+
+BACKGROUND_TERMS = ("paper", "official")
+PERTURBATIONS = ("host", "background")
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity a rectified-flow network regresses (MONAI's add_noise convention)."""
+    return x0 - noise
+
+
+def flow_loss(
+    v_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, kind: str = "l1", weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean L1 or L2 distance to the velocity x0 − noise, optionally voxel-weighted (weights broadcast)."""
+    diff = v_pred.float() - flow_target(x0, noise).float()
+    if kind == "l1":
+        per_voxel = diff.abs()
+    elif kind == "l2":
+        per_voxel = diff.square()
+    else:
+        raise ValueError(f"flow loss must be 'l1' or 'l2', got {kind!r}")
+    if weights is not None:
+        per_voxel = per_voxel * weights
+    return per_voxel.mean()
+
+
+def perturb_mask(labels: torch.Tensor, mode: str = "host") -> torch.Tensor:
+    """The perturbed condition c': every tumor replaced by its host organ (official) or by background.
+
+    `labels` is (B, 1, X, Y, Z); the result has the same shape, dtype and device.
+    """
+    if mode not in PERTURBATIONS:
+        raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {mode!r}")
+    out = labels.clone()
+    if mode == "background":
+        out[torch.isin(labels, torch.tensor(L.TUMORS, device=labels.device))] = 0
+        return out
+    for b in range(labels.shape[0]):
+        sample = labels[b, 0].cpu().numpy().astype(np.int16)
+        out[b, 0] = torch.from_numpy(remove_tumors(sample).astype(np.int64)).to(labels.device, labels.dtype)
+    return out
+
+
+def roi_masks(labels: torch.Tensor, perturbed: torch.Tensor, latent_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ROI, background) at latent resolution, (B, 1, x, y, z) float 0/1, from image-resolution masks."""
+    roi = (labels != perturbed).float()
+    dilated = F.max_pool3d(roi, kernel_size=3, stride=1, padding=1)
+    roi_latent = F.adaptive_max_pool3d(roi, latent_size)
+    background = 1.0 - F.adaptive_max_pool3d(dilated, latent_size)
+    return roi_latent, background
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of `values` (B, C, ...) over `mask` (B, 1, ...); 0 where the mask is empty."""
+    mask = mask.expand_as(values)
+    dims = tuple(range(1, values.ndim))
+    total = (values * mask).sum(dim=dims)
+    count = mask.sum(dim=dims)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def region_contrastive_loss(
+    v: torch.Tensor,
+    v_perturbed: torch.Tensor,
+    v_target: torch.Tensor,
+    roi: torch.Tensor,
+    background: torch.Tensor,
+    delta: float = 2.0,
+    background_term: str = "paper",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_roi, L_bg), each averaged over the batch; see the module docstring."""
+    if background_term not in BACKGROUND_TERMS:
+        raise ValueError(f"background term must be one of {BACKGROUND_TERMS}, got {background_term!r}")
+    v, v_perturbed, v_target = v.float(), v_perturbed.float(), v_target.float()
+    d_roi = _masked_mean((v - v_perturbed).abs(), roi)
+    l_roi = -torch.clamp(d_roi, max=delta)
+    if background_term == "paper":
+        l_bg = _masked_mean((v - v_perturbed).abs(), background)
+    else:
+        l_bg = _masked_mean((v_perturbed - v_target).abs(), background)
+    return l_roi.mean(), l_bg.mean()

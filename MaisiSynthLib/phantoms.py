@@ -1,0 +1,409 @@
+"""Procedural torso CT phantoms with MAISI labels: training and test data we are free to ship.
+
+The official MAISI weights and their training data cannot be downloaded here, so the demo model and
+the tests learn from phantoms. A phantom is drawn in millimetres in a patient frame (NIfTI RAS world
+coordinates: +x towards the patient's right, +y anterior, +z superior; origin at the torso centre) and then
+rasterised onto the requested grid, so any size and spacing show the same anatomy, cropped by the
+field of view. Shapes are ellipsoids, tubes and slabs warped by a smooth random displacement; sizes,
+positions and intensities vary per seed. Organ intensities are drawn inside the central part of
+MAISI's per-organ median HU range (`image_median_statistics_ct.json`), and the image gets
+partial-volume blur and spatially correlated noise. Tumors are spheres intersected with their host
+organ, hypo- or hyper-dense, some with a rim.
+
+Array axes follow the affine: axis 0 → x, axis 1 → y, axis 2 → z; the affine is diagonal (the
+spacing) and centred on the origin.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from . import labels as L
+from .errors import OptionError
+
+TUMOR_CHOICES = (L.HEPATIC_TUMOR, L.LUNG_TUMOR, L.PANCREATIC_TUMOR, L.COLON_CANCER, L.BONE_LESION)
+DEFAULT_SIZE = (128, 128, 64)
+DEFAULT_SPACING = (3.0, 3.0, 5.0)
+
+# Vertebrae from the top of the phantom (T1 at z ≈ +150 mm) down to L5 (z ≈ −150 mm).
+VERTEBRAE = tuple(range(49, 32, -1))  # T1 (49) … T12 (38), L1 (37) … L5 (33)
+LEFT_RIBS = tuple(range(63, 75))  # left rib 1 … 12
+RIGHT_RIBS = tuple(range(75, 87))  # right rib 1 … 12
+HEART, PULMONARY_VEIN, SPINAL_CORD = 115, 119, 121
+LEFT_AUTOCHTHON, RIGHT_AUTOCHTHON = 104, 105
+
+FAT_HU, MUSCLE_HU, AIR_HU = -100.0, 50.0, -1000.0
+
+
+@dataclass
+class Phantom:
+    image: np.ndarray  # int16 HU
+    labels: np.ndarray  # uint8 MAISI ids
+    affine: np.ndarray  # 4×4 RAS
+    seed: int
+    tumors: tuple[int, ...]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(self.affine[i, i]) for i in range(3))
+
+
+def _organ_ranges() -> dict[str, tuple[float, float]]:
+    text = resources.files("MaisiSynthLib").joinpath("data/image_median_statistics_ct.json").read_text()
+    stats = json.loads(text)
+    return {k: (float(v["percentile_0_5"]), float(v["percentile_99_5"])) for k, v in stats.items()}
+
+
+def _median_hu(rng: np.random.Generator, organ: str) -> float:
+    """A median HU in the middle 60% of the reference range, so noise and blur keep it inside."""
+    lo, hi = _organ_ranges()[organ]
+    return float(rng.uniform(lo + 0.2 * (hi - lo), hi - 0.2 * (hi - lo)))
+
+
+def _check_args(size, spacing, tumors) -> tuple[tuple[int, int, int], tuple[float, float, float], tuple[int, ...] | str]:
+    try:
+        size = tuple(int(n) for n in size)
+    except (TypeError, ValueError):
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise OptionError(f"phantom size must be three positive whole numbers, got {size!r}", "e.g. size=(128, 128, 64)")
+    try:
+        spacing = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise OptionError(f"phantom spacing must be three positive numbers (mm), got {spacing!r}", "e.g. spacing=(3, 3, 5)")
+    if isinstance(tumors, str):
+        if tumors not in ("all", "random", "none"):
+            raise OptionError(f"tumors must be all, random, none or tumor ids, got '{tumors}'", "e.g. tumors=[26, 23]")
+    else:
+        tumors = tuple(int(t) for t in tumors)
+        bad = [t for t in tumors if t not in TUMOR_CHOICES]
+        if bad:
+            raise OptionError(
+                f"tumors {bad} are not phantom tumor ids", f"use some of {', '.join(map(str, TUMOR_CHOICES))}"
+            )
+    return size, spacing, tumors
+
+
+class _Frame:
+    """World coordinates (mm) of every voxel, warped by a smooth random displacement.
+
+    Shapes are evaluated only inside their bounding box (widened by the largest warp), which keeps a
+    phantom with dozens of tubes and ellipsoids to about a second.
+    """
+
+    MAX_WARP_MM = 15.0
+
+    def __init__(self, size, spacing, rng: np.random.Generator) -> None:
+        self.shape = tuple(size)
+        self.axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(size, spacing)]
+        x, y, z = np.meshgrid(*self.axes, indexing="ij", sparse=True)
+        # Low-frequency sinusoids: organs bend and shift together, like anatomy, not like noise.
+        warped = []
+        for base in (x, y, z):
+            field = np.zeros(self.shape, np.float32)
+            for _ in range(2):
+                k = rng.uniform(0.004, 0.012, 3) * rng.choice([-1, 1], 3)
+                phase = rng.uniform(0, 2 * np.pi)
+                field += np.float32(rng.uniform(3.0, 7.0)) * np.sin(k[0] * x + k[1] * y + k[2] * z + phase).astype(np.float32)
+            warped.append((base + field).astype(np.float32))
+        self.x, self.y, self.z = warped
+
+    def box(self, lo, hi) -> tuple[slice, slice, slice]:
+        """Index slices holding every voxel whose warped coordinates may lie in [lo, hi] (mm)."""
+        out = []
+        for axis, a, b in zip(self.axes, lo, hi):
+            inside = np.nonzero((axis >= a - self.MAX_WARP_MM) & (axis <= b + self.MAX_WARP_MM))[0]
+            out.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
+        return tuple(out)
+
+    def ellipsoid(self, c, r) -> np.ndarray:
+        out = np.zeros(self.shape, bool)
+        box = self.box(np.subtract(c, r), np.add(c, r))
+        x, y, z = self.x[box], self.y[box], self.z[box]
+        out[box] = ((x - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2 <= 1.0
+        return out
+
+    def tube(self, points: np.ndarray, radius: float) -> np.ndarray:
+        """Voxels within `radius` mm of a polyline."""
+        out = np.zeros(self.shape, bool)
+        for a, b in zip(points[:-1], points[1:]):
+            box = self.box(np.minimum(a, b) - radius, np.maximum(a, b) + radius)
+            x, y, z = self.x[box], self.y[box], self.z[box]
+            ab = b - a
+            length2 = float(ab @ ab) or 1e-6
+            t = np.clip(((x - a[0]) * ab[0] + (y - a[1]) * ab[1] + (z - a[2]) * ab[2]) / length2, 0.0, 1.0)
+            d2 = (x - a[0] - t * ab[0]) ** 2 + (y - a[1] - t * ab[1]) ** 2 + (z - a[2] - t * ab[2]) ** 2
+            out[box] |= d2 <= radius**2
+        return out
+
+
+def make_phantom(
+    seed: int,
+    size: Iterable[int] = DEFAULT_SIZE,
+    spacing: Iterable[float] = DEFAULT_SPACING,
+    tumors: str | Iterable[int] = "all",
+) -> Phantom:
+    """One torso phantom; the same (seed, size, spacing, tumors) always gives the same arrays."""
+    size, spacing, tumors = _check_args(size, spacing, tumors)
+    rng = np.random.default_rng(int(seed))
+    if tumors == "all":
+        wanted = list(TUMOR_CHOICES)
+    elif tumors == "none":
+        wanted = []
+    elif tumors == "random":
+        wanted = [t for t in TUMOR_CHOICES if rng.random() < 0.5] or [TUMOR_CHOICES[int(rng.integers(len(TUMOR_CHOICES)))]]
+    else:
+        wanted = list(tumors)
+    f = _Frame(size, spacing, rng)
+    u = rng.uniform
+    labels = np.zeros(size, np.uint8)
+    hu = np.full(size, AIR_HU, np.float32)
+
+    def paint(region: np.ndarray, label: int | None, value: float | None, where: np.ndarray | None = None) -> None:
+        region = np.broadcast_to(region, size)
+        if where is not None:
+            region = region & where
+        if label is not None:
+            labels[region] = label
+        if value is not None:
+            hu[region] = value
+
+    # Body wall: skin, subcutaneous fat, muscle; the cavity inside is visceral fat. All label 200.
+    a, b = u(155, 180), u(110, 130)
+    body = ((f.x / a) ** 2 + ((f.y - 5) / b) ** 2) <= 1.0
+    fat_depth, muscle_depth = u(12, 25), u(8, 14)
+    inner_a, inner_b = a - fat_depth, b - fat_depth
+    under_fat = ((f.x / inner_a) ** 2 + ((f.y - 5) / inner_b) ** 2) <= 1.0
+    cavity = ((f.x / (inner_a - muscle_depth)) ** 2 + ((f.y - 5) / (inner_b - muscle_depth)) ** 2) <= 1.0
+    fat_hu, muscle_hu = u(-110, -85), u(40, 60)
+    paint(body, L.BODY, fat_hu)
+    paint(under_fat, None, muscle_hu)
+    paint(cavity, None, u(-100, -80))
+    skin = body & ~(((f.x / (a - 2.5)) ** 2 + ((f.y - 5) / (b - 2.5)) ** 2) <= 1.0)
+    paint(skin, None, 20.0)
+    body = np.broadcast_to(body, size)
+
+    # Back muscles beside the spine.
+    spine_y = -(inner_b - muscle_depth) + u(18, 26)
+    for label, side in ((RIGHT_AUTOCHTHON, 1), (LEFT_AUTOCHTHON, -1)):
+        paint(f.ellipsoid((side * 38, spine_y - 22, 0), (24, 20, 400)), label, muscle_hu + u(-5, 5), body)
+
+    # Lungs (upper thorax), split into lobes by oblique planes; heart between them.
+    lung_hu = _median_hu(rng, "lung")
+    lung_top = u(135, 160)
+    lung_base = u(-5, 20)
+    lung_c = ((lung_top + lung_base) / 2)
+    lung_rz = (lung_top - lung_base) / 2
+    lung_x, lung_rx, lung_ry = u(68, 80), u(50, 60), u(70, 85)
+    lungs = np.zeros(size, bool)
+    for side in (1, -1):  # +1 right, −1 left
+        lung = np.broadcast_to(f.ellipsoid((side * lung_x, -5, lung_c), (lung_rx, lung_ry, lung_rz)), size)
+        fissure = f.z - lung_c - 0.6 * (f.y + 5) + u(-10, 10)  # oblique fissure: upper lobe above and in front
+        upper = np.broadcast_to(fissure > 0, size)
+        if side == 1:
+            horizontal = np.broadcast_to(f.z > lung_c + u(-5, 10), size)
+            paint(lung & upper & horizontal, 30, lung_hu)
+            paint(lung & upper & ~horizontal, 31, lung_hu)
+            paint(lung & ~upper, 32, lung_hu)
+        else:
+            paint(lung & upper, 28, lung_hu)
+            paint(lung & ~upper, 29, lung_hu)
+        lungs |= lung
+    # Pulmonary vessels: branches from each hilum towards the periphery.
+    for side in (1, -1):
+        hilum = np.array([side * (lung_x - 25), 0.0, lung_c])
+        for _ in range(5):
+            direction = np.array([side * u(0.3, 1.0), u(-1, 1), u(-1, 1)])
+            direction /= np.linalg.norm(direction)
+            mid = hilum + direction * u(25, 40)
+            end = mid + (direction + rng.normal(0, 0.3, 3)) * u(20, 35)
+            paint(f.tube(np.stack([hilum, mid, end]), u(2.5, 4.0)), PULMONARY_VEIN, u(30, 50), lungs)
+    heart = np.broadcast_to(f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50))), size)
+    paint(heart & body, HEART, u(30, 50))
+
+    # Spine: vertebral bodies with discs, spinal canal; ribs at the thoracic levels.
+    bone_hu = _median_hu(rng, "bone")
+    level_height = u(16.5, 19.0)
+    top = u(150, 165)
+    vertebra_masks: dict[int, np.ndarray] = {}
+    for i, label in enumerate(VERTEBRAE):
+        z_hi = top - i * level_height
+        z_lo = z_hi - level_height + 4.0  # 4 mm disc
+        radius = 11.0 + 0.5 * i
+        box = f.box((-radius, spine_y - 1.9 * radius, z_lo), (radius, spine_y + radius, z_hi))
+        x, y, z = f.x[box], f.y[box], f.z[box]
+        in_level = (z <= z_hi) & (z >= z_lo)
+        body_disc = ((x / radius) ** 2 + ((y - spine_y) / (0.8 * radius)) ** 2) <= 1.0
+        arch = (np.abs(x) <= 0.9 * radius) & (y < spine_y - 0.6 * radius) & (y > spine_y - 1.9 * radius)
+        canal = ((x / 6.0) ** 2 + ((y - (spine_y - 1.25 * radius)) / 5.0) ** 2) <= 1.0
+        vertebra = np.zeros(size, bool)
+        vertebra[box] = in_level & (body_disc | (arch & ~canal))
+        vertebra &= body
+        paint(vertebra, label, bone_hu + u(-15, 15))
+        vertebra_masks[label] = vertebra
+        if i < 12:  # thoracic: a rib pair along the body wall, sloping down towards the front
+            z_rib = (z_hi + z_lo) / 2
+            for ribs, side in ((RIGHT_RIBS, 1), (LEFT_RIBS, -1)):
+                angles = np.linspace(-0.45 * np.pi, u(0.15, 0.35) * np.pi, 8)
+                ra, rb = inner_a - muscle_depth / 2, inner_b - muscle_depth / 2
+                pts = np.stack([side * ra * np.cos(angles), 5 + rb * np.sin(angles), z_rib - 30 * (angles + 0.45 * np.pi) / np.pi], 1)
+                pts[0] = (side * 0.9 * radius, spine_y, z_rib)
+                paint(f.tube(pts, u(3.5, 4.5)) & body, ribs[i], bone_hu + u(-25, 5))
+    paint(f.tube(np.array([[0, spine_y - 16, -400], [0, spine_y - 16, 400]]), 5.0) & body, SPINAL_CORD, u(25, 40))
+
+    # Great vessels.
+    aorta_r = u(10, 13)
+    paint(f.tube(np.array([[u(-20, -10), spine_y + 20, -110], [u(-18, -8), spine_y + 22, 200]]), aorta_r) & body, 6, u(150, 200))
+    paint(f.tube(np.array([[u(15, 25), spine_y + 25, -110], [u(18, 28), spine_y + 35, lung_base + 20]]), u(9, 12)) & body, 7, u(100, 150))
+
+    # Abdominal organs; below the lungs, they do not override lungs, vessels or bone.
+    soft = body & ~lungs & ~np.isin(labels, (6, 7) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
+    liver_hu = _median_hu(rng, "liver")
+    liver = np.broadcast_to(f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70))), size) & soft
+    paint(liver, 1, liver_hu)
+    hv_points = np.array([[u(20, 30), u(0, 10), lung_base - 15]])
+    for _ in range(4):
+        end = hv_points[0] + np.array([u(10, 60), u(-40, 40), u(-40, 20)])
+        paint(f.tube(np.stack([hv_points[0], end]), u(3, 4.5)), 25, liver_hu + u(50, 90), liver)
+    spleen = np.broadcast_to(f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50))), size)
+    paint(spleen & soft & (labels != 1), 3, _median_hu(rng, "spleen"))
+    stomach = np.broadcast_to(f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))), size) & soft
+    stomach &= ~np.isin(labels, (1, 3))
+    paint(stomach, 12, u(20, 40))
+    gas = stomach & np.broadcast_to(f.y > np.percentile(np.broadcast_to(f.y, size)[stomach], 80) if stomach.any() else False, size)
+    paint(gas, None, -900.0)
+    kidney_hu = _median_hu(rng, "kidney")
+    for label, side in ((5, 1), (14, -1)):
+        kidney = np.broadcast_to(f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), u(-75, -55)), (u(22, 28), u(20, 25), u(40, 50))), size)
+        paint(kidney & soft & ~np.isin(labels, (1, 3)), label, kidney_hu + u(-10, 10))
+    pancreas_hu = _median_hu(rng, "pancreas")
+    p_z = u(-55, -40)
+    pancreas_path = np.array([[u(-75, -60), spine_y + 35, p_z + u(5, 15)], [u(-20, 0), spine_y + u(45, 55), p_z], [u(20, 30), spine_y + u(40, 50), p_z - u(0, 10)]])
+    pancreas = f.tube(pancreas_path, u(10, 13)) & soft & ~np.isin(labels, (1, 3, 5, 12, 14))
+    paint(pancreas, 4, pancreas_hu)
+    colon_r = u(15, 19)
+    cz = u(-105, -90)
+    colon_path = np.array([
+        [u(75, 90), u(-10, 10), -170], [u(75, 90), u(0, 15), cz], [u(20, 40), u(45, 60), cz + u(-5, 10)],
+        [u(-40, -20), u(45, 60), cz + u(-5, 10)], [u(-90, -75), u(0, 15), cz], [u(-90, -75), u(-10, 10), -170],
+    ])
+    colon = f.tube(colon_path, colon_r) & soft & ~np.isin(labels, (1, 3, 4, 5, 12, 14))
+    paint(colon, 62, u(10, 40))
+    # Gas pockets: blobs about 8 mm across wherever smoothed noise is high.
+    blobs = ndimage.gaussian_filter(rng.standard_normal(size).astype(np.float32), 8.0 / np.array(spacing))
+    pockets = colon & (blobs > 1.2 * float(blobs.std()))
+    paint(pockets, None, -850.0)
+
+    # Tumors: spheres inside their host, hypo- or hyper-dense, some with a rim.
+    placed = []
+    hosts = {
+        L.HEPATIC_TUMOR: labels == 1,
+        L.LUNG_TUMOR: np.isin(labels, L.LUNG_LOBES),
+        L.PANCREATIC_TUMOR: labels == 4,
+        L.COLON_CANCER: labels == 62,
+        L.BONE_LESION: np.isin(labels, VERTEBRAE),
+    }
+    radii = {L.HEPATIC_TUMOR: (10, 22), L.LUNG_TUMOR: (7, 14), L.PANCREATIC_TUMOR: (8, 12), L.COLON_CANCER: (10, 15), L.BONE_LESION: (8, 12)}
+    for tumor in wanted:
+        host = hosts[tumor]
+        if not host.any():
+            continue
+        # The lesion sits inside its host: its centre is at least its radius deep (smaller lesions in
+        # thin organs), and it is clipped to the host.
+        depth = ndimage.distance_transform_edt(host, sampling=spacing)
+        # at least two voxels across on coarse grids, so partial volume leaves the lesion visible
+        radius = min(max(u(*radii[tumor]), 2.0 * max(spacing)), 0.8 * float(depth.max()))
+        inside = np.argwhere(depth >= radius)
+        centre_index = inside[int(rng.integers(len(inside)))]
+        centre = [float(np.broadcast_to(c, size)[tuple(centre_index)]) for c in (f.x, f.y, f.z)]
+        # Clipped to the host shrunk by one voxel, so host tissue encloses the lesion wherever the
+        # organ is thick enough (the sphere lives in warped coordinates, the depth in grid ones).
+        core = ndimage.binary_erosion(host, structure=np.ones((3, 3, 3), bool), border_value=0)
+        sphere = f.ellipsoid(centre, (radius, radius * u(0.8, 1.2), radius * u(0.8, 1.2))) & (core if core.any() else host)
+        if not sphere.any():
+            sphere = np.zeros(size, bool)
+            sphere[tuple(centre_index)] = True
+        host_hu = float(np.median(hu[host]))
+        if tumor == L.LUNG_TUMOR:
+            value = u(-10, 40)  # solid nodule in aerated lung
+        elif tumor == L.BONE_LESION:
+            value = host_hu + rng.choice([-1, 1]) * u(150, 250)  # lytic or sclerotic
+        else:
+            value = host_hu + rng.choice([-1, -1, 1]) * u(40, 90)
+        paint(sphere, tumor, value)
+        # An enhancing rim around a hypodense core, on lesions big enough to have a core.
+        rim = sphere & ~ndimage.binary_erosion(sphere)
+        if rng.random() < 0.5 and tumor != L.LUNG_TUMOR and value < host_hu and rim.sum() < 0.3 * sphere.sum():
+            paint(rim, None, host_hu + u(20, 50))
+        placed.append(tumor)
+
+    # Partial-volume edges and correlated noise; air outside the body stays exactly −1000.
+    sigma_vox = 0.5
+    hu = ndimage.gaussian_filter(hu, sigma_vox)
+    noise = ndimage.gaussian_filter(rng.standard_normal(size).astype(np.float32), 1.0)
+    noise *= u(10, 18) / max(float(noise.std()), 1e-6)
+    hu = np.where(body, hu + noise, AIR_HU)
+    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(size, spacing)]
+    return Phantom(image=image, labels=labels, affine=affine, seed=int(seed), tumors=tuple(placed))
+
+
+def case_seed(seed: int, index: int) -> int:
+    """The seed of case `index` of a set written with `seed` (independent streams per case)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+    """A .nii.gz with a zero gzip timestamp, so the same phantom always gives the same bytes."""
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    raw = image.to_bytes()
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
+        gz.write(raw)
+    return out.getvalue()
+
+
+def write_phantoms(
+    out_dir: str | Path,
+    count: int,
+    size: Iterable[int] = DEFAULT_SIZE,
+    spacing: Iterable[float] = DEFAULT_SPACING,
+    seed: int = 0,
+    tumors: str | Iterable[int] = "all",
+    progress: Callable[[], None] | None = None,
+) -> list[tuple[Path, Path]]:
+    """Write `caseNNNN_image.nii.gz` (int16 HU) + `caseNNNN_label.nii.gz` (uint8) pairs, atomically."""
+    from .volumes import atomic_paths
+
+    if int(count) < 1:
+        raise OptionError(f"phantom count must be at least 1, got {count}", "e.g. --count 20")
+    size, spacing, tumors = _check_args(size, spacing, tumors)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for index in range(int(count)):
+        phantom = make_phantom(case_seed(seed, index), size, spacing, tumors)
+        image_path, label_path = out / f"case{index:04d}_image.nii.gz", out / f"case{index:04d}_label.nii.gz"
+        with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
+            Path(image_tmp).write_bytes(_nifti_bytes(phantom.image, phantom.affine))
+            Path(label_tmp).write_bytes(_nifti_bytes(phantom.labels, phantom.affine))
+        pairs.append((image_path, label_path))
+        if progress is not None:
+            progress()
+    return pairs

@@ -1,0 +1,208 @@
+"""What the UNet and ControlNet loops share: where weights come from, cached latents, flow batches.
+
+A stage reads the networks it builds on (the VAE for the UNet; VAE and UNet for the ControlNet) from
+`base_model_dir` when set, else from the run's own model folder (where the earlier stages wrote
+them), and always writes a complete official-format model folder: files it did not train are copied
+from the base folder, so `<output_dir>/model` loads with `generate` after any stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OptionError
+from ..models import (
+    AUTOENCODER_FILE,
+    CONFIG_NAME,
+    CONTROLNET_FILE,
+    SETTINGS_NAME,
+    UNET_FILE,
+    _state_dict,
+    build_network,
+    load_checkpoint,
+    load_weights,
+    network_kwargs,
+    save_json,
+)
+from .data import Case, generator, mix_seed
+
+WEIGHT_FILES = (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)
+
+
+def find_weight(folder: str | Path | None, name: str) -> Path | None:
+    """`name` in a flat or official-layout model folder, or None."""
+    if folder is None:
+        return None
+    root = Path(folder)
+    for candidate in (root / name, root / "models" / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def source_folder(config: dict) -> Path:
+    return Path(config["base_model_dir"] or config["model_dir"])
+
+
+def require_weight(config: dict, name: str, stage: str, earlier: str) -> Path:
+    path = find_weight(source_folder(config), name)
+    if path is None:
+        raise OptionError(
+            f"the {stage} stage needs {name}, which is not in {source_folder(config)}",
+            f"run `maisi-synth train {earlier}` first or set base_model_dir to a model folder that has it",
+        )
+    return path
+
+
+def load_autoencoder(config: dict, network: dict, stage: str) -> torch.nn.Module:
+    path = require_weight(config, AUTOENCODER_FILE, stage, "vae")
+    checkpoint = load_checkpoint(path)
+    key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
+    autoencoder = build_network(network, "autoencoder_def", "cpu")
+    load_weights(autoencoder, _state_dict(checkpoint, key, path), path, "autoencoder")
+    return without_splits(autoencoder).eval().requires_grad_(False)
+
+
+def load_unet(config: dict, network: dict, stage: str) -> tuple[torch.nn.Module, float]:
+    path = require_weight(config, UNET_FILE, stage, "unet")
+    checkpoint = load_checkpoint(path)
+    unet = build_network(network, "diffusion_unet_def", "cpu")
+    load_weights(unet, _state_dict(checkpoint, "unet_state_dict", path), path, "diffusion UNet")
+    return unet, float(torch.as_tensor(checkpoint["scale_factor"]).float())
+
+
+def complete_model_folder(config: dict, network: dict) -> None:
+    """Config, settings and the weights this run did not train, copied into the run's model folder."""
+    model_dir = Path(config["model_dir"])
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_json(network, model_dir / CONFIG_NAME)
+    if config.get("model_settings"):
+        save_json(config["model_settings"], model_dir / SETTINGS_NAME)
+    base = config.get("base_model_dir")
+    if base and Path(base).resolve() != model_dir.resolve():
+        for name in WEIGHT_FILES:
+            source = find_weight(base, name)
+            if source is not None and find_weight(model_dir, name) is None:
+                shutil.copyfile(source, model_dir / name)
+
+
+def without_splits(autoencoder: torch.nn.Module) -> torch.nn.Module:
+    """Turn off MAISI's split convolutions (a memory trick for whole-body inference that changes no
+    weights): on training patches they cut tensors smaller than their own padding and fail."""
+    for sub in autoencoder.modules():
+        if hasattr(sub, "num_splits"):
+            sub.num_splits = 1
+    return autoencoder
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside DistributedDataParallel / AveragedModel wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+# ---------------------------------------------------------------------------------------------------
+# Latents
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+@torch.no_grad()
+def encode_case(autoencoder: torch.nn.Module, case: Case, seed: int, device: torch.device) -> torch.Tensor:
+    """One latent sample z = μ + σ·ε of a case, ε from (seed, case name) so every run encodes alike."""
+    z_mu, z_sigma = autoencoder.encode(case.image[None].to(device))
+    name_key = int(hashlib.sha256(case.name.encode()).hexdigest()[:12], 16)
+    eps = torch.randn(z_mu.shape, generator=generator(seed, name_key, 0x1A7E), dtype=torch.float32)
+    return (z_mu.float().cpu() + z_sigma.float().cpu() * eps)[0]
+
+
+def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.Module) -> list[torch.Tensor]:
+    """Latents of all cases, encoded once by the main process into `<output_dir>/latents/<vae hash>/`.
+
+    Like the official `diff_model_create_training_data`, a latent is one sample of the posterior,
+    stored and reused every epoch; the folder is keyed by the VAE file so a retrained VAE re-encodes.
+    """
+    vae_path = require_weight(config, AUTOENCODER_FILE, "latent", "vae")
+    folder = Path(config["output_dir"]) / "latents" / _fingerprint(vae_path)
+    if ctx.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        autoencoder.to(ctx.device)
+        for case in cases:
+            path = folder / f"{case.name}.pt"
+            if not path.exists():
+                from ..volumes import atomic_path
+
+                latent = encode_case(autoencoder, case, int(config["seed"]), ctx.device)
+                with atomic_path(path) as tmp:
+                    torch.save(latent, tmp)
+        autoencoder.cpu()
+    ctx.barrier()
+    return [torch.load(folder / f"{case.name}.pt", map_location="cpu", weights_only=True) for case in cases]
+
+
+def first_batch_scale_factor(latents: list[torch.Tensor], batch: list[int]) -> float:
+    """`scale_factor = 1 / std` of the first global batch's latents, as the official UNet training."""
+    stacked = torch.stack([latents[i] for i in batch]).float()
+    return float(1.0 / stacked.std())
+
+
+# ---------------------------------------------------------------------------------------------------
+# One flow-matching batch
+
+
+@dataclass
+class FlowBatch:
+    latents: torch.Tensor  # (B, C, x, y, z), scaled
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,)
+    noisy: torch.Tensor
+    spacing: torch.Tensor  # (B, 3), mm × 100
+    modality: torch.Tensor | None  # (B,) long
+    cases: list[int]
+
+
+def flow_batch(
+    scheduler,
+    latents: list[torch.Tensor],
+    cases: list[Case],
+    local: list[tuple[int, int]],
+    global_batch: int,
+    step: int,
+    seed: int,
+    scale_factor: float,
+    modality: int | None,
+    device: torch.device,
+) -> FlowBatch:
+    """This process's slice of step `step`: noise per (seed, step, position), timesteps drawn for the
+    whole global batch with `RFlowScheduler.sample_timesteps` and sliced, so any process count sees
+    the same samples."""
+    indices = [i for _, i in local]
+    x0 = torch.stack([latents[i] for i in indices]).float() * scale_factor
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(seed, step, pos, 0x401)) for pos, _ in local])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(mix_seed(seed, step, 0x715))
+        every = scheduler.sample_timesteps(torch.empty((global_batch, 1, *x0.shape[2:])))
+    timesteps = every[[pos for pos, _ in local]]
+    noisy = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
+    spacing = torch.tensor([list(cases[i].spacing) for i in indices], dtype=torch.float32) * 1e2
+    labels = torch.full((len(indices),), int(modality), dtype=torch.long) if modality is not None else None
+    to = lambda t: t.to(device) if t is not None else None  # noqa: E731
+    return FlowBatch(to(x0), to(noise), to(timesteps), to(noisy), to(spacing), to(labels), indices)
+
+
+def modality_of(network: dict, cfg: dict) -> int | None:
+    """The modality class label when the UNet takes one (num_class_embeds set), else None."""
+    _, unet = network_kwargs(network, "diffusion_unet_def")
+    return int(cfg["modality"]) if unet.get("num_class_embeds") else None

@@ -1,0 +1,176 @@
+"""Training configuration: a JSON file, stage defaults, and `--set key=value` overrides.
+
+A training config names the network config (official format, path or inline), the cases, the output
+folder, and one section per stage:
+
+    {
+      "network": "config_network_rflow.json",
+      "cases": "phantoms/train",
+      "output_dir": "runs/demo",
+      "seed": 0,
+      "vae": {"steps": 2000, "batch_size": 2, "lr": 1e-4, "patch_size": [64, 64, 64]},
+      "unet": {"steps": 6000, "batch_size": 4, "lr": 1e-4},
+      "controlnet": {"steps": 4000, "contrastive": true}
+    }
+
+Relative paths are relative to the config file. Every key has a default below.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import OptionError
+
+COMMON = {
+    "steps": 100,
+    "batch_size": 1,  # per process; the global batch is batch_size × processes
+    "lr": 1e-4,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "lr_power": 2.0,  # polynomial decay to 0 over `steps`, as the official scripts
+    "grad_clip": 0.0,
+    "ema_decay": 0.0,  # > 0 saves an exponential moving average of the weights
+    "amp": True,  # float16 autocast + grad scaling on GPUs; ignored on the CPU
+    "checkpoint_every": 500,
+    "log_every": 10,
+    "fixed_batch": False,  # train on step 0's batch (data, noise, timesteps) every step: an overfit check
+}
+
+DEFAULTS: dict[str, Any] = {
+    "network": None,
+    "cases": None,
+    "output_dir": "runs/maisi",
+    "model_dir": None,  # default <output_dir>/model
+    "base_model_dir": None,  # take the VAE/UNet this stage needs from another model folder
+    "model_settings": {},  # written as maisi_synth.json beside the config
+    "seed": 0,
+    "device": "auto",
+    "vae": {
+        **COMMON,
+        "patch_size": [64, 64, 64],
+        "kl_weight": 1e-6,
+        "perceptual_weight": 0.0,  # needs LPIPS weights (a download); off by default
+        "adversarial_weight": 0.0,
+        "adversarial_start": 0,
+        "discriminator_lr": 1e-4,
+    },
+    "unet": {
+        **COMMON,
+        "loss": "l1",  # l1 (official) or l2, to the velocity x0 − noise
+        "modality": 1,
+    },
+    "controlnet": {
+        **COMMON,
+        "lr": 1e-5,
+        "loss": "l1",
+        "modality": 1,
+        "contrastive": True,  # the region-specific contrastive loss
+        "contrastive_weight": 0.01,  # λ
+        "contrastive_delta": 2.0,  # δ
+        "background_term": "paper",  # paper: v(c) ≈ v(c') outside; official: v(c') ≈ x0 − noise outside
+        "perturbation": "host",  # host: tumor → host organ (official); background: tumor → 0
+        "tumor_weight": 1.0,  # > 1 weights the flow loss inside tumors (latent resolution)
+        "tumor_labels": [23, 24, 26, 27, 128],
+    },
+}
+
+
+_PATH_KEYS = ("network", "cases", "output_dir", "model_dir", "base_model_dir")
+
+
+def _merge(base: dict, update: dict, path: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise OptionError(f"unknown training setting '{where}'", f"use one of: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`vae.steps=200` → (["vae", "steps"], 200); values are JSON when they parse, else strings."""
+    if "=" not in text:
+        raise OptionError(f"--set takes key=value, got '{text}'", "e.g. --set controlnet.contrastive=false")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, **direct: Any) -> dict:
+    """Defaults ← config file ← `--set` overrides ← direct keyword overrides (CLI flags)."""
+    data: dict = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise OptionError(f"training config not found: {path}", "check the --config path") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise OptionError(f"cannot read training config {path}: {exc}", "fix the JSON") from None
+        base_dir = path.resolve().parent
+    config = _merge(DEFAULTS, data)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            nested = {key: nested}
+        config = _merge(DEFAULTS, _deep_update(config, nested))
+    for key, value in direct.items():
+        if value is not None:
+            if key in _PATH_KEYS and not Path(value).is_absolute():
+                value = str(Path.cwd() / value)  # a path given on the command line is relative to the cwd
+            config = _merge(DEFAULTS, _deep_update(config, _nest(key, value)))
+    for key in _PATH_KEYS:
+        value = config.get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            config[key] = str(base_dir / value)
+    if config["model_dir"] is None:
+        config["model_dir"] = str(Path(config["output_dir"]) / "model")
+    return config
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    keys = dotted.split(".")
+    nested: Any = value
+    for key in reversed(keys):
+        nested = {key: nested}
+    return nested
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and out.get(key):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def network_config(config: dict) -> dict:
+    """The official-format network config a training config names (path or inline)."""
+    network = config["network"]
+    if network is None:
+        model_dir = Path(config["model_dir"])
+        for candidate in (model_dir / "config_network_rflow.json", model_dir / "configs" / "config_network_rflow.json"):
+            if candidate.is_file():
+                return json.loads(candidate.read_text())
+        raise OptionError("the training config names no network", "set \"network\" to an official-format config JSON")
+    if isinstance(network, dict):
+        return network
+    try:
+        return json.loads(Path(network).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OptionError(f"network config not found: {network}", "check \"network\" in the training config") from None

@@ -1,0 +1,166 @@
+"""VAE training on random patches: L1 reconstruction + KL, optional perceptual and adversarial terms.
+
+The loss follows the official MAISI VAE recipe (L1, KL weight 1e-6; perceptual and patch-adversarial
+terms as options). The posterior sample z = μ + σ·ε takes ε from (seed, step, position in the global
+batch) rather than the global RNG, so a torchrun job and a single process see the same samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import OptionError
+from ..models import AUTOENCODER_FILE, _state_dict, build_network, compression_of, load_checkpoint, load_weights, save_autoencoder
+from .common import complete_model_folder, find_weight, unwrap, without_splits
+from .config import network_config
+from .data import BucketSampler, crop_patch, generator, load_cases, patch_origin
+from .trainer import Stage
+
+
+class _VaeStep(torch.nn.Module):
+    """Encode → sample with the given ε → decode, in one forward (DistributedDataParallel syncs one)."""
+
+    def __init__(self, autoencoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+        z_mu, z_sigma = self.autoencoder.encode(x)
+        z = z_mu + z_sigma * eps.to(z_mu.dtype)
+        return self.autoencoder.decode(z), z_mu, z_sigma
+
+
+def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ, σ²) ‖ N(0, 1)) summed over latent voxels, averaged over the batch (MONAI/official form)."""
+    z_mu, z_sigma = z_mu.float(), z_sigma.float()
+    kl = 0.5 * (z_mu.pow(2) + z_sigma.pow(2) - torch.log(z_sigma.pow(2) + 1e-8) - 1)
+    return kl.sum(dim=tuple(range(1, kl.ndim))).mean()
+
+
+class VaeStage(Stage):
+    name = "vae"
+
+    def prepare(self) -> None:
+        self.network = network_config(self.config)
+        c = compression_of(self.network)
+        self.patch = tuple(int(p) for p in self.cfg["patch_size"])
+        if len(self.patch) != 3 or any(p <= 0 or p % c for p in self.patch):
+            raise OptionError(
+                f"vae.patch_size {list(self.patch)} must be three positive multiples of {c}",
+                f"e.g. --set vae.patch_size=[{4 * c},{4 * c},{4 * c}]",
+            )
+        self.cases = load_cases(self.config["cases"])
+        self.global_batch = int(self.cfg["batch_size"]) * self.ctx.world_size
+        # Patches are cut per sample, so every case fits every batch: one bucket.
+        self.sampler = BucketSampler([(0,)] * len(self.cases), self.global_batch, int(self.config["seed"]))
+        autoencoder = build_network(self.network, "autoencoder_def", "cpu")
+        base = find_weight(self.config["base_model_dir"], AUTOENCODER_FILE)
+        if base is not None:  # fine-tune from an existing VAE
+            checkpoint = load_checkpoint(base)
+            key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
+            load_weights(autoencoder, _state_dict(checkpoint, key, base), base, "autoencoder")
+        self.step_module = _VaeStep(without_splits(autoencoder))
+        self.perceptual = None
+        if float(self.cfg["perceptual_weight"]) > 0:
+            self.perceptual = _perceptual_loss().to(self.device)
+        self.discriminator = None
+        if float(self.cfg["adversarial_weight"]) > 0:
+            from monai.losses.adversarial_loss import PatchAdversarialLoss
+            from monai.networks.nets import PatchDiscriminator
+
+            torch.manual_seed(int(self.config["seed"]))
+            disc = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1, norm="INSTANCE")
+            self.discriminator = disc.to(self.device)
+            self.disc_model = self.ctx.wrap(self.discriminator)
+            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=float(self.cfg["discriminator_lr"]))
+            self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
+        self._fake: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
+        if self.ctx.is_main:
+            complete_model_folder(self.config, self.network)
+
+    def trainable(self) -> torch.nn.Module:
+        return self.step_module
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seed = int(self.config["seed"])
+        per_rank = int(self.cfg["batch_size"])
+        patches, eps = [], []
+        c = compression_of(self.network)
+        latent_channels = int(self.network.get("latent_channels", 4))
+        local = self.sampler.local(step, self.ctx.rank, per_rank)
+        self.last_batch = [(pos, self.cases[i].name) for pos, i in local]
+        for pos, index in local:
+            g = generator(seed, step, pos, 0xA7C4)
+            case = self.cases[index]
+            origin = patch_origin(case.shape, self.patch, g)
+            patches.append(crop_patch(case.image, origin, self.patch, fill=0.0))
+            eps.append(torch.randn((latent_channels, *(p // c for p in self.patch)), generator=g))
+        return torch.stack(patches).to(self.device), torch.stack(eps).to(self.device)
+
+    def loss(self, model: torch.nn.Module, step: int):
+        x, eps = self.batch(step)
+        recon, z_mu, z_sigma = model(x, eps)
+        l1 = F.l1_loss(recon.float(), x)
+        kl = kl_loss(z_mu, z_sigma)
+        loss = l1 + float(self.cfg["kl_weight"]) * kl
+        metrics = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(recon.float(), x)
+            loss = loss + float(self.cfg["perceptual_weight"]) * perceptual
+            metrics["perceptual"] = float(perceptual.detach())
+        if self.discriminator is not None and step >= int(self.cfg["adversarial_start"]):
+            self.discriminator.requires_grad_(False)
+            logits = self.disc_model(recon.float().contiguous())[-1]
+            generator_loss = self.adv_loss(logits, target_is_real=True, for_discriminator=False)
+            loss = loss + float(self.cfg["adversarial_weight"]) * generator_loss
+            metrics["adversarial"] = float(generator_loss.detach())
+            self._fake, self._real = recon.detach().float(), x
+        return loss, metrics
+
+    def after_step(self, step: int) -> None:
+        if self._fake is None:
+            return
+        self.discriminator.requires_grad_(True)
+        self.disc_optimizer.zero_grad(set_to_none=True)
+        fake = self.disc_model(self._fake.contiguous())[-1]
+        real = self.disc_model(self._real.contiguous())[-1]
+        d_loss = 0.5 * (
+            self.adv_loss(fake, target_is_real=False, for_discriminator=True)
+            + self.adv_loss(real, target_is_real=True, for_discriminator=True)
+        )
+        d_loss.backward()
+        self.disc_optimizer.step()
+        self._fake = self._real = None
+
+    def save(self, module: torch.nn.Module, step: int, loss: float) -> None:
+        model_dir = Path(self.config["model_dir"])
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_autoencoder(model_dir / AUTOENCODER_FILE, unwrap(module).autoencoder)
+
+    def extra_state(self) -> dict:
+        if self.discriminator is None:
+            return {}
+        return {"discriminator": self.discriminator.state_dict(), "discriminator_optimizer": self.disc_optimizer.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.discriminator is not None and "discriminator" in state:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["discriminator_optimizer"])
+
+
+def _perceptual_loss() -> torch.nn.Module:
+    """MONAI's 2.5-D perceptual loss; its backbone weights are a download, so say so when missing."""
+    try:
+        from monai.losses.perceptual import PerceptualLoss
+
+        return PerceptualLoss(spatial_dims=3, network_type="squeeze", is_fake_3d=True, fake_3d_ratio=0.2).eval()
+    except Exception as exc:  # noqa: BLE001 - any failure means the pretrained backbone is unavailable
+        raise OptionError(
+            f"the perceptual loss needs pretrained backbone weights that could not be loaded "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+            "install lpips/torchvision with network access, or keep vae.perceptual_weight=0",
+        ) from None

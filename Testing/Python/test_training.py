@@ -1,0 +1,219 @@
+"""The three training loops on tiny phantoms: CLI runs, overfitting, resume, torchrun DDP, and the
+official-format model folder they write (loaded by the generation engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from MaisiSynthLib.models import AUTOENCODER_FILE, CONTROLNET_FILE, UNET_FILE, load_models
+from MaisiSynthLib.phantoms import write_phantoms
+from MaisiSynthLib.tiny_model import TINY_SETTINGS, tiny_config
+from MaisiSynthLib.training import train
+from MaisiSynthLib.training.config import load_config
+from MaisiSynthLib.training.trainer import read_log
+
+from conftest import run_cli
+
+# 64×64×32 at 6×6×8 mm: a whole torso cross-section at a size the tiny networks train in seconds.
+SIZE, SPACING = (64, 64, 32), (6.0, 6.0, 8.0)
+
+
+def _config(root: Path, **stage_overrides) -> dict:
+    config = {
+        "network": tiny_config(),
+        "cases": "cases",
+        "output_dir": "run",
+        "seed": 3,
+        "model_settings": TINY_SETTINGS,
+        "vae": {"patch_size": [32, 32, 32], "steps": 3, "log_every": 1, "lr": 1e-3},
+        "unet": {"steps": 3, "log_every": 1, "lr": 1e-3},
+        "controlnet": {"steps": 3, "log_every": 1, "lr": 1e-3},
+    }
+    for stage, values in stage_overrides.items():
+        config[stage].update(values)
+    return config
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Three phantom cases and a training config; the three stages run from the CLI, in order."""
+    root = tmp_path_factory.mktemp("train")
+    write_phantoms(root / "cases", 3, size=SIZE, spacing=SPACING, seed=11)
+    # The UNet gets more steps: a ControlNet can only steer a UNet whose (zero-initialised) output
+    # layers have learnt something.
+    (root / "train.json").write_text(json.dumps(_config(root, unet={"steps": 40, "lr": 3e-3, "lr_power": 0.0})))
+    for stage, steps in (("vae", 3), ("unet", 40), ("controlnet", 3)):
+        result = run_cli("train", stage, "--config", str(root / "train.json"), "--quiet")
+        assert result.returncode == 0, result.stderr
+        assert f"{stage}: steps 0→{steps}" in result.stdout
+    return root
+
+
+def test_each_stage_runs_from_the_cli_and_writes_official_checkpoints(workspace):
+    model = workspace / "run" / "model"
+    for stage, steps in (("vae", 3), ("unet", 40), ("controlnet", 3)):
+        rows = read_log(workspace / "run" / "logs" / f"{stage}.csv")
+        assert [r["step"] for r in rows] == list(range(1, steps + 1))
+        assert all(np.isfinite(r["loss"]) for r in rows)
+    unet = torch.load(model / UNET_FILE, weights_only=True)
+    assert set(unet) == {"epoch", "loss", "num_train_timesteps", "scale_factor", "unet_state_dict"}
+    assert unet["epoch"] == 40 and 0.05 < float(unet["scale_factor"]) < 50
+    controlnet = torch.load(model / CONTROLNET_FILE, weights_only=True)
+    assert set(controlnet) == {"epoch", "loss", "controlnet_state_dict"}
+    vae = torch.load(model / AUTOENCODER_FILE, weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in vae.values()) and "encoder.blocks.0.conv.conv.weight" in vae
+    # The ControlNet trained its own copy: its weights left the UNet's they started from.
+    shared = [k for k in controlnet["controlnet_state_dict"] if k in unet["unet_state_dict"]]
+    assert shared and any(
+        not torch.equal(controlnet["controlnet_state_dict"][k], unet["unet_state_dict"][k]) for k in shared
+    )
+
+
+def test_trained_model_folder_loads_and_generates_a_ct(workspace, tmp_path):
+    models = load_models(workspace / "run" / "model", device="cpu")
+    assert models.controlnet is not None and abs(float(models.scale_factor) - float(
+        torch.load(workspace / "run" / "model" / UNET_FILE, weights_only=True)["scale_factor"]
+    )) < 1e-6
+    mask = workspace / "cases" / "case0000_label.nii.gz"
+    out = tmp_path / "ct.nii.gz"
+    result = run_cli(
+        "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(workspace / "run" / "model"),
+        "--steps", "3", "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    ct = np.asanyarray(nib.load(str(out)).dataobj)
+    labels = np.asanyarray(nib.load(str(mask)).dataobj)
+    assert ct.shape == labels.shape and ct.dtype == np.int16
+    assert (ct[labels == 0] == -1000).all() and ct.max() <= 1000
+
+
+@pytest.mark.parametrize("stage", ["vae", "unet", "controlnet"])
+def test_each_loop_overfits_a_fixed_batch(workspace, tmp_path, stage):
+    """50 steps on one fixed batch (same data, noise and timesteps) must drive the loss down."""
+    config = _config(tmp_path, **{stage: {"steps": 50, "fixed_batch": True, "checkpoint_every": 1000, "lr": 3e-3, "lr_power": 0.0}})
+    config.update(cases=str(workspace / "cases"), base_model_dir=str(workspace / "run" / "model"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    if stage == "vae":
+        # fine-tuning would start near the optimum; start this one from scratch
+        config["base_model_dir"] = None
+        (tmp_path / "train.json").write_text(json.dumps(config))
+    train(stage, str(tmp_path / "train.json"), progress=False)
+    rows = read_log(tmp_path / "run" / "logs" / f"{stage}.csv")
+    key = "flow" if stage == "controlnet" else ("l1" if stage == "vae" else "loss")
+    first = np.mean([r[key] for r in rows[:5]])
+    last = np.mean([r[key] for r in rows[-5:]])
+    if stage != "controlnet":
+        assert last < 0.7 * first, (stage, first, last)
+    else:
+        # A ControlNet steers a frozen UNet through zero-initialised residuals: its loss falls slowly
+        # but steadily (the batch is fixed, so every step is deterministic).
+        values = [r[key] for r in rows]
+        assert last < 0.97 * first, (first, last)
+        assert np.mean(np.diff(values) < 0) > 0.9
+        # the contrastive ROI term is active: the two predictions were pushed apart inside tumors
+        assert rows[-1]["roi"] < 0 and rows[-1]["roi"] < rows[0]["roi"]
+
+
+@pytest.mark.parametrize("stage", ["unet", "controlnet"])
+def test_resume_continues_from_the_saved_step_exactly(workspace, tmp_path, stage):
+    def run(out: str, **kwargs):
+        config = _config(tmp_path, **{stage: {"steps": 6, "checkpoint_every": 3}})
+        config.update(cases=str(workspace / "cases"), output_dir=out, base_model_dir=str(workspace / "run" / "model"))
+        (tmp_path / f"{out}.json").write_text(json.dumps(config))
+        return train(stage, str(tmp_path / f"{out}.json"), progress=False, **kwargs)
+
+    run("straight")
+    first = run("resumed", stop_after=3)
+    assert (first["start"], first["end"]) == (0, 3)
+    state = torch.load(tmp_path / "resumed" / "state" / f"{stage}.pt", weights_only=True)
+    assert state["step"] == 3
+    second = run("resumed", resume=True)
+    assert (second["start"], second["end"]) == (3, 6)
+    name, key = (UNET_FILE, "unet_state_dict") if stage == "unet" else (CONTROLNET_FILE, "controlnet_state_dict")
+    a = torch.load(tmp_path / "straight" / "model" / name, weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model" / name, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 6
+    for k in a[key]:
+        assert torch.equal(a[key][k], b[key][k]), k
+    steps = [r["step"] for r in read_log(tmp_path / "resumed" / "logs" / f"{stage}.csv")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(workspace, tmp_path):
+    config = _config(tmp_path, controlnet={"steps": 4, "lr": 1e-3})
+    config.update(cases=str(workspace / "cases"), base_model_dir=str(workspace / "run" / "model"))
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(config))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ddp = subprocess.run(
+        [*torchrun, "-m", "MaisiSynthLib", "train", "controlnet", "--config", str(path), "--quiet",
+         "--batch-size", "1", "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr
+    assert ddp.stdout.count("controlnet: steps 0→4") == 1  # only the main process reports
+    single = run_cli(
+        "train", "controlnet", "--config", str(path), "--quiet", "--batch-size", "2", "--output-dir", str(tmp_path / "one")
+    )
+    assert single.returncode == 0, single.stderr
+
+    def batches(folder: str, rank: int) -> list[tuple[int, int, str]]:
+        lines = (tmp_path / folder / "logs" / f"controlnet_batches_rank{rank}.csv").read_text().split()[1:]
+        return [(int(s), int(p), c) for s, p, c in (ln.split(",") for ln in lines)]
+
+    rank0, rank1 = batches("ddp", 0), batches("ddp", 1)
+    assert {p for _, p, _ in rank0} == {0} and {p for _, p, _ in rank1} == {1}
+    assert [c for *_, c in rank0] != [c for *_, c in rank1]  # the ranks trained on different cases
+    assert sorted(rank0 + rank1) == sorted(batches("one", 0))  # ...which together are the global batches
+
+    a = torch.load(tmp_path / "ddp" / "model" / CONTROLNET_FILE, weights_only=True)["controlnet_state_dict"]
+    b = torch.load(tmp_path / "one" / "model" / CONTROLNET_FILE, weights_only=True)["controlnet_state_dict"]
+    start = torch.load(workspace / "run" / "model" / CONTROLNET_FILE, weights_only=True)["controlnet_state_dict"]
+    update_ddp = torch.cat([(a[k] - start[k]).flatten().double() for k in start])
+    update_one = torch.cat([(b[k] - start[k]).flatten().double() for k in start])
+    # Equal up to float summation order (DDP averages two gradients; one process sums inside the
+    # convolution's backward), which Adam's normalisation amplifies slightly on near-zero gradients.
+    relative = float((update_ddp - update_one).norm() / update_one.norm())
+    assert update_one.abs().max() > 1e-3 and relative < 1e-2, relative
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_training_errors_are_one_line_with_a_fix(workspace, tmp_path):
+    config = _config(tmp_path)
+    config.update(cases=str(workspace / "cases"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    # the UNet stage without a VAE in the run's model folder
+    result = run_cli("train", "unet", "--config", str(tmp_path / "train.json"), "--quiet")
+    assert result.returncode == 2 and "needs autoencoder_v1.pt" in result.stderr and "maisi-synth train vae" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--set", "vae.stepz=3")
+    assert result.returncode == 2 and "unknown training setting 'vae.stepz'" in result.stderr
+    result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--set", "vae.patch_size=[30,32,32]")
+    assert result.returncode == 2 and "patch_size" in result.stderr
+    assert not (tmp_path / "run" / "model" / AUTOENCODER_FILE).exists()
+
+
+def test_config_layers_defaults_file_overrides_and_flags(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"cases": "data", "vae": {"steps": 7}}))
+    config = load_config(tmp_path / "c.json", ["vae.lr=0.5", "controlnet.contrastive=false"], **{"vae.steps": 9})
+    assert config["vae"]["steps"] == 9 and config["vae"]["lr"] == 0.5 and config["controlnet"]["contrastive"] is False
+    assert config["cases"] == str(tmp_path / "data")  # relative to the config file
+    assert config["model_dir"] == str(Path(config["output_dir"]) / "model")
+    assert config["controlnet"]["contrastive_weight"] == 0.01 and config["controlnet"]["contrastive_delta"] == 2.0
