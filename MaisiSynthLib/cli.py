@@ -26,7 +26,10 @@ def _size(values: list[str]) -> tuple[int, int, int] | str:
     except ValueError:
         sizes = ()
     if len(sizes) != 3 or min(sizes) < 1:
-        raise OptionError(f"--output-size takes three positive whole numbers or 'auto', got {' '.join(values)}", "e.g. --output-size 256 256 128")
+        raise OptionError(
+            f"--output-size takes three positive whole numbers or 'auto', got {' '.join(values)}",
+            "e.g. --output-size 256 256 128",
+        )
     return sizes
 
 
@@ -53,7 +56,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--model-dir", help="model folder (default: the embedded demo model, or $MAISI_SYNTH_MODEL_DIR)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--cfg-scale", type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)")
+    p.add_argument(
+        "--cfg-scale", type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)"
+    )
     p.add_argument("--solver", default="euler", choices=["euler", "heun"], help="ODE step (euler = official)")
     p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
     p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
@@ -125,7 +130,9 @@ def _run_generate(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         t = result.timings
-        print(f"wrote {result.output} ({'x'.join(map(str, result.shape))}, spacing {result.spacing} mm, seed {result.seed})")
+        print(
+            f"wrote {result.output} ({'x'.join(map(str, result.shape))}, spacing {result.spacing} mm, seed {result.seed})"
+        )
         if result.preview:
             print(f"wrote {result.preview}")
         if result.label_output:
@@ -143,7 +150,9 @@ def _run_generate(args) -> int:
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe a model folder", description="Print a model's config, sizes and memory needs.")
+    p = sub.add_parser(
+        "info", help="describe a model folder", description="Print a model's config, sizes and memory needs."
+    )
     p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
     p.add_argument("--output-size", nargs=3, type=int, metavar="N", help="output size for the memory estimate")
     p.add_argument("--cfg", action="store_true", help="estimate memory with tumor CFG (doubles the batch)")
@@ -209,7 +218,9 @@ def _run_info(args) -> int:
     for name, mb in info["weights"].items():
         print(f"weights      {name:<28} {mb:9.2f} MB")
     for key, net in info["networks"].items():
-        print(f"network      {net['class']:<26} channels {net['num_channels']}  {net['parameters'] / 1e6:8.2f} M parameters")
+        print(
+            f"network      {net['class']:<26} channels {net['num_channels']}  {net['parameters'] / 1e6:8.2f} M parameters"
+        )
     s = info["scheduler"]
     print(
         f"scheduler    rectified flow, {s.get('num_train_timesteps', 1000)} train timesteps, "
@@ -249,8 +260,10 @@ def _run_labels(args) -> int:
 
     if args.tumors:
         for tumor, hosts in L.TUMOR_HOSTS.items():
-            host = L.name_of(hosts[0]) if len(hosts) == 1 else "majority neighbouring " + (
-                "lung lobe" if hosts == L.LUNG_LOBES else "bone"
+            host = (
+                L.name_of(hosts[0])
+                if len(hosts) == 1
+                else "majority neighbouring " + ("lung lobe" if hosts == L.LUNG_LOBES else "bone")
             )
             print(f"{tumor:4d}  {L.name_of(tumor):<26} host: {host}")
         return 0
@@ -272,8 +285,14 @@ def _add_train(sub) -> None:
     )
     p.add_argument("stage", choices=["vae", "unet", "controlnet"])
     p.add_argument("--config", help="training config JSON (every key has a default)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set controlnet.contrastive=false (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set controlnet.contrastive=false (repeatable)",
+    )
     p.add_argument("--cases", help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
     p.add_argument("--network", help="official-format network config JSON")
     p.add_argument("--output-dir", help="run folder (model/, state/, logs/, latents/)")
@@ -320,7 +339,9 @@ def _add_phantoms(sub) -> None:
     )
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", nargs=3, default=["128", "128", "64"], metavar="N", help="voxels x y z (default 128 128 64)")
+    p.add_argument(
+        "--size", nargs=3, default=["128", "128", "64"], metavar="N", help="voxels x y z (default 128 128 64)"
+    )
     p.add_argument("--spacing", nargs=3, default=["3", "3", "5"], metavar="MM", help="mm x y z (default 3 3 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tumors", default="all", help="all, random, none, or comma-separated tumor ids (e.g. 26,23)")
@@ -339,11 +360,60 @@ def _run_phantoms(args) -> int:
         try:
             tumors = [int(t) for t in tumors.split(",") if t.strip()]
         except ValueError:
-            raise OptionError(f"--tumors takes all, random, none or ids, got '{args.tumors}'", "e.g. --tumors 26,23") from None
+            raise OptionError(
+                f"--tumors takes all, random, none or ids, got '{args.tumors}'", "e.g. --tumors 26,23"
+            ) from None
     bar = tqdm(total=args.count, desc="phantoms", unit="case", file=sys.stderr)
     pairs = write_phantoms(args.out, args.count, size, spacing, args.seed, tumors, progress=lambda: bar.update(1))
     bar.close()
     print(f"wrote {len(pairs)} image/label pairs to {args.out}")
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="measure synthetic CTs against held-out real image/label pairs",
+        description="Generate a CT from every held-out label map and compare it with the real image "
+        "(organ HU, tumor conspicuity, ROI sensitivity, slice Fréchet distance).",
+    )
+    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solver", default="euler", choices=["euler", "heun"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", help="write the full results here (default: <cases>/evaluation.json)")
+    p.add_argument("--save-dir", help="keep the synthetic CTs here")
+    p.add_argument("--no-roi", action="store_true", help="skip the tumor-free generations (halves the time)")
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluation import evaluate, format_table, write_json
+    from .training.data import find_pairs
+
+    total = len(find_pairs(args.cases))
+    bar = tqdm(total=total, desc="evaluate", unit="case", file=sys.stderr)
+    summary = evaluate(
+        args.model_dir,
+        args.cases,
+        args.steps,
+        args.seed,
+        args.solver,
+        args.device,
+        args.save_dir,
+        roi=not args.no_roi,
+        progress=lambda name: bar.update(1),
+    )
+    bar.close()
+    cases = Path(args.cases)
+    out = Path(args.json_out) if args.json_out else (cases if cases.is_dir() else cases.parent) / "evaluation.json"
+    write_json(summary, out)
+    print(format_table(summary))
+    print(f"wrote {out}")
     return 0
 
 
@@ -359,13 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_labels(sub)
     _add_train(sub)
     _add_phantoms(sub)
+    _add_evaluate(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     try:
         return args.run(args)

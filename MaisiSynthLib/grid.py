@@ -104,7 +104,9 @@ def grid_affine(
     return out
 
 
-def auto_size(shape: tuple[int, ...], spacing: tuple[float, ...], rules: GridRules) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def auto_size(
+    shape: tuple[int, ...], spacing: tuple[float, ...], rules: GridRules
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The allowed grid closest to (shape, spacing) that keeps the field of view.
 
     Each axis is snapped to the nearest allowed size, then the spacing is chosen to keep the FOV and

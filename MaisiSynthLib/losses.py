@@ -73,7 +73,9 @@ def perturb_mask(labels: torch.Tensor, mode: str = "host") -> torch.Tensor:
     return out
 
 
-def roi_masks(labels: torch.Tensor, perturbed: torch.Tensor, latent_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def roi_masks(
+    labels: torch.Tensor, perturbed: torch.Tensor, latent_size: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(ROI, background) at latent resolution, (B, 1, x, y, z) float 0/1, from image-resolution masks."""
     roi = (labels != perturbed).float()
     dilated = F.max_pool3d(roi, kernel_size=3, stride=1, padding=1)

@@ -176,7 +176,9 @@ def _slice_hull(inside: np.ndarray) -> np.ndarray:
     return out
 
 
-def body_envelope(labels: np.ndarray, spacing: tuple[float, float, float], margin_mm: float = BODY_MARGIN_MM) -> np.ndarray:
+def body_envelope(
+    labels: np.ndarray, spacing: tuple[float, float, float], margin_mm: float = BODY_MARGIN_MM
+) -> np.ndarray:
     """The documented body rule: per axial slice, convex hull of the labels widened by `margin_mm`."""
     inside = labels > 0
     envelope = np.zeros_like(inside)

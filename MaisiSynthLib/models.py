@@ -278,9 +278,12 @@ def load_checkpoint(path: Path) -> Any:
 def _state_dict(checkpoint: Any, key: str | None, path: Path) -> dict:
     if key is not None:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
-            found = ", ".join(map(str, list(checkpoint)[:6])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            found = (
+                ", ".join(map(str, list(checkpoint)[:6])) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            )
             raise ModelError(
-                f"{path.name} has no '{key}' entry (found: {found})", f"save the weights under '{key}' as the official files do"
+                f"{path.name} has no '{key}' entry (found: {found})",
+                f"save the weights under '{key}' as the official files do",
             )
         checkpoint = checkpoint[key]
     if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
@@ -296,7 +299,9 @@ def _names(keys: list[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_weights(module: torch.nn.Module, state: dict, path: Path, what: str, prefilled: set[str] = frozenset()) -> None:
+def load_weights(
+    module: torch.nn.Module, state: dict, path: Path, what: str, prefilled: set[str] = frozenset()
+) -> None:
     """Load `state` into `module`; any missing (not prefilled) or unexpected key is a ModelError."""
     try:
         result = module.load_state_dict(state, strict=False)
@@ -422,7 +427,9 @@ def load_models(
     autoencoder = build_network(config, "autoencoder_def", "cpu")
     ae_ckpt = load_checkpoint(folder.autoencoder_path)
     ae_key = "unet_state_dict" if isinstance(ae_ckpt, dict) and "unet_state_dict" in ae_ckpt else None
-    load_weights(autoencoder, _state_dict(ae_ckpt, ae_key, folder.autoencoder_path), folder.autoencoder_path, "autoencoder")
+    load_weights(
+        autoencoder, _state_dict(ae_ckpt, ae_key, folder.autoencoder_path), folder.autoencoder_path, "autoencoder"
+    )
 
     unet = build_network(config, "diffusion_unet_def", "cpu")
     unet_ckpt = load_checkpoint(folder.unet_path)
@@ -468,7 +475,9 @@ def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate_memory(config: dict, output_size: tuple[int, int, int], precision: str, cfg: bool, window: list[int]) -> dict:
+def estimate_memory(
+    config: dict, output_size: tuple[int, int, int], precision: str, cfg: bool, window: list[int]
+) -> dict:
     """Rough peak memory (bytes) of sampling and decoding at `output_size`, for planning.
 
     Sampling keeps the UNet's skip activations of the whole latent (the ControlNet's residuals add as
@@ -482,7 +491,9 @@ def estimate_memory(config: dict, output_size: tuple[int, int, int], precision: 
     _, unet = network_kwargs(config, "diffusion_unet_def")
     res_blocks = unet["num_res_blocks"]
     res_blocks = [res_blocks] * len(unet["num_channels"]) if isinstance(res_blocks, int) else list(res_blocks)
-    skips = sum(ch * (r + 1) * latent_voxels / 8**level for level, (ch, r) in enumerate(zip(unet["num_channels"], res_blocks)))
+    skips = sum(
+        ch * (r + 1) * latent_voxels / 8**level for level, (ch, r) in enumerate(zip(unet["num_channels"], res_blocks))
+    )
     working = 4 * unet["num_channels"][0] * latent_voxels
     sampling = 2 * batch * bytes_per * (skips + working)
     _, ae = network_kwargs(config, "autoencoder_def")
@@ -490,7 +501,9 @@ def estimate_memory(config: dict, output_size: tuple[int, int, int], precision: 
     splits = max(1, int(ae.get("num_splits", 1)))
     decoding = bytes_per * ae["num_channels"][0] * window_voxels * (2 + 2 / splits)
     weights = 4 * sum(
-        _param_estimate(config, key) for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def") if key in config
+        _param_estimate(config, key)
+        for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def")
+        if key in config
     )
     return {
         "weights": weights,
@@ -558,7 +571,9 @@ def save_unet(
 
 def save_controlnet(path: str | Path, controlnet: torch.nn.Module, epoch: int = 0, loss: float = 0.0) -> None:
     """`controlnet_3d_rflow-ct.pt`: {epoch, loss, controlnet_state_dict}."""
-    _atomic_save({"epoch": int(epoch), "loss": float(loss), "controlnet_state_dict": _plain_state(controlnet)}, Path(path))
+    _atomic_save(
+        {"epoch": int(epoch), "loss": float(loss), "controlnet_state_dict": _plain_state(controlnet)}, Path(path)
+    )
 
 
 def save_model_folder(

@@ -8,10 +8,17 @@ field of view. Shapes are ellipsoids, tubes and slabs warped by a smooth random 
 positions and intensities vary per seed. Organ intensities are drawn inside the central part of
 MAISI's per-organ median HU range (`image_median_statistics_ct.json`), and the image gets
 partial-volume blur and spatially correlated noise. Tumors are spheres intersected with their host
-organ, hypo- or hyper-dense, some with a rim.
+organ: hypodense in liver and pancreas (some with an enhancing rim), enhancing in
+the colon, solid in the lung, lytic or sclerotic in bone.
 
 Array axes follow the affine: axis 0 → x, axis 1 → y, axis 2 → z; the affine is diagonal (the
-spacing) and centred on the origin.
+spacing) and centred on the origin. So index 0 of axis 0 is the patient's left side, index 0 of
+axis 1 the back, and index 0 of axis 2 the bottom (pelvis); the lungs are at high axis-2 indices.
+At the default grid (128 × 128 × 64 voxels of 3 × 3 × 5 mm, a 384 × 384 × 320 mm field of view) the
+whole torso cross-section and every structure are inside; the torso runs on above and below.
+
+A tumor replaces host voxels only where host tissue surrounds it; `Phantom.tumors` lists the
+lesions actually placed, which on small or coarse grids may be fewer than asked for.
 """
 
 from __future__ import annotations
@@ -47,11 +54,11 @@ FAT_HU, MUSCLE_HU, AIR_HU = -100.0, 50.0, -1000.0
 
 @dataclass
 class Phantom:
-    image: np.ndarray  # int16 HU
+    image: np.ndarray  # int16 HU, −1000 outside the body
     labels: np.ndarray  # uint8 MAISI ids
-    affine: np.ndarray  # 4×4 RAS
+    affine: np.ndarray  # 4×4 voxel → RAS mm, diagonal (the spacing), origin at the grid centre
     seed: int
-    tumors: tuple[int, ...]
+    tumors: tuple[int, ...]  # the tumor ids actually placed
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -70,30 +77,82 @@ def _median_hu(rng: np.random.Generator, organ: str) -> float:
     return float(rng.uniform(lo + 0.2 * (hi - lo), hi - 0.2 * (hi - lo)))
 
 
-def _check_args(size, spacing, tumors) -> tuple[tuple[int, int, int], tuple[float, float, float], tuple[int, ...] | str]:
+class PhantomOptionError(OptionError, ValueError):
+    """A bad argument to `make_phantom` / `write_phantoms`.
+
+    An OptionError, so the CLI reports it as a one-line user error (exit status 2); a ValueError, so
+    library callers can treat it like any other bad value.
+    """
+
+
+def _whole(value, name: str, example: str) -> int:
+    """`value` as an int, refusing fractions, booleans and non-numbers instead of truncating them."""
     try:
-        size = tuple(int(n) for n in size)
-    except (TypeError, ValueError):
-        size = ()
-    if len(size) != 3 or min(size) < 1:
-        raise OptionError(f"phantom size must be three positive whole numbers, got {size!r}", "e.g. size=(128, 128, 64)")
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError
+        number = int(value)
+        if number != float(value):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise PhantomOptionError(f"phantom {name} must be a whole number, got {value!r}", example) from None
+    return number
+
+
+def _check_seed(seed) -> int:
+    seed = _whole(seed, "seed", "e.g. seed=0")
+    if seed < 0:  # numpy seeds are non-negative
+        raise PhantomOptionError(f"phantom seed must be zero or more, got {seed}", "e.g. seed=0")
+    return seed
+
+
+def _check_args(
+    size, spacing, tumors
+) -> tuple[tuple[int, int, int], tuple[float, float, float], tuple[int, ...] | str]:
+    size_hint = "e.g. size=(128, 128, 64)"
     try:
-        spacing = tuple(float(s) for s in spacing)
+        values = list(size)
+    except TypeError:
+        values = []
+    if len(values) != 3:
+        raise PhantomOptionError(f"phantom size must be three positive whole numbers, got {size!r}", size_hint)
+    size = tuple(_whole(n, "size", size_hint) for n in values)
+    if min(size) < 1:
+        raise PhantomOptionError(f"phantom size must be three positive whole numbers, got {size!r}", size_hint)
+    try:
+        millimetres = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
-        spacing = ()
-    if len(spacing) != 3 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
-        raise OptionError(f"phantom spacing must be three positive numbers (mm), got {spacing!r}", "e.g. spacing=(3, 3, 5)")
+        millimetres = ()
+    if len(millimetres) != 3 or not all(np.isfinite(millimetres)) or min(millimetres) <= 0:
+        raise PhantomOptionError(
+            f"phantom spacing must be three positive numbers (mm), got {spacing!r}", "e.g. spacing=(3, 3, 5)"
+        )
+    spacing = millimetres
+    choices = ", ".join(map(str, TUMOR_CHOICES))
     if isinstance(tumors, str):
         if tumors not in ("all", "random", "none"):
-            raise OptionError(f"tumors must be all, random, none or tumor ids, got '{tumors}'", "e.g. tumors=[26, 23]")
-    else:
-        tumors = tuple(int(t) for t in tumors)
-        bad = [t for t in tumors if t not in TUMOR_CHOICES]
-        if bad:
-            raise OptionError(
-                f"tumors {bad} are not phantom tumor ids", f"use some of {', '.join(map(str, TUMOR_CHOICES))}"
+            raise PhantomOptionError(
+                f"tumors must be all, random, none or tumor ids, got '{tumors}'", "e.g. tumors=[26, 23]"
             )
-    return size, spacing, tumors
+        return size, spacing, tumors
+    try:
+        requested = list(tumors)
+    except TypeError:
+        raise PhantomOptionError(
+            f"tumors must be all, random, none or a list of tumor ids, got {tumors!r}", "e.g. tumors=[26]"
+        ) from None
+    ids, bad = [], []
+    for t in requested:
+        try:
+            tumor = _whole(t, "tumor id", "")
+        except PhantomOptionError:
+            tumor = None
+        if tumor not in TUMOR_CHOICES:
+            bad.append(t)
+        elif tumor not in ids:  # a type is placed once; repeating it must not place two lesions
+            ids.append(tumor)
+    if bad:
+        raise PhantomOptionError(f"tumors {bad} are not phantom tumor ids", f"use some of {choices}")
+    return size, spacing, tuple(ids)
 
 
 class _Frame:
@@ -116,7 +175,9 @@ class _Frame:
             for _ in range(2):
                 k = rng.uniform(0.004, 0.012, 3) * rng.choice([-1, 1], 3)
                 phase = rng.uniform(0, 2 * np.pi)
-                field += np.float32(rng.uniform(3.0, 7.0)) * np.sin(k[0] * x + k[1] * y + k[2] * z + phase).astype(np.float32)
+                field += np.float32(rng.uniform(3.0, 7.0)) * np.sin(k[0] * x + k[1] * y + k[2] * z + phase).astype(
+                    np.float32
+                )
             warped.append((base + field).astype(np.float32))
         self.x, self.y, self.z = warped
 
@@ -156,14 +217,17 @@ def make_phantom(
     tumors: str | Iterable[int] = "all",
 ) -> Phantom:
     """One torso phantom; the same (seed, size, spacing, tumors) always gives the same arrays."""
+    seed = _check_seed(seed)
     size, spacing, tumors = _check_args(size, spacing, tumors)
-    rng = np.random.default_rng(int(seed))
+    rng = np.random.default_rng(seed)
     if tumors == "all":
         wanted = list(TUMOR_CHOICES)
     elif tumors == "none":
         wanted = []
     elif tumors == "random":
-        wanted = [t for t in TUMOR_CHOICES if rng.random() < 0.5] or [TUMOR_CHOICES[int(rng.integers(len(TUMOR_CHOICES)))]]
+        wanted = [t for t in TUMOR_CHOICES if rng.random() < 0.5] or [
+            TUMOR_CHOICES[int(rng.integers(len(TUMOR_CHOICES)))]
+        ]
     else:
         wanted = list(tumors)
     f = _Frame(size, spacing, rng)
@@ -204,7 +268,7 @@ def make_phantom(
     lung_hu = _median_hu(rng, "lung")
     lung_top = u(135, 160)
     lung_base = u(-5, 20)
-    lung_c = ((lung_top + lung_base) / 2)
+    lung_c = (lung_top + lung_base) / 2
     lung_rz = (lung_top - lung_base) / 2
     lung_x, lung_rx, lung_ry = u(68, 80), u(50, 60), u(70, 85)
     lungs = np.zeros(size, bool)
@@ -230,7 +294,9 @@ def make_phantom(
             mid = hilum + direction * u(25, 40)
             end = mid + (direction + rng.normal(0, 0.3, 3)) * u(20, 35)
             paint(f.tube(np.stack([hilum, mid, end]), u(2.5, 4.0)), PULMONARY_VEIN, u(30, 50), lungs)
-    heart = np.broadcast_to(f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50))), size)
+    heart = np.broadcast_to(
+        f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50))), size
+    )
     paint(heart & body, HEART, u(30, 50))
 
     # Spine: vertebral bodies with discs, spinal canal; ribs at the thoracic levels.
@@ -258,47 +324,86 @@ def make_phantom(
             for ribs, side in ((RIGHT_RIBS, 1), (LEFT_RIBS, -1)):
                 angles = np.linspace(-0.45 * np.pi, u(0.15, 0.35) * np.pi, 8)
                 ra, rb = inner_a - muscle_depth / 2, inner_b - muscle_depth / 2
-                pts = np.stack([side * ra * np.cos(angles), 5 + rb * np.sin(angles), z_rib - 30 * (angles + 0.45 * np.pi) / np.pi], 1)
+                pts = np.stack(
+                    [side * ra * np.cos(angles), 5 + rb * np.sin(angles), z_rib - 30 * (angles + 0.45 * np.pi) / np.pi],
+                    1,
+                )
                 pts[0] = (side * 0.9 * radius, spine_y, z_rib)
                 paint(f.tube(pts, u(3.5, 4.5)) & body, ribs[i], bone_hu + u(-25, 5))
     paint(f.tube(np.array([[0, spine_y - 16, -400], [0, spine_y - 16, 400]]), 5.0) & body, SPINAL_CORD, u(25, 40))
 
     # Great vessels.
     aorta_r = u(10, 13)
-    paint(f.tube(np.array([[u(-20, -10), spine_y + 20, -110], [u(-18, -8), spine_y + 22, 200]]), aorta_r) & body, 6, u(150, 200))
-    paint(f.tube(np.array([[u(15, 25), spine_y + 25, -110], [u(18, 28), spine_y + 35, lung_base + 20]]), u(9, 12)) & body, 7, u(100, 150))
+    paint(
+        f.tube(np.array([[u(-20, -10), spine_y + 20, -110], [u(-18, -8), spine_y + 22, 200]]), aorta_r) & body,
+        6,
+        u(150, 200),
+    )
+    paint(
+        f.tube(np.array([[u(15, 25), spine_y + 25, -110], [u(18, 28), spine_y + 35, lung_base + 20]]), u(9, 12)) & body,
+        7,
+        u(100, 150),
+    )
 
     # Abdominal organs; below the lungs, they do not override lungs, vessels or bone.
     soft = body & ~lungs & ~np.isin(labels, (6, 7) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
     liver_hu = _median_hu(rng, "liver")
-    liver = np.broadcast_to(f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70))), size) & soft
+    liver = (
+        np.broadcast_to(
+            f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70))), size
+        )
+        & soft
+    )
     paint(liver, 1, liver_hu)
     hv_points = np.array([[u(20, 30), u(0, 10), lung_base - 15]])
     for _ in range(4):
         end = hv_points[0] + np.array([u(10, 60), u(-40, 40), u(-40, 20)])
         paint(f.tube(np.stack([hv_points[0], end]), u(3, 4.5)), 25, liver_hu + u(50, 90), liver)
-    spleen = np.broadcast_to(f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50))), size)
+    spleen = np.broadcast_to(
+        f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50))), size
+    )
     paint(spleen & soft & (labels != 1), 3, _median_hu(rng, "spleen"))
-    stomach = np.broadcast_to(f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))), size) & soft
+    stomach = (
+        np.broadcast_to(
+            f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))), size
+        )
+        & soft
+    )
     stomach &= ~np.isin(labels, (1, 3))
     paint(stomach, 12, u(20, 40))
-    gas = stomach & np.broadcast_to(f.y > np.percentile(np.broadcast_to(f.y, size)[stomach], 80) if stomach.any() else False, size)
+    gas = stomach & np.broadcast_to(
+        f.y > np.percentile(np.broadcast_to(f.y, size)[stomach], 80) if stomach.any() else False, size
+    )
     paint(gas, None, -900.0)
     kidney_hu = _median_hu(rng, "kidney")
     for label, side in ((5, 1), (14, -1)):
-        kidney = np.broadcast_to(f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), u(-75, -55)), (u(22, 28), u(20, 25), u(40, 50))), size)
+        kidney = np.broadcast_to(
+            f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), u(-75, -55)), (u(22, 28), u(20, 25), u(40, 50))), size
+        )
         paint(kidney & soft & ~np.isin(labels, (1, 3)), label, kidney_hu + u(-10, 10))
     pancreas_hu = _median_hu(rng, "pancreas")
     p_z = u(-55, -40)
-    pancreas_path = np.array([[u(-75, -60), spine_y + 35, p_z + u(5, 15)], [u(-20, 0), spine_y + u(45, 55), p_z], [u(20, 30), spine_y + u(40, 50), p_z - u(0, 10)]])
+    pancreas_path = np.array(
+        [
+            [u(-75, -60), spine_y + 35, p_z + u(5, 15)],
+            [u(-20, 0), spine_y + u(45, 55), p_z],
+            [u(20, 30), spine_y + u(40, 50), p_z - u(0, 10)],
+        ]
+    )
     pancreas = f.tube(pancreas_path, u(10, 13)) & soft & ~np.isin(labels, (1, 3, 5, 12, 14))
     paint(pancreas, 4, pancreas_hu)
     colon_r = u(15, 19)
     cz = u(-105, -90)
-    colon_path = np.array([
-        [u(75, 90), u(-10, 10), -170], [u(75, 90), u(0, 15), cz], [u(20, 40), u(45, 60), cz + u(-5, 10)],
-        [u(-40, -20), u(45, 60), cz + u(-5, 10)], [u(-90, -75), u(0, 15), cz], [u(-90, -75), u(-10, 10), -170],
-    ])
+    colon_path = np.array(
+        [
+            [u(75, 90), u(-10, 10), -170],
+            [u(75, 90), u(0, 15), cz],
+            [u(20, 40), u(45, 60), cz + u(-5, 10)],
+            [u(-40, -20), u(45, 60), cz + u(-5, 10)],
+            [u(-90, -75), u(0, 15), cz],
+            [u(-90, -75), u(-10, 10), -170],
+        ]
+    )
     colon = f.tube(colon_path, colon_r) & soft & ~np.isin(labels, (1, 3, 4, 5, 12, 14))
     paint(colon, 62, u(10, 40))
     # Gas pockets: blobs about 8 mm across wherever smoothed noise is high.
@@ -315,33 +420,46 @@ def make_phantom(
         L.COLON_CANCER: labels == 62,
         L.BONE_LESION: np.isin(labels, VERTEBRAE),
     }
-    radii = {L.HEPATIC_TUMOR: (10, 22), L.LUNG_TUMOR: (7, 14), L.PANCREATIC_TUMOR: (8, 12), L.COLON_CANCER: (10, 15), L.BONE_LESION: (8, 12)}
+    radii = {
+        L.HEPATIC_TUMOR: (10, 22),
+        L.LUNG_TUMOR: (7, 14),
+        L.PANCREATIC_TUMOR: (8, 12),
+        L.COLON_CANCER: (10, 15),
+        L.BONE_LESION: (8, 12),
+    }
     for tumor in wanted:
         host = hosts[tumor]
-        if not host.any():
+        # The host shrunk by one voxel: the lesion is clipped to it, so host tissue encloses the lesion
+        # (the sphere lives in warped coordinates, the depth below in grid ones), and it stays off the
+        # edge of the field of view, where the organ may go on unseen. A host without such a core
+        # (absent, or a sliver on a tiny grid) gets no lesion: one that replaced its whole visible
+        # host would not be inside it.
+        core = ndimage.binary_erosion(host, structure=np.ones((3, 3, 3), bool), border_value=0)
+        if not core.any():  # thin organs on coarse grids: host tissue on the six faces is enough
+            core = ndimage.binary_erosion(host, border_value=0)
+        if not core.any():
             continue
-        # The lesion sits inside its host: its centre is at least its radius deep (smaller lesions in
-        # thin organs), and it is clipped to the host.
+        # The centre is at least the radius deep in the host (smaller lesions in thin organs).
         depth = ndimage.distance_transform_edt(host, sampling=spacing)
         # at least two voxels across on coarse grids, so partial volume leaves the lesion visible
         radius = min(max(u(*radii[tumor]), 2.0 * max(spacing)), 0.8 * float(depth.max()))
         inside = np.argwhere(depth >= radius)
         centre_index = inside[int(rng.integers(len(inside)))]
         centre = [float(np.broadcast_to(c, size)[tuple(centre_index)]) for c in (f.x, f.y, f.z)]
-        # Clipped to the host shrunk by one voxel, so host tissue encloses the lesion wherever the
-        # organ is thick enough (the sphere lives in warped coordinates, the depth in grid ones).
-        core = ndimage.binary_erosion(host, structure=np.ones((3, 3, 3), bool), border_value=0)
-        sphere = f.ellipsoid(centre, (radius, radius * u(0.8, 1.2), radius * u(0.8, 1.2))) & (core if core.any() else host)
+        sphere = f.ellipsoid(centre, (radius, radius * u(0.8, 1.2), radius * u(0.8, 1.2))) & core
         if not sphere.any():
+            # Only on coarse grids with thin or cropped organs: the deepest core voxel.
             sphere = np.zeros(size, bool)
-            sphere[tuple(centre_index)] = True
+            sphere[np.unravel_index(int(np.argmax(np.where(core, depth, -1.0))), size)] = True
         host_hu = float(np.median(hu[host]))
         if tumor == L.LUNG_TUMOR:
             value = u(-10, 40)  # solid nodule in aerated lung
         elif tumor == L.BONE_LESION:
             value = host_hu + rng.choice([-1, 1]) * u(150, 250)  # lytic or sclerotic
+        elif tumor == L.COLON_CANCER:
+            value = host_hu + u(40, 90)  # enhancing wall mass
         else:
-            value = host_hu + rng.choice([-1, -1, 1]) * u(40, 90)
+            value = host_hu - u(40, 90)  # hypodense, as liver metastases and pancreatic cancer in venous phase
         paint(sphere, tumor, value)
         # An enhancing rim around a hypodense core, on lesions big enough to have a core.
         rim = sphere & ~ndimage.binary_erosion(sphere)
@@ -353,12 +471,14 @@ def make_phantom(
     sigma_vox = 0.5
     hu = ndimage.gaussian_filter(hu, sigma_vox)
     noise = ndimage.gaussian_filter(rng.standard_normal(size).astype(np.float32), 1.0)
-    noise *= u(10, 18) / max(float(noise.std()), 1e-6)
+    noise_hu, noise_std = u(10, 18), float(noise.std())
+    # A one-voxel grid has no spread to normalise; scaling its single value would blow it up.
+    noise *= noise_hu / noise_std if noise_std > 1e-6 else 0.0
     hu = np.where(body, hu + noise, AIR_HU)
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(size, spacing)]
-    return Phantom(image=image, labels=labels, affine=affine, seed=int(seed), tumors=tuple(placed))
+    return Phantom(image=image, labels=labels, affine=affine, seed=seed, tumors=tuple(placed))
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -391,8 +511,9 @@ def write_phantoms(
     """Write `caseNNNN_image.nii.gz` (int16 HU) + `caseNNNN_label.nii.gz` (uint8) pairs, atomically."""
     from .volumes import atomic_paths
 
-    if int(count) < 1:
-        raise OptionError(f"phantom count must be at least 1, got {count}", "e.g. --count 20")
+    if _whole(count, "count", "e.g. count=20") < 1:
+        raise PhantomOptionError(f"phantom count must be at least 1, got {count!r}", "e.g. count=20")
+    seed = _check_seed(seed)
     size, spacing, tumors = _check_args(size, spacing, tumors)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

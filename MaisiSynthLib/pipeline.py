@@ -68,7 +68,9 @@ class GenerateRequest:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise OptionError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(sorted(known))}")
+            raise OptionError(
+                f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(sorted(known))}"
+            )
         if "mask" not in data or "output" not in data:
             raise OptionError("a generate request needs 'mask' and 'output'", "give both paths")
         return cls(**data)
@@ -115,8 +117,10 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     steps = request.steps if request.steps is not None else int(defaults["num_inference_steps"])
     cfg = request.cfg_scale if request.cfg_scale is not None else float(defaults["cfg_guidance_scale"])
     window = request.decode_window or tuple(defaults["autoencoder_sliding_window_infer_size"])
-    overlap = request.decode_overlap if request.decode_overlap is not None else float(
-        defaults["autoencoder_sliding_window_infer_overlap"]
+    overlap = (
+        request.decode_overlap
+        if request.decode_overlap is not None
+        else float(defaults["autoencoder_sliding_window_infer_overlap"])
     )
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
         raise OptionError(f"steps must be a whole number from 1 to 1000, got {steps!r}", "pass e.g. --steps 30")
@@ -127,7 +131,9 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     if not isinstance(request.seed, int) or isinstance(request.seed, bool) or not 0 <= request.seed < 2**63:
         raise OptionError(f"seed must be a whole number >= 0, got {request.seed!r}", "pass e.g. --seed 42")
     if len(window) != 3 or min(window) < 1:
-        raise OptionError(f"decode window must be three positive latent sizes, got {window}", "pass e.g. --decode-window 48 48 48")
+        raise OptionError(
+            f"decode window must be three positive latent sizes, got {window}", "pass e.g. --decode-window 48 48 48"
+        )
     if not 0 <= overlap < 1:
         raise OptionError(f"decode overlap must be in [0, 1), got {overlap}", "pass e.g. --decode-overlap 0.25")
     outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
@@ -187,7 +193,9 @@ def generate(
         folder = models.folder
         device = models.device
         if request.controlnet and models.controlnet is None:
-            raise ModelError(f"the model in {folder.root} has no ControlNet", "use a model folder with controlnet_3d_rflow-ct.pt")
+            raise ModelError(
+                f"the model in {folder.root} has no ControlNet", "use a model folder with controlnet_3d_rflow-ct.pt"
+            )
     settings = _check_options(request, folder)
     rules = folder.grid_rules()
 

@@ -100,7 +100,9 @@ def velocity_model(models: MaisiModels, cond: Conditioning) -> Velocity:
     return velocity
 
 
-def sample_euler(velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None) -> torch.Tensor:
+def sample_euler(
+    velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None
+) -> torch.Tensor:
     """The official stepping: one velocity evaluation and one `RFlowScheduler.step` per timestep."""
     total = len(timesteps)
     for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
@@ -111,7 +113,9 @@ def sample_euler(velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next
     return x
 
 
-def sample_heun(velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None) -> torch.Tensor:
+def sample_heun(
+    velocity: Velocity, x: torch.Tensor, scheduler, timesteps, next_timesteps, callback=None
+) -> torch.Tensor:
     """Heun's second-order step: Euler predictor, then the mean of the start and end velocities.
 
     Two network evaluations per step (the last step included: at t = 0 the flow's velocity is

@@ -35,7 +35,9 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     models = load_models(args.model_dir, args.device, "fp32" if args.device == "cpu" else "fp16")
     generator = torch.Generator().manual_seed(0)
-    latent = torch.nn.functional.avg_pool3d(torch.randn([1, models.latent_channels, *args.latent], generator=generator), 3, 1, 1)
+    latent = torch.nn.functional.avg_pool3d(
+        torch.randn([1, models.latent_channels, *args.latent], generator=generator), 3, 1, 1
+    )
     window = args.latent if args.mode == "whole" else args.window
     baseline = _rss_mb()
     if models.device.type == "cuda":
@@ -81,18 +83,40 @@ def main() -> None:
         rows = {}
         for mode in ("whole", "sliding"):
             out = str(Path(tmp) / f"{mode}.npy")
-            cmd = [sys.executable, __file__, "--mode", mode, "--out", out, "--model-dir", args.model_dir,
-                   "--latent", *map(str, args.latent), "--window", *map(str, args.window),
-                   "--overlap", str(args.overlap), "--device", args.device, "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--mode",
+                mode,
+                "--out",
+                out,
+                "--model-dir",
+                args.model_dir,
+                "--latent",
+                *map(str, args.latent),
+                "--window",
+                *map(str, args.window),
+                "--overlap",
+                str(args.overlap),
+                "--device",
+                args.device,
+                "--threads",
+                str(args.threads),
+            ]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
             rows[mode]["image"] = np.load(out)
         diff = np.abs(rows["sliding"]["image"] - rows["whole"]["image"])
         std = rows["whole"]["image"].std()
 
-    print(f"VAE decode of a {'x'.join(map(str, args.latent))} latent -> {'x'.join(map(str, rows['whole']['image_shape']))} image on {args.device}")
+    print(
+        f"VAE decode of a {'x'.join(map(str, args.latent))} latent -> {'x'.join(map(str, rows['whole']['image_shape']))} image on {args.device}"
+    )
     print(f"sliding window {'x'.join(map(str, args.window))} latent voxels, overlap {args.overlap}, Gaussian blending")
-    print(f"{'mode':<10}{'time s':>10}{'peak RSS growth MB':>22}" + (f"{'CUDA peak MB':>16}" if args.device != "cpu" else ""))
+    print(
+        f"{'mode':<10}{'time s':>10}{'peak RSS growth MB':>22}"
+        + (f"{'CUDA peak MB':>16}" if args.device != "cpu" else "")
+    )
     for mode in ("whole", "sliding"):
         r = rows[mode]
         line = f"{mode:<10}{r['seconds']:>10.2f}{r['rss_growth_mb']:>22.0f}"

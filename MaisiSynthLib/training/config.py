@@ -167,10 +167,10 @@ def network_config(config: dict) -> dict:
         for candidate in (model_dir / "config_network_rflow.json", model_dir / "configs" / "config_network_rflow.json"):
             if candidate.is_file():
                 return json.loads(candidate.read_text())
-        raise OptionError("the training config names no network", "set \"network\" to an official-format config JSON")
+        raise OptionError("the training config names no network", 'set "network" to an official-format config JSON')
     if isinstance(network, dict):
         return network
     try:
         return json.loads(Path(network).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise OptionError(f"network config not found: {network}", "check \"network\" in the training config") from None
+        raise OptionError(f"network config not found: {network}", 'check "network" in the training config') from None

@@ -18,8 +18,26 @@ import torch.nn.functional as F
 from ..errors import OptionError
 from ..losses import BACKGROUND_TERMS, PERTURBATIONS, flow_loss, perturb_mask, region_contrastive_loss, roi_masks
 from ..masks import binary_code
-from ..models import CONTROLNET_FILE, _state_dict, build_network, build_scheduler, load_checkpoint, load_weights, save_controlnet, size_multiple_of
-from .common import cached_latents, complete_model_folder, find_weight, flow_batch, load_autoencoder, load_unet, modality_of, unwrap
+from ..models import (
+    CONTROLNET_FILE,
+    _state_dict,
+    build_network,
+    build_scheduler,
+    load_checkpoint,
+    load_weights,
+    save_controlnet,
+    size_multiple_of,
+)
+from .common import (
+    cached_latents,
+    complete_model_folder,
+    find_weight,
+    flow_batch,
+    load_autoencoder,
+    load_unet,
+    modality_of,
+    unwrap,
+)
 from .config import network_config
 from .data import BucketSampler, load_cases
 from .trainer import Stage
@@ -52,7 +70,9 @@ class ControlNetStage(Stage):
     def prepare(self) -> None:
         cfg = self.cfg
         if cfg["background_term"] not in BACKGROUND_TERMS:
-            raise OptionError(f"controlnet.background_term is '{cfg['background_term']}'", f"use one of {BACKGROUND_TERMS}")
+            raise OptionError(
+                f"controlnet.background_term is '{cfg['background_term']}'", f"use one of {BACKGROUND_TERMS}"
+            )
         if cfg["perturbation"] not in PERTURBATIONS:
             raise OptionError(f"controlnet.perturbation is '{cfg['perturbation']}'", f"use one of {PERTURBATIONS}")
         self.network = network_config(self.config)
@@ -95,8 +115,16 @@ class ControlNetStage(Stage):
         local = self.sampler.local(step, self.ctx.rank, int(cfg["batch_size"]))
         self.last_batch = [(pos, self.cases[i].name) for pos, i in local]
         b = flow_batch(
-            self.scheduler, self.latents, self.cases, local, self.global_batch, step, self.seed,
-            self.scale_factor, self.modality, self.device,
+            self.scheduler,
+            self.latents,
+            self.cases,
+            local,
+            self.global_batch,
+            step,
+            self.seed,
+            self.scale_factor,
+            self.modality,
+            self.device,
         )
         labels = torch.stack([self.cases[i].labels for i in b.cases]).to(self.device)
         latent_size = tuple(b.latents.shape[2:])
@@ -123,7 +151,13 @@ class ControlNetStage(Stage):
         v, v_perturbed = v_both.chunk(2)
         flow = flow_loss(v, b.latents, b.noise, cfg["loss"], weights)
         l_roi, l_bg = region_contrastive_loss(
-            v, v_perturbed, b.latents - b.noise, roi, background, float(cfg["contrastive_delta"]), cfg["background_term"]
+            v,
+            v_perturbed,
+            b.latents - b.noise,
+            roi,
+            background,
+            float(cfg["contrastive_delta"]),
+            cfg["background_term"],
         )
         loss = flow + float(cfg["contrastive_weight"]) * (l_roi + l_bg)
         metrics.update({"flow": float(flow.detach()), "roi": float(l_roi.detach()), "background": float(l_bg.detach())})

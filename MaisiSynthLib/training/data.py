@@ -63,9 +63,14 @@ def find_pairs(cases: str | Path) -> list[tuple[str, Path, Path]]:
             if label.exists():
                 pairs.append((image.name.split("_image.")[0], image, label))
     else:
-        raise OptionError(f"training cases not found: {cases}", "point \"cases\" at a folder of *_image/*_label pairs or a datalist JSON")
+        raise OptionError(
+            f"training cases not found: {cases}",
+            'point "cases" at a folder of *_image/*_label pairs or a datalist JSON',
+        )
     if not pairs:
-        raise OptionError(f"no image/label pairs in {cases}", "write cases with `maisi-synth phantoms` or a datalist JSON")
+        raise OptionError(
+            f"no image/label pairs in {cases}", "write cases with `maisi-synth phantoms` or a datalist JSON"
+        )
     return pairs
 
 
@@ -78,7 +83,12 @@ def load_case(name: str, image_path: Path, label_path: Path) -> Case:
     lab, _ = to_canonical(np.asanyarray(label.dataobj).astype(np.int16), label.affine)
     scaled = np.clip((hu - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0]), 0.0, 1.0)
     spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
-    return Case(name, torch.from_numpy(np.ascontiguousarray(scaled))[None], torch.from_numpy(lab.astype(np.int64))[None], spacing)
+    return Case(
+        name,
+        torch.from_numpy(np.ascontiguousarray(scaled))[None],
+        torch.from_numpy(lab.astype(np.int64))[None],
+        spacing,
+    )
 
 
 def load_cases(cases: str | Path, size_multiple: int = 1) -> list[Case]:
@@ -124,7 +134,9 @@ def patch_origin(shape: tuple[int, ...], patch: tuple[int, ...], g: torch.Genera
     return tuple(int(torch.randint(0, max(1, n - p + 1), (1,), generator=g)) for n, p in zip(shape, patch))
 
 
-def crop_patch(volume: torch.Tensor, origin: tuple[int, ...], patch: tuple[int, ...], fill: float = 0.0) -> torch.Tensor:
+def crop_patch(
+    volume: torch.Tensor, origin: tuple[int, ...], patch: tuple[int, ...], fill: float = 0.0
+) -> torch.Tensor:
     """A (C, *patch) crop at `origin`, padded with `fill` where the volume is smaller than the patch."""
     out = torch.full((volume.shape[0], *patch), fill, dtype=volume.dtype)
     src = tuple(slice(o, min(o + p, n)) for o, p, n in zip(origin, patch, volume.shape[1:]))

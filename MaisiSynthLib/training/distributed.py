@@ -32,7 +32,9 @@ class DistContext:
         """The mean of a scalar over all ranks (for logs that describe the global batch)."""
         if not self.distributed:
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor(
+            [float(value)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu"
+        )
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 

@@ -67,7 +67,14 @@ class Stage:
 
 
 class Trainer:
-    def __init__(self, stage_cls: type[Stage], config: dict, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        stage_cls: type[Stage],
+        config: dict,
+        resume: bool = False,
+        stop_after: int | None = None,
+        progress: bool = True,
+    ) -> None:
         self.stage_cls = stage_cls
         self.config = config
         self.resume = resume
@@ -156,7 +163,9 @@ class Trainer:
             with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
                 loss, metrics = stage.loss(model, 0 if fixed_batch else step)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"{stage.name} loss is {loss.item()} at step {step + 1}; lower the learning rate")
+                raise FloatingPointError(
+                    f"{stage.name} loss is {loss.item()} at step {step + 1}; lower the learning rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if float(cfg["grad_clip"]) > 0:
@@ -189,7 +198,14 @@ class Trainer:
         if start >= end and ctx.is_main:
             print(f"{stage.name}: already at step {start} of {end}; nothing to do", file=sys.stderr)
         seconds = time.perf_counter() - started
-        return {"stage": stage.name, "start": start, "end": end, "loss": last_loss, "seconds": seconds, "is_main": ctx.is_main}
+        return {
+            "stage": stage.name,
+            "start": start,
+            "end": end,
+            "loss": last_loss,
+            "seconds": seconds,
+            "is_main": ctx.is_main,
+        }
 
     def _checkpoint(self, ctx, stage, module, optimizer, scheduler, scaler, ema, step, loss, state_path) -> None:
         if ctx.is_main:
@@ -239,7 +255,9 @@ class _CsvLog:
             writer = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+            )
 
 
 class _BatchLog:
@@ -263,4 +281,3 @@ class _BatchLog:
 def read_log(path: str | Path) -> list[dict]:
     with Path(path).open() as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-

@@ -58,8 +58,16 @@ class UnetStage(Stage):
         local = self.sampler.local(step, self.ctx.rank, int(self.cfg["batch_size"]))
         self.last_batch = [(pos, self.cases[i].name) for pos, i in local]
         b = flow_batch(
-            self.scheduler, self.latents, self.cases, local, self.global_batch, step, self.seed,
-            self.scale_factor, self.modality, self.device,
+            self.scheduler,
+            self.latents,
+            self.cases,
+            local,
+            self.global_batch,
+            step,
+            self.seed,
+            self.scale_factor,
+            self.modality,
+            self.device,
         )
         v = model(x=b.noisy, timesteps=b.timesteps, spacing_tensor=b.spacing, class_labels=b.modality)
         loss = flow_loss(v, b.latents, b.noise, self.cfg["loss"])

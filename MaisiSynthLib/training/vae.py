@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OptionError
-from ..models import AUTOENCODER_FILE, _state_dict, build_network, compression_of, load_checkpoint, load_weights, save_autoencoder
+from ..models import (
+    AUTOENCODER_FILE,
+    _state_dict,
+    build_network,
+    compression_of,
+    load_checkpoint,
+    load_weights,
+    save_autoencoder,
+)
 from .common import complete_model_folder, find_weight, unwrap, without_splits
 from .config import network_config
 from .data import BucketSampler, crop_patch, generator, load_cases, patch_origin
@@ -72,10 +80,14 @@ class VaeStage(Stage):
             from monai.networks.nets import PatchDiscriminator
 
             torch.manual_seed(int(self.config["seed"]))
-            disc = PatchDiscriminator(spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1, norm="INSTANCE")
+            disc = PatchDiscriminator(
+                spatial_dims=3, num_layers_d=3, channels=32, in_channels=1, out_channels=1, norm="INSTANCE"
+            )
             self.discriminator = disc.to(self.device)
             self.disc_model = self.ctx.wrap(self.discriminator)
-            self.disc_optimizer = torch.optim.AdamW(self.discriminator.parameters(), lr=float(self.cfg["discriminator_lr"]))
+            self.disc_optimizer = torch.optim.AdamW(
+                self.discriminator.parameters(), lr=float(self.cfg["discriminator_lr"])
+            )
             self.adv_loss = PatchAdversarialLoss(criterion="least_squares")
         self._fake: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
@@ -144,7 +156,10 @@ class VaeStage(Stage):
     def extra_state(self) -> dict:
         if self.discriminator is None:
             return {}
-        return {"discriminator": self.discriminator.state_dict(), "discriminator_optimizer": self.disc_optimizer.state_dict()}
+        return {
+            "discriminator": self.discriminator.state_dict(),
+            "discriminator_optimizer": self.disc_optimizer.state_dict(),
+        }
 
     def load_extra_state(self, state: dict) -> None:
         if self.discriminator is not None and "discriminator" in state:

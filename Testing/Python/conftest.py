@@ -46,7 +46,9 @@ def torso_mask(tmp_path) -> Path:
     return save_nifti(tmp_path / "mask.nii.gz", torso_labels())
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run `maisi-synth` as users do: a real process, its real stdout/stderr and exit status."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     return subprocess.run(

@@ -22,8 +22,18 @@ def test_generate_writes_an_int16_ct_on_the_mask_grid(tmp_path, tiny_model):
     mask = save_nifti(tmp_path / "mask.nii.gz", labels, affine)
     out = tmp_path / "out" / "ct.nii.gz"
     result = run_cli(
-        "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(tiny_model),
-        "--steps", "4", "--preview", str(tmp_path / "preview.png"), "--quiet",
+        "generate",
+        "--mask",
+        str(mask),
+        "--output",
+        str(out),
+        "--model-dir",
+        str(tiny_model),
+        "--steps",
+        "4",
+        "--preview",
+        str(tmp_path / "preview.png"),
+        "--quiet",
     )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and "generation took" in result.stdout
@@ -40,10 +50,25 @@ def test_generate_writes_an_int16_ct_on_the_mask_grid(tmp_path, tiny_model):
 
 def test_generate_nrrd_output_keeps_geometry(tmp_path, tiny_model):
     labels = torso_labels(64)
-    header = {"space": "left-posterior-superior", "space directions": np.diag([3.0, 3.0, 3.0]), "space origin": np.array([90.0, 90.0, -90.0])}
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag([3.0, 3.0, 3.0]),
+        "space origin": np.array([90.0, 90.0, -90.0]),
+    }
     nrrd.write(str(tmp_path / "mask.nrrd"), labels, header)
     out = tmp_path / "ct.nrrd"
-    result = run_cli("generate", "--mask", str(tmp_path / "mask.nrrd"), "--output", str(out), "--model-dir", str(tiny_model), "--steps", "2", "--quiet")
+    result = run_cli(
+        "generate",
+        "--mask",
+        str(tmp_path / "mask.nrrd"),
+        "--output",
+        str(out),
+        "--model-dir",
+        str(tiny_model),
+        "--steps",
+        "2",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     ct, ct_header = nrrd.read(str(out))
     assert ct.dtype == np.int16 and ct.shape == labels.shape
@@ -108,18 +133,38 @@ def _bad_inputs(tmp_path, tiny_model):
         "empty mask": (empty, tiny_model, [], "empty"),
         "spacing out of range": (coarse, tiny_model, [], "in-plane spacing 10"),
         "FOV out of range": (small_fov, tiny_model, [], "field of view 48 x 48 mm"),
-        "output size not allowed": (good, tiny_model, ["--output-size", "60", "60", "60"], "output size 60x60x60 is not allowed"),
+        "output size not allowed": (
+            good,
+            tiny_model,
+            ["--output-size", "60", "60", "60"],
+            "output size 60x60x60 is not allowed",
+        ),
         "missing checkpoint": (good, no_controlnet, [], "missing checkpoint(s) controlnet_3d_rflow-ct.pt"),
         "checkpoint with wrong keys": (good, wrong_keys, [], "unexpected keys bogus.weight"),
         "pickle-only checkpoint": (good, pickled, [], "needs pickle code execution"),
-        "unsupported output format": (good, tiny_model, ["--output", str(tmp_path / "out" / "ct.mha")], "unsupported output format"),
+        "unsupported output format": (
+            good,
+            tiny_model,
+            ["--output", str(tmp_path / "out" / "ct.mha")],
+            "unsupported output format",
+        ),
     }
 
 
 BAD_CASES = [
-    "missing file", "non-image file", "4-D volume", "float labels", "unknown label ids", "empty mask",
-    "spacing out of range", "FOV out of range", "output size not allowed", "missing checkpoint",
-    "checkpoint with wrong keys", "pickle-only checkpoint", "unsupported output format",
+    "missing file",
+    "non-image file",
+    "4-D volume",
+    "float labels",
+    "unknown label ids",
+    "empty mask",
+    "spacing out of range",
+    "FOV out of range",
+    "output size not allowed",
+    "missing checkpoint",
+    "checkpoint with wrong keys",
+    "pickle-only checkpoint",
+    "unsupported output format",
 ]
 
 
@@ -130,8 +175,19 @@ def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_model, case
     out_dir.mkdir()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     output = ["--output", str(out_dir / "ct.nii.gz")] if "--output" not in extra else []
-    result = run_cli("generate", "--mask", str(mask), *output, "--model-dir", str(model),
-                     "--preview", str(out_dir / "p.png"), "--steps", "2", *extra)
+    result = run_cli(
+        "generate",
+        "--mask",
+        str(mask),
+        *output,
+        "--model-dir",
+        str(model),
+        "--preview",
+        str(out_dir / "p.png"),
+        "--steps",
+        "2",
+        *extra,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr

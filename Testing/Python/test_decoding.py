@@ -50,7 +50,9 @@ def test_cancel_between_windows(models):
     z = smooth_latent((1, 4, 32, 32, 24))
     seen = []
     with pytest.raises(CancelledError):
-        decode_latent(models, z, window=(16, 16, 16), overlap=0.5, progress=seen.append, cancelled=lambda: len(seen) >= 2)
+        decode_latent(
+            models, z, window=(16, 16, 16), overlap=0.5, progress=seen.append, cancelled=lambda: len(seen) >= 2
+        )
     assert len(seen) == 2
 
 

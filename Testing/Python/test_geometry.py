@@ -26,7 +26,8 @@ def test_permuted_axes_come_back_in_the_mask_orientation(tmp_path, models):
     affine = np.array([[0, 3.0, 0, -90], [0, 0, 3.0, -100], [-3.0, 0, 0, 95], [0, 0, 0, 1]])
     mask = save_nifti(tmp_path / "mask.nii.gz", stored, affine)
     result = generate(
-        GenerateRequest(mask=mask, output=tmp_path / "ct.nii.gz", steps=2, label_output=tmp_path / "lab.nii.gz"), models=models
+        GenerateRequest(mask=mask, output=tmp_path / "ct.nii.gz", steps=2, label_output=tmp_path / "lab.nii.gz"),
+        models=models,
     )
     img = nib.load(str(result.output))
     ct = np.asanyarray(img.dataobj)

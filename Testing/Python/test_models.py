@@ -52,7 +52,11 @@ def test_full_size_official_config_builds_and_round_trips(tmp_path):
 
     models = load_models(tmp_path, "cpu")
     assert models.scale_factor.item() == pytest.approx(0.8125)
-    for key, loaded in [("autoencoder_def", models.autoencoder), ("diffusion_unet_def", models.unet), ("controlnet_def", models.controlnet)]:
+    for key, loaded in [
+        ("autoencoder_def", models.autoencoder),
+        ("diffusion_unet_def", models.unet),
+        ("controlnet_def", models.controlnet),
+    ]:
         saved = networks[key].state_dict()
         restored = loaded.state_dict()
         assert saved.keys() == restored.keys()
@@ -89,7 +93,7 @@ def test_ddp_prefixed_and_numpy_scalar_checkpoints_load(tmp_path):
     ckpt["epoch"] = np.int64(12)
     torch.save(ckpt, root / UNET_FILE)
     models = load_models(root, "cpu")
-    assert models.unet.state_dict().keys() == {k[len("module."):] for k in ckpt["unet_state_dict"]}
+    assert models.unet.state_dict().keys() == {k[len("module.") :] for k in ckpt["unet_state_dict"]}
 
 
 def test_controlnet_keys_shared_with_the_unet_may_be_absent(tmp_path):
@@ -168,7 +172,10 @@ def test_config_cannot_name_arbitrary_callables_or_expressions(tmp_path):
 def test_non_rflow_scheduler_is_refused(tmp_path):
     root = make_tiny_model_folder(tmp_path / "m")
     config = tiny_config()
-    config["noise_scheduler"] = {"_target_": "monai.networks.schedulers.ddpm.DDPMScheduler", "num_train_timesteps": 1000}
+    config["noise_scheduler"] = {
+        "_target_": "monai.networks.schedulers.ddpm.DDPMScheduler",
+        "num_train_timesteps": 1000,
+    }
     (root / "config_network_rflow.json").write_text(json.dumps(config))
     with pytest.raises(ModelError):
         load_models(root, "cpu")

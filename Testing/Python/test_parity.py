@@ -91,7 +91,9 @@ def test_cfg_and_controlnet_change_the_result(tmp_path, models):
     mask = save_nifti(tmp_path / "mask.nii.gz", torso_labels(64, tumor=26))
     latents = {}
     for name, cfg, cn in [("plain", 0.0, True), ("cfg", 2.5, True), ("unet", 0.0, False)]:
-        request = GenerateRequest(mask=mask, output=tmp_path / f"{name}.nii.gz", seed=7, steps=5, cfg_scale=cfg, controlnet=cn)
+        request = GenerateRequest(
+            mask=mask, output=tmp_path / f"{name}.nii.gz", seed=7, steps=5, cfg_scale=cfg, controlnet=cn
+        )
         latents[name] = generate(request, models=models, keep_latent=True).latent
     assert torch.mean(torch.abs(latents["plain"] - latents["cfg"])).item() > 1e-3
     assert torch.mean(torch.abs(latents["plain"] - latents["unet"])).item() > 1e-3

@@ -11,21 +11,46 @@ import pytest
 from scipy import ndimage
 
 from MaisiSynthLib.errors import OptionError
-from MaisiSynthLib.phantoms import make_phantom, write_phantoms
+from MaisiSynthLib.phantoms import PhantomOptionError, make_phantom, write_phantoms
 
 from conftest import run_cli
 
 REQUIRED = {
-    "body": [200], "left lung upper lobe": [28], "left lung lower lobe": [29], "right lung upper lobe": [30],
-    "right lung middle lobe": [31], "right lung lower lobe": [32], "pulmonary vessels": [119], "liver": [1],
-    "hepatic vessel": [25], "spleen": [3], "right kidney": [5], "left kidney": [14], "pancreas": [4],
-    "aorta": [6], "inferior vena cava": [7], "stomach": [12], "colon": [62],
-    "vertebrae": list(range(33, 57)), "ribs": list(range(63, 87)),
-    "hepatic tumor": [26], "lung tumor": [23], "pancreatic tumor": [24], "colon cancer": [27], "bone lesion": [128],
+    "body": [200],
+    "left lung upper lobe": [28],
+    "left lung lower lobe": [29],
+    "right lung upper lobe": [30],
+    "right lung middle lobe": [31],
+    "right lung lower lobe": [32],
+    "pulmonary vessels": [119],
+    "liver": [1],
+    "hepatic vessel": [25],
+    "spleen": [3],
+    "right kidney": [5],
+    "left kidney": [14],
+    "pancreas": [4],
+    "aorta": [6],
+    "inferior vena cava": [7],
+    "stomach": [12],
+    "colon": [62],
+    "vertebrae": list(range(33, 57)),
+    "ribs": list(range(63, 87)),
+    "hepatic tumor": [26],
+    "lung tumor": [23],
+    "pancreatic tumor": [24],
+    "colon cancer": [27],
+    "bone lesion": [128],
 }
 # Tumor → the structures that make up its host organ (an organ's own vessels lie inside it).
 HOSTS = {26: [1, 25], 23: [28, 29, 30, 31, 32, 119], 24: [4], 27: [62], 128: list(range(33, 57))}
-ORGANS = {"liver": [1], "spleen": [3], "pancreas": [4], "kidney": [5, 14], "lung": [28, 29, 30, 31, 32], "bone": list(range(33, 57))}
+ORGANS = {
+    "liver": [1],
+    "spleen": [3],
+    "pancreas": [4],
+    "kidney": [5, 14],
+    "lung": [28, 29, 30, 31, 32],
+    "bone": list(range(33, 57)),
+}
 
 
 def _reference_ranges() -> dict:
@@ -54,7 +79,8 @@ def test_twenty_cases_hold_every_structure_with_tumors_inside_their_hosts(twenty
         assert not missing, f"case {index}: missing {missing}"
         for tumor, hosts in HOSTS.items():
             lesion = labels == tumor
-            # inside the host organ: within the holes-filled, 2-voxel-dilated host region
+            # inside the host organ: within the holes-filled, 2-voxel-dilated host region (the lesion
+            # replaces host voxels, so a plain dilation cannot reach the middle of a large one)
             region = ndimage.binary_fill_holes(ndimage.binary_dilation(np.isin(labels, hosts), iterations=2))
             assert region[lesion].all(), f"case {index}: tumor {tumor} leaves its host"
 
@@ -71,9 +97,14 @@ def test_organ_median_hu_is_inside_the_reference_range(twenty_cases):
 
 def test_tumors_differ_from_their_host_and_cases_differ_from_each_other(twenty_cases):
     for image, labels, *_ in twenty_cases:
+        contrast = {}
         for tumor, hosts in HOSTS.items():
             host = np.isin(labels, [h for h in hosts if h not in (25, 119)])  # the organ without its vessels
-            assert abs(np.median(image[labels == tumor]) - np.median(image[host])) >= 15
+            contrast[tumor] = np.median(image[labels == tumor]) - np.median(image[host])
+        # hypodense liver and pancreatic lesions (small pancreatic ones lose contrast to partial volume),
+        # enhancing colon cancer, solid nodules in aerated lung, lytic or sclerotic bone lesions
+        assert contrast[26] <= -20 and contrast[24] <= -8 and contrast[27] >= 20
+        assert contrast[23] >= 200 and abs(contrast[128]) >= 15
     labels = [case[1] for case in twenty_cases]
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
@@ -90,37 +121,105 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert not list(tmp_path.rglob("*.partial*"))
 
 
+@pytest.mark.parametrize("seed", [0, 11])
+def test_a_tumor_takes_only_voxels_of_its_host(seed):
+    # Tumors are placed after all organs, so the tumor-free phantom of the same seed is the same
+    # anatomy: every tumor voxel must have been a host voxel there, and nothing else may change.
+    with_tumors, without = make_phantom(seed, tumors="all"), make_phantom(seed, tumors="none")
+    assert with_tumors.tumors == tuple(HOSTS) and without.tumors == ()
+    lesions = np.isin(with_tumors.labels, list(HOSTS))
+    np.testing.assert_array_equal(with_tumors.labels[~lesions], without.labels[~lesions])
+    for tumor, hosts in HOSTS.items():
+        lesion = with_tumors.labels == tumor
+        organ = [h for h in hosts if h not in (25, 119)]  # not into the organ's vessels either
+        assert lesion.any() and np.isin(without.labels[lesion], organ).all(), tumor
+    # host tissue (not the edge of the field of view) surrounds every lesion
+    border = np.ones(lesions.shape, bool)
+    border[1:-1, 1:-1, 1:-1] = False
+    assert not (lesions & border).any()
+
+
 def test_tumor_choice():
     assert not np.isin(make_phantom(1, tumors="none").labels, list(HOSTS)).any()
     only = make_phantom(1, tumors=[26])
     assert only.tumors == (26,) and set(np.unique(only.labels).tolist()) & set(HOSTS) == {26}
-    assert set(make_phantom(2, tumors="random").tumors) <= set(HOSTS)
+    assert make_phantom(1, tumors=[26, 26]).tumors == (26,)  # a repeated id places one lesion
+    assert make_phantom(1, tumors=[]).tumors == ()
+    chosen = [make_phantom(seed, size=(48, 48, 32), spacing=(8, 8, 10), tumors="random").tumors for seed in range(6)]
+    assert all(1 <= len(t) and set(t) <= set(HOSTS) for t in chosen)
+    assert len(set(chosen)) > 1  # the choice depends on the seed
+    again = make_phantom(3, size=(48, 48, 32), spacing=(8, 8, 10), tumors="random")
+    assert again.tumors == chosen[3]
 
 
 def test_any_grid_shows_the_same_anatomy():
     other = make_phantom(5, size=(96, 80, 48), spacing=(4.0, 4.5, 6.5))
     assert other.labels.shape == other.image.shape == (96, 80, 48)
     assert other.spacing == (4.0, 4.5, 6.5)
+    np.testing.assert_allclose(other.affine[:3, 3], [-47.5 * 4.0, -39.5 * 4.5, -23.5 * 6.5])  # centred
     assert {200, 1, 3, 28, 32} <= set(np.unique(other.labels).tolist())
     # the liver sits on the patient's right (+x in RAS) on every grid
     x = (np.arange(96) - 47.5) * 4.0
     assert x[np.nonzero(other.labels == 1)[0]].mean() > 20
-    tiny = make_phantom(5, size=(32, 32, 16), spacing=(12, 12, 20))
-    assert tiny.labels.shape == (32, 32, 16) and (tiny.labels == 200).any()
+    # the lungs are at the top (high z), the colon low
+    z = lambda ids: np.nonzero(np.isin(other.labels, ids))[2].mean()  # noqa: E731
+    assert z([28, 29, 30, 31, 32]) > z([1]) > z([62])
+    for size, spacing in [((32, 32, 16), (12, 12, 20)), ((1, 1, 1), (3, 3, 5)), ((8, 8, 8), (50, 50, 50))]:
+        tiny = make_phantom(5, size=size, spacing=spacing)
+        assert tiny.labels.shape == tiny.image.shape == size and (tiny.labels > 0).any()
+        assert tiny.image.min() > -1024 and tiny.image.max() < 3071  # noise and blur stay bounded
+        # a lesion is placed only where host tissue is left around it
+        for tumor in tiny.tumors:
+            assert np.isin(tiny.labels, [h for h in HOSTS[tumor] if h not in (25, 119)]).any(), (size, tumor)
 
 
 @pytest.mark.parametrize(
     "kwargs, word",
-    [({"size": (0, 64, 64)}, "size"), ({"spacing": (3, -1, 3)}, "spacing"), ({"tumors": [99]}, "tumor"), ({"tumors": "some"}, "tumors")],
+    [
+        ({"size": (0, 64, 64)}, "size"),
+        ({"size": (64, 64)}, "size"),
+        ({"size": (64.5, 64, 32)}, "size"),
+        ({"spacing": (3, -1, 3)}, "spacing"),
+        ({"spacing": (3, float("nan"), 3)}, "spacing"),
+        ({"tumors": [99]}, "tumor"),
+        ({"tumors": ["liver"]}, "tumor"),
+        ({"tumors": 26}, "tumors"),
+        ({"tumors": "some"}, "tumors"),
+        ({"seed": -1}, "seed"),
+        ({"count": 0}, "count"),
+        ({"count": 1.5}, "count"),
+    ],
 )
-def test_bad_arguments_are_named(kwargs, word):
-    with pytest.raises(OptionError, match=word):
-        make_phantom(0, **kwargs)
+def test_bad_arguments_are_named(tmp_path, kwargs, word):
+    out = tmp_path / "out"
+    with pytest.raises(PhantomOptionError, match=word) as caught:
+        write_phantoms(out, **{"count": 1, **kwargs})
+    # a user error for the CLI, a ValueError for library callers; and nothing is written
+    assert isinstance(caught.value, OptionError) and isinstance(caught.value, ValueError)
+    assert not out.exists()
+    if "count" not in kwargs:
+        with pytest.raises(PhantomOptionError, match=word):
+            make_phantom(**{"seed": 0, **kwargs})
 
 
 def test_phantoms_command_writes_pairs_and_rejects_bad_input(tmp_path):
-    result = run_cli("phantoms", "--count", "2", "--out", str(tmp_path / "p"), "--size", "48", "48", "32",
-                     "--spacing", "8", "8", "10", "--tumors", "26,23")
+    result = run_cli(
+        "phantoms",
+        "--count",
+        "2",
+        "--out",
+        str(tmp_path / "p"),
+        "--size",
+        "48",
+        "48",
+        "32",
+        "--spacing",
+        "8",
+        "8",
+        "10",
+        "--tumors",
+        "26,23",
+    )
     assert result.returncode == 0, result.stderr
     labels = nib.load(str(tmp_path / "p" / "case0001_label.nii.gz")).get_fdata()
     assert labels.shape == (48, 48, 32) and not np.isin(labels, [24, 27, 128]).any()

@@ -62,7 +62,13 @@ def test_callback_once_per_step_and_cancel_stops_within_one_step(tmp_path, model
     steps = [e["i"] for e in events if e["stage"] == "sample"]
     assert steps == [0, 1, 2, 3, 4, 5, 6]
     stages = [e["stage"] for e in events]
-    assert stages.index("load") < stages.index("encode-mask") < stages.index("sample") < stages.index("decode") < stages.index("write")
+    assert (
+        stages.index("load")
+        < stages.index("encode-mask")
+        < stages.index("sample")
+        < stages.index("decode")
+        < stages.index("write")
+    )
 
     done = []
     calls = {"n": 0}
@@ -120,6 +126,8 @@ def test_heun_solver_runs_in_the_pipeline(tmp_path, models):
     mask = save_nifti(tmp_path / "mask.nii.gz", torso_labels(64))
     euler = generate(GenerateRequest(mask=mask, output=tmp_path / "e.nii.gz", steps=3), models=models, keep_latent=True)
     heun = generate(
-        GenerateRequest(mask=mask, output=tmp_path / "h.nii.gz", steps=3, solver="heun"), models=models, keep_latent=True
+        GenerateRequest(mask=mask, output=tmp_path / "h.nii.gz", steps=3, solver="heun"),
+        models=models,
+        keep_latent=True,
     )
     assert heun.solver == "heun" and not torch.allclose(euler.latent, heun.latent)

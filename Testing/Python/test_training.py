@@ -81,14 +81,27 @@ def test_each_stage_runs_from_the_cli_and_writes_official_checkpoints(workspace)
 
 def test_trained_model_folder_loads_and_generates_a_ct(workspace, tmp_path):
     models = load_models(workspace / "run" / "model", device="cpu")
-    assert models.controlnet is not None and abs(float(models.scale_factor) - float(
-        torch.load(workspace / "run" / "model" / UNET_FILE, weights_only=True)["scale_factor"]
-    )) < 1e-6
+    assert (
+        models.controlnet is not None
+        and abs(
+            float(models.scale_factor)
+            - float(torch.load(workspace / "run" / "model" / UNET_FILE, weights_only=True)["scale_factor"])
+        )
+        < 1e-6
+    )
     mask = workspace / "cases" / "case0000_label.nii.gz"
     out = tmp_path / "ct.nii.gz"
     result = run_cli(
-        "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(workspace / "run" / "model"),
-        "--steps", "3", "--quiet",
+        "generate",
+        "--mask",
+        str(mask),
+        "--output",
+        str(out),
+        "--model-dir",
+        str(workspace / "run" / "model"),
+        "--steps",
+        "3",
+        "--quiet",
     )
     assert result.returncode == 0, result.stderr
     ct = np.asanyarray(nib.load(str(out)).dataobj)
@@ -100,7 +113,9 @@ def test_trained_model_folder_loads_and_generates_a_ct(workspace, tmp_path):
 @pytest.mark.parametrize("stage", ["vae", "unet", "controlnet"])
 def test_each_loop_overfits_a_fixed_batch(workspace, tmp_path, stage):
     """50 steps on one fixed batch (same data, noise and timesteps) must drive the loss down."""
-    config = _config(tmp_path, **{stage: {"steps": 50, "fixed_batch": True, "checkpoint_every": 1000, "lr": 3e-3, "lr_power": 0.0}})
+    config = _config(
+        tmp_path, **{stage: {"steps": 50, "fixed_batch": True, "checkpoint_every": 1000, "lr": 3e-3, "lr_power": 0.0}}
+    )
     config.update(cases=str(workspace / "cases"), base_model_dir=str(workspace / "run" / "model"))
     (tmp_path / "train.json").write_text(json.dumps(config))
     if stage == "vae":
@@ -160,17 +175,48 @@ def test_torchrun_two_processes_equal_one_process_with_twice_the_batch(workspace
     config.update(cases=str(workspace / "cases"), base_model_dir=str(workspace / "run" / "model"))
     path = tmp_path / "train.json"
     path.write_text(json.dumps(config))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ddp = subprocess.run(
-        [*torchrun, "-m", "MaisiSynthLib", "train", "controlnet", "--config", str(path), "--quiet",
-         "--batch-size", "1", "--output-dir", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            *torchrun,
+            "-m",
+            "MaisiSynthLib",
+            "train",
+            "controlnet",
+            "--config",
+            str(path),
+            "--quiet",
+            "--batch-size",
+            "1",
+            "--output-dir",
+            str(tmp_path / "ddp"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert ddp.returncode == 0, ddp.stderr
     assert ddp.stdout.count("controlnet: steps 0→4") == 1  # only the main process reports
     single = run_cli(
-        "train", "controlnet", "--config", str(path), "--quiet", "--batch-size", "2", "--output-dir", str(tmp_path / "one")
+        "train",
+        "controlnet",
+        "--config",
+        str(path),
+        "--quiet",
+        "--batch-size",
+        "2",
+        "--output-dir",
+        str(tmp_path / "one"),
     )
     assert single.returncode == 0, single.stderr
 
@@ -201,7 +247,11 @@ def test_training_errors_are_one_line_with_a_fix(workspace, tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(config))
     # the UNet stage without a VAE in the run's model folder
     result = run_cli("train", "unet", "--config", str(tmp_path / "train.json"), "--quiet")
-    assert result.returncode == 2 and "needs autoencoder_v1.pt" in result.stderr and "maisi-synth train vae" in result.stderr
+    assert (
+        result.returncode == 2
+        and "needs autoencoder_v1.pt" in result.stderr
+        and "maisi-synth train vae" in result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--set", "vae.stepz=3")
     assert result.returncode == 2 and "unknown training setting 'vae.stepz'" in result.stderr

@@ -1,0 +1,388 @@
+"""Regenerate the tables and plots of docs/results.md (one command per experiment).
+
+    .venv/bin/pip install -e .[results]            # matplotlib, for the plots
+    .venv/bin/python scripts/results.py contrastive  # contrastive loss on vs off (ControlNet ablation)
+    .venv/bin/python scripts/results.py steps        # quality vs sampling steps, Euler vs Heun
+    .venv/bin/python scripts/results.py downstream   # tumor segmentation: real vs real + synthetic
+
+Each writes docs/results/<experiment>.json and .png and rewrites its table in docs/results.md
+(between `<!-- <experiment> -->` markers). Held-out cases are phantoms from seed 1000 (never used in
+training), written to runs/results/heldout on first use. Everything runs on the CPU; wall times on
+2 cores are in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from MaisiSynthLib import labels as L  # noqa: E402
+from MaisiSynthLib.evaluation import evaluate  # noqa: E402
+from MaisiSynthLib.models import AUTOENCODER_FILE, CONFIG_NAME, SETTINGS_NAME, UNET_FILE  # noqa: E402
+
+DEMO = ROOT / "Resources" / "models" / "demo"
+RUNS = ROOT / "runs" / "results"
+DOCS = ROOT / "docs"
+OUT = DOCS / "results"
+GRID = ["--size", "128", "128", "64", "--spacing", "3", "3", "5"]
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "MaisiSynthLib", *args], cwd=ROOT, check=True)
+
+
+def phantoms(folder: Path, count: int, seed: int) -> Path:
+    """`count` phantom pairs from `seed` in `folder` (written once; deterministic by seed)."""
+    if len(list(folder.glob("*_label.nii.gz"))) != count:
+        shutil.rmtree(folder, ignore_errors=True)
+        cli("phantoms", "--count", str(count), "--out", str(folder), "--seed", str(seed), *GRID)
+    return folder
+
+
+def heldout(count: int) -> Path:
+    return phantoms(RUNS / f"heldout{count}", count, 1000)
+
+
+def write_result(name: str, data: dict, table: str) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    doc = DOCS / "results.md"
+    text = doc.read_text(encoding="utf-8")
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{table.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"docs/results.md has no {start} … {end} markers for the {name} table")
+    doc.write_text(pattern.sub(lambda _: block, text), encoding="utf-8")
+    log(f"wrote docs/results/{name}.json and the {name} table in docs/results.md")
+
+
+def fmt(value, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ---------------------------------------------------------------------------------------------------
+# Contrastive loss on vs off
+
+
+def train_controlnet(folder: Path, contrastive: bool, steps: int | None) -> Path:
+    """A ControlNet on the demo VAE + UNet with the demo's training settings, contrastive on or off."""
+    model = folder / "model"
+    if (model / "controlnet_3d_rflow-ct.pt").is_file():
+        return model
+    shutil.rmtree(folder, ignore_errors=True)
+    model.mkdir(parents=True)
+    for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME):
+        shutil.copyfile(DEMO / name, model / name)
+    overrides = [f"output_dir={folder}", f"model_dir={model}", f"controlnet.contrastive={str(contrastive).lower()}"]
+    if steps is not None:
+        overrides.append(f"controlnet.steps={steps}")
+    args = ["train", "controlnet", "--config", str(DEMO / "train.json"), "--quiet"]
+    for item in overrides:
+        args += ["--set", item]
+    log(f"training the contrastive={'on' if contrastive else 'off'} ControlNet in {folder}")
+    cli(*args)
+    return model
+
+
+def contrastive(args) -> None:
+    cases = heldout(args.cases)
+    variants = {}
+    if args.retrain:
+        variants["on"] = train_controlnet(RUNS / "contrastive_on", True, args.steps)
+    else:  # the shipped ControlNet was trained by scripts/train_demo.sh with exactly these settings
+        variants["on"] = DEMO
+    variants["off"] = train_controlnet(RUNS / "contrastive_off", False, args.steps)
+    data = {}
+    for name, model in variants.items():
+        log(f"evaluating contrastive {name} ({model}) on {cases}")
+        data[name] = evaluate(model, cases, seed=args.seed, save_dir=RUNS / f"eval_contrastive_{name}")
+        data[name].pop("cases")
+    tumors = list(data["on"]["tumor_conspicuity_hu"])
+    rows = [
+        "| contrastive loss | ROI change inside tumors (HU) | background change (HU) | "
+        + " | ".join(f"{t} conspicuity, synthetic / real (HU)" for t in tumors)
+        + " |",
+        "|---|---|---|" + "---|" * len(tumors),
+    ]
+    for name in ("on", "off"):
+        s = data[name]
+        cells = [
+            f"{fmt(s['tumor_conspicuity_hu'][t]['synthetic'])} / {fmt(s['tumor_conspicuity_hu'][t]['real'])}"
+            for t in tumors
+        ]
+        rows.append(f"| {name} | {fmt(s['roi_change_hu'])} | {fmt(s['background_change_hu'])} | " + " | ".join(cells) + " |")
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[0].bar(["ROI on", "ROI off", "bg on", "bg off"], [
+        data["on"]["roi_change_hu"], data["off"]["roi_change_hu"],
+        data["on"]["background_change_hu"], data["off"]["background_change_hu"],
+    ], color=["tab:red", "tab:gray", "tab:red", "tab:gray"])  # fmt: skip
+    axes[0].set_ylabel("mean |CT(mask) − CT(tumor-free mask)| (HU)")
+    x = np.arange(len(tumors))
+    real = [data["on"]["tumor_conspicuity_hu"][t]["real"] for t in tumors]
+    for offset, name, color in ((-0.27, "on", "tab:red"), (0.0, "off", "tab:gray")):
+        axes[1].bar(x + offset, [data[name]["tumor_conspicuity_hu"][t]["synthetic"] for t in tumors], 0.27,
+                    label=f"synthetic, contrastive {name}", color=color)  # fmt: skip
+    axes[1].bar(x + 0.27, real, 0.27, label="real phantom", color="tab:blue")
+    axes[1].set_xticks(x, [t.replace(" ", "\n", 1) for t in tumors], fontsize=7)
+    axes[1].set_ylabel("tumor − host median HU")
+    axes[1].axhline(0, color="black", lw=0.5)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "contrastive.png", dpi=110)
+    write_result("contrastive", data, "\n".join(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quality vs steps
+
+
+def steps(args) -> None:
+    cases = heldout(args.cases)
+    data = {}
+    for solver in args.solvers:
+        for n in args.steps:
+            log(f"{solver}, {n} steps")
+            started = time.perf_counter()
+            s = evaluate(DEMO, cases, steps=n, seed=args.seed, solver=solver, roi=False)
+            s.pop("cases")
+            s["seconds_per_case"] = (time.perf_counter() - started) / args.cases
+            data[f"{solver}_{n}"] = s
+    rows = [
+        "| solver | steps | network evaluations | slice Fréchet distance (mean of 3 planes) | "
+        "mean organ median HU error | seconds per case |",
+        "|---|---|---|---|---|---|",
+    ]
+    evals = {"euler": 1, "heun": 2}
+    for solver in args.solvers:
+        for n in args.steps:
+            s = data[f"{solver}_{n}"]
+            frechet = float(np.mean(list(s["slice_frechet"].values())))
+            organ = [v for v in s["organ_median_abs_error_hu"].values() if v is not None]
+            s["slice_frechet_mean"] = frechet
+            s["organ_error_mean"] = float(np.mean(organ))
+            nfe = n * evals[solver]
+            rows.append(
+                f"| {solver} | {n} | {nfe} | {frechet:.3f} | {np.mean(organ):.1f} | {s['seconds_per_case']:.1f} |"
+            )
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for solver in args.solvers:
+        xs = list(args.steps)
+        axes[0].plot(xs, [data[f"{solver}_{n}"]["slice_frechet_mean"] for n in xs], "o-", label=solver)
+        axes[1].plot(xs, [data[f"{solver}_{n}"]["organ_error_mean"] for n in xs], "o-", label=solver)
+    axes[0].set_ylabel("slice Fréchet distance (lower is closer)")
+    axes[1].set_ylabel("mean organ median |HU error|")
+    for ax in axes:
+        ax.set_xlabel("sampling steps")
+        ax.set_xscale("log")
+        ax.set_xticks(args.steps, [str(n) for n in args.steps])
+        ax.legend()
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "steps.png", dpi=110)
+    write_result("steps", data, "\n".join(rows))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Downstream tumor segmentation
+
+
+def edited_masks(real: Path, out: Path, per_case: int, seed: int) -> list[Path]:
+    """Masks of the real cases with their tumors removed and new ones inserted elsewhere, each a
+    random type and size (the paper's tumor-inserted masks)."""
+    import nibabel as nib
+
+    from MaisiSynthLib.lesions import random_tumor
+    from MaisiSynthLib.masks import remove_tumors
+    from MaisiSynthLib.phantoms import TUMOR_CHOICES
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    radii = {L.HEPATIC_TUMOR: (6, 18), L.LUNG_TUMOR: (5, 12), L.PANCREATIC_TUMOR: (6, 10)}
+    paths = []
+    for label_path in sorted(real.glob("*_label.nii.gz")):
+        nifti = nib.load(str(label_path))
+        spacing = nifti.header.get_zooms()[:3]
+        base = remove_tumors(np.asanyarray(nifti.dataobj).astype(np.int16))
+        for k in range(per_case):
+            labels = base
+            for tumor in rng.choice(TUMOR_CHOICES, size=int(rng.integers(1, 4)), replace=False):
+                low, high = radii.get(int(tumor), (7, 12))
+                labels = random_tumor(labels, int(tumor), float(rng.uniform(low, high)), spacing, rng)
+            path = out / f"{label_path.name.replace('_label.nii.gz', '')}_edit{k}_label.nii.gz"
+            nib.save(nib.Nifti1Image(labels, nifti.affine), str(path))
+            paths.append(path)
+    return paths
+
+
+def synthesize(masks: list[Path], folder: Path) -> Path:
+    """CTs from the demo model for `masks`, as *_image/*_label pairs in `folder`."""
+    from MaisiSynthLib.models import load_models
+    from MaisiSynthLib.pipeline import GenerateRequest, generate
+
+    models = load_models(DEMO, "auto")
+    for i, mask in enumerate(masks):
+        name = mask.name.replace("_label.nii.gz", "")
+        image = folder / f"{name}_image.nii.gz"
+        if not image.is_file():
+            generate(GenerateRequest(mask=mask, output=image, model_dir=DEMO, seed=i), models=models)
+    return folder
+
+
+def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    from MaisiSynthLib.evaluation import load_canonical
+    from MaisiSynthLib.training.data import find_pairs
+
+    pairs = []
+    for _, image_path, label_path in find_pairs(folder):
+        image = load_canonical(image_path)[0].astype(np.float32)
+        labels = load_canonical(label_path)[0].astype(np.int16)
+        pairs.append((np.clip((image + 1000.0) / 2000.0, 0.0, 1.0), np.isin(labels, L.TUMORS)))
+    return pairs
+
+
+def train_segmenter(pairs, steps: int, seed: int):
+    """A small MONAI 3-D UNet for tumor vs rest, on 64×64×32 patches, half of them centred on a tumor."""
+    import torch
+    from monai.losses import DiceCELoss
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = UNet(3, 1, 2, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    patch = np.array([64, 64, 32])
+    for _ in range(steps):
+        xs, ys = [], []
+        for _ in range(2):
+            image, tumor = pairs[int(rng.integers(len(pairs)))]
+            shape = np.array(image.shape)
+            if rng.random() < 0.5 and tumor.any():
+                centre = np.argwhere(tumor)[int(rng.integers(int(tumor.sum())))]
+            else:
+                centre = rng.integers(0, shape)
+            lo = np.clip(centre - patch // 2, 0, shape - patch)
+            box = tuple(slice(a, a + p) for a, p in zip(lo, patch))
+            xs.append(image[box])
+            ys.append(tumor[box])
+        x = torch.from_numpy(np.stack(xs))[:, None]
+        y = torch.from_numpy(np.stack(ys).astype(np.int64))[:, None]
+        loss = loss_fn(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def dice_scores(net, pairs) -> list[float]:
+    import torch
+
+    scores = []
+    with torch.no_grad():
+        for image, tumor in pairs:
+            pred = net(torch.from_numpy(image)[None, None]).argmax(1)[0].numpy().astype(bool)
+            scores.append(2.0 * float((pred & tumor).sum()) / max(1.0, float(pred.sum() + tumor.sum())))
+    return scores
+
+
+def downstream(args) -> None:
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    real_dir = phantoms(RUNS / f"downstream_real{args.real}", args.real, 2000)
+    masks = edited_masks(real_dir, RUNS / "downstream_edited_masks", args.synthetic // args.real, args.seed)
+    synthetic_dir = synthesize(masks, RUNS / "downstream_edited_masks")
+    test = load_pairs(heldout(args.cases))
+    real = load_pairs(real_dir)
+    synthetic = load_pairs(synthetic_dir)
+    data = {"settings": vars(args).copy(), "runs": []}
+    data["settings"].pop("run")
+    for seed in args.seeds:
+        for name, train in (("real", real), ("real + synthetic", real + synthetic)):
+            log(f"segmenter on {name} ({len(train)} cases), seed {seed}")
+            scores = dice_scores(train_segmenter(train, args.train_steps, seed), test)
+            data["runs"].append({"data": name, "seed": seed, "dice": scores, "mean_dice": float(np.mean(scores))})
+    rows = [
+        "| training data | cases | tumor Dice per seed | mean ± sd over seeds |",
+        "|---|---|---|---|",
+    ]
+    summary = {}
+    for name, count in (("real", len(real)), ("real + synthetic", len(real) + len(synthetic))):
+        means = [r["mean_dice"] for r in data["runs"] if r["data"] == name]
+        summary[name] = means
+        rows.append(
+            f"| {name} | {count} | {', '.join(f'{m:.3f}' for m in means)} | "
+            f"{np.mean(means):.3f} ± {np.std(means, ddof=1) if len(means) > 1 else 0.0:.3f} |"
+        )
+    data["summary"] = summary
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for i, (name, means) in enumerate(summary.items()):
+        ax.scatter([i] * len(means), means, color="black", zorder=3)
+        ax.bar(i, np.mean(means), color=["tab:blue", "tab:red"][i], alpha=0.6)
+    ax.set_xticks(range(len(summary)), [f"{k}\n({len(real) if k == 'real' else len(real) + len(synthetic)} cases)" for k in summary])
+    ax.set_ylabel("tumor Dice on held-out phantoms")
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    fig.savefig(OUT / "downstream.png", dpi=110)
+    write_result("downstream", data, "\n".join(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="experiment", required=True)
+    p = sub.add_parser("contrastive", help="ControlNet trained with vs without the contrastive loss")
+    p.add_argument("--cases", type=int, default=8, help="held-out phantoms")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="ControlNet training steps (default: the demo's)")
+    p.add_argument("--retrain", action="store_true", help="also retrain the contrastive ControlNet (else the shipped one)")
+    p.set_defaults(run=contrastive)
+    p = sub.add_parser("steps", help="slice Fréchet distance and organ HU error vs sampling steps")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 30, 50])
+    p.add_argument("--solvers", nargs="+", default=["euler", "heun"])
+    p.set_defaults(run=steps)
+    p = sub.add_parser("downstream", help="tumor segmentation trained on real vs real + synthetic phantoms")
+    p.add_argument("--real", type=int, default=4, help="real phantoms for training (seed 2000)")
+    p.add_argument("--synthetic", type=int, default=8, help="synthetic cases from edited real masks")
+    p.add_argument("--cases", type=int, default=8, help="held-out test phantoms")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--train-steps", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0, help="seed of the mask edits")
+    p.set_defaults(run=downstream)
+    args = parser.parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
