@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 PY=.venv/bin/python
 CONFIG=Resources/models/demo/train.json
+MODEL=Resources/models/demo
 mkdir -p runs/demo
 stamp() { echo "$1 $(date +%s)" >> runs/demo/timing.txt; }
 : > runs/demo/timing.txt
@@ -14,7 +15,16 @@ stamp start
 # 32 training phantoms (all five tumor types each) at the demo grid: 128×128×64 voxels, 3×3×5 mm.
 $PY -m MaisiSynthLib phantoms --count 32 --out runs/demo/phantoms/train --size 128 128 64 --spacing 3 3 5 --seed 0
 stamp phantoms
-for stage in vae unet controlnet; do
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --quiet "$@"
+stamp vae
+# The decoder alone on whole 128×128×64 volumes: GroupNorm statistics of 48³ patches differ from
+# those of the whole volume the demo decodes, which shifts soft-tissue HU by ~40 (see TRAINING.md).
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir runs/demo/decoder --base-model-dir "$MODEL" \
+    --set model_dir=. --set vae.decoder_only=true --set "vae.patch_size=[128,128,64]" --set vae.batch_size=1 \
+    --set vae.steps=150 --set vae.lr=2e-4 --set vae.warmup_steps=10 --set vae.log_every=10 \
+    --set vae.checkpoint_every=50 --quiet "$@"
+stamp vae_decoder
+for stage in unet controlnet; do
     $PY -m MaisiSynthLib train "$stage" --config "$CONFIG" --quiet "$@"
     stamp "$stage"
 done

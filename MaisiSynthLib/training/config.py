@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
         "adversarial_weight": 0.0,
         "adversarial_start": 0,
         "discriminator_lr": 1e-4,
+        # Train only the decoder (with base_model_dir): the encoder, hence the latents and any UNet
+        # trained on them, stay exactly as they were. Used to fine-tune on the inference-size volume.
+        "decoder_only": False,
     },
     "unet": {
         **COMMON,

@@ -70,6 +70,17 @@ class VaeStage(Stage):
             checkpoint = load_checkpoint(base)
             key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
             load_weights(autoencoder, _state_dict(checkpoint, key, base), base, "autoencoder")
+        if self.cfg["decoder_only"]:
+            if base is None:
+                raise OptionError(
+                    "vae.decoder_only needs an existing VAE to keep the encoder of",
+                    "set base_model_dir to a model folder with autoencoder_v1.pt",
+                )
+            # GroupNorm statistics depend on the input size, so a decoder trained on patches draws a
+            # whole volume with an intensity offset; tuning the decoder alone fixes that without
+            # moving the latents.
+            for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
+                getattr(autoencoder, name).requires_grad_(False)
         self.step_module = _VaeStep(without_splits(autoencoder))
         self.perceptual = None
         if float(self.cfg["perceptual_weight"]) > 0:

@@ -267,3 +267,26 @@ def test_config_layers_defaults_file_overrides_and_flags(tmp_path):
     assert config["cases"] == str(tmp_path / "data")  # relative to the config file
     assert config["model_dir"] == str(Path(config["output_dir"]) / "model")
     assert config["controlnet"]["contrastive_weight"] == 0.01 and config["controlnet"]["contrastive_delta"] == 2.0
+
+
+def test_decoder_only_keeps_the_encoder_and_tunes_the_decoder(workspace, tmp_path):
+    config = _config(tmp_path, vae={"decoder_only": True, "patch_size": [64, 64, 32], "lr": 1e-2})
+    config.update(cases=str(workspace / "cases"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    # without a VAE to keep the encoder of: one line naming the fix, nothing written
+    result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--quiet")
+    assert result.returncode == 2 and "decoder_only needs an existing VAE" in result.stderr
+    assert "base_model_dir" in result.stderr
+    assert not (tmp_path / "run" / "model" / AUTOENCODER_FILE).exists()
+    base = workspace / "run" / "model"
+    result = run_cli(
+        "train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(base), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    before = torch.load(base / AUTOENCODER_FILE, weights_only=True)
+    after = torch.load(tmp_path / "run" / "model" / AUTOENCODER_FILE, weights_only=True)
+    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."))]
+    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder and decoder
+    assert all(torch.equal(before[k], after[k]) for k in encoder)
+    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
