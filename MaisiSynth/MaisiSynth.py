@@ -1,23 +1,510 @@
-"""3D Slicer module: synthetic CT from a segmentation (MAISI-v2).
+"""MaisiSynth: mask → synthetic CT inside 3D Slicer (widget + glue; the logic is in MaisiSynthLib).
 
-Placeholder until the module issue: the module registers and loads without torch; the engine
-(MaisiSynthLib) runs in a background worker process, never inside Slicer's GUI thread.
+Generation runs in a background worker process (`MaisiSynthLib.client`), never in Slicer's own
+process: the GUI polls the worker's events from a timer and stays responsive. Nothing heavy is
+imported at module load, so the module appears even when PyTorch is not installed.
 """
 
-import slicer  # noqa: F401  (only inside Slicer)
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleWidget
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# MaisiSynthLib is installed next to this file by the extension (CMakeLists.txt); from a source
+# checkout (Developer mode, "Add module path"), it is one folder up.
+_HERE = Path(__file__).resolve().parent
+for _candidate in (_HERE, _HERE.parent):
+    if (_candidate / "MaisiSynthLib" / "__init__.py").exists() and str(_candidate) not in sys.path:
+        sys.path.insert(0, str(_candidate))
+        break
+
+POLL_MS = 100
 
 
 class MaisiSynth(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "MaisiSynth"
-        self.parent.categories = ["Segmentation"]
-        self.parent.contributors = ["MaisiSynth developers"]
-        self.parent.helpText = "Generate a synthetic CT from a segmentation with MAISI-v2."
-        self.parent.acknowledgementText = "Builds on MONAI's MAISI networks (NVIDIA, MONAI Consortium)."
+        parent.title = "MaisiSynth"
+        parent.categories = ["Segmentation"]
+        parent.dependencies = ["Segmentations", "SegmentEditor"]
+        parent.contributors = ["MaisiSynth developers"]
+        parent.helpText = (
+            "Turn a segmentation into a synthetic CT with MAISI-v2 (rectified-flow latent diffusion + ControlNet). "
+            "Edit the mask, swap, remove or insert tumors, press Generate. The embedded demo model was trained on "
+            "phantoms; point 'Model folder' at the official NV-Generate-CT weights for real work."
+        )
+        parent.acknowledgementText = "Built on MONAI's MAISI networks; MAISI-v2, arXiv 2508.05772."
 
 
-class MaisiSynthWidget(ScriptedLoadableModuleWidget):
+class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.requestId = None
+        self.timer = None
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        from MaisiSynthLib import labels as L
+        from MaisiSynthLib.gui_options import DEVICES, GRID_PRESETS, SOLVERS
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MaisiSynth.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MaisiSynthLogic()
+
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        for label, _, _ in GRID_PRESETS:
+            self.ui.gridPresetComboBox.addItem(label)
+        self.ui.solverComboBox.addItems(list(SOLVERS))
+        self.ui.deviceComboBox.addItems(list(DEVICES))
+        for tumor in L.TUMORS:
+            self.ui.tumorTypeComboBox.addItem(L.name_of(tumor), tumor)
+        self.ui.mappingTable.setHorizontalHeaderLabels(["Segment", "MAISI label", "from"])
+        self.ui.pythonPathLineEdit.currentPath = qt.QSettings().value("MaisiSynth/python", "")
+        self.ui.modelDirPathLineEdit.currentPath = qt.QSettings().value("MaisiSynth/modelDir", "")
+        self.ui.serverUrlLineEdit.text = qt.QSettings().value("MaisiSynth/serverUrl", "")
+
+        self.ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onSegmentationChanged)
+        self.ui.referenceVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onReferenceChanged)
+        self.ui.refreshMappingButton.connect("clicked(bool)", self.updateMapping)
+        self.ui.mappingTable.connect("cellChanged(int,int)", self.onMappingEdited)
+        self.ui.swapTumorButton.connect("clicked(bool)", self.onSwapTumor)
+        self.ui.removeTumorButton.connect("clicked(bool)", self.onRemoveTumor)
+        self.ui.insertTumorButton.connect("clicked(bool)", self.onInsertTumor)
+        self.ui.generateButton.connect("clicked(bool)", self.onGenerateOrCancel)
+        self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySide)
+        self.ui.fadeSlider.connect("valueChanged(double)", self.onFade)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.logic.poll)
+        self.timer.start()
+        self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
+
+    def cleanup(self):
+        self.removeObservers()
+        if self.timer is not None:
+            self.timer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
+
+    # -- inputs and mapping -------------------------------------------------------------------------
+
+    def onSegmentationChanged(self, node):
+        self.ui.segmentEditorWidget.setSegmentationNode(node)
+        self.removeObservers()
+        if node is not None:
+            for event in (
+                slicer.vtkSegmentation.SegmentAdded,
+                slicer.vtkSegmentation.SegmentRemoved,
+                slicer.vtkSegmentation.SegmentModified,
+            ):
+                self.addObserver(node.GetSegmentation(), event, lambda *args: self.updateMapping())
+        self.updateMapping()
+
+    def onReferenceChanged(self, node):
+        self.ui.segmentEditorWidget.setSourceVolumeNode(node)
+
+    def updateMapping(self):
+        from MaisiSynthLib import labels as L
+        from MaisiSynthLib import scene
+
+        node = self.ui.segmentationSelector.currentNode()
+        rows = scene.segment_labels(node) if node is not None else []
+        table = self.ui.mappingTable
+        table.blockSignals(True)
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(
+                [row.name, "" if row.label is None else f"{row.label} {L.name_of(row.label)}", row.source or "unmapped"]
+            ):
+                item = qt.QTableWidgetItem(text)
+                item.setData(qt.Qt.UserRole, row.segment_id)
+                if c != 1:
+                    item.setFlags(item.flags() & ~qt.Qt.ItemIsEditable)
+                if row.label is None:
+                    item.setBackground(qt.QColor(255, 200, 200))
+                table.setItem(r, c, item)
+        table.blockSignals(False)
+        unmapped = [row.name for row in rows if row.label is None]
+        self.ui.unmappedLabel.text = (
+            f"Not mapped (set a MAISI id or name in the 'MAISI label' column): {', '.join(unmapped)}"
+            if unmapped
+            else ""
+        )
+        self.ui.tumorSegmentComboBox.clear()
+        for row in rows:
+            if row.is_tumor:
+                self.ui.tumorSegmentComboBox.addItem(row.name, row.segment_id)
+
+    def onMappingEdited(self, row, column):
+        from MaisiSynthLib import labels as L
+        from MaisiSynthLib import scene
+
+        item = self.ui.mappingTable.item(row, column)
+        text = item.text().strip()
+        label = int(text.split()[0]) if text.split() and text.split()[0].isdigit() else L.id_for_name(text)
+        with slicer.util.tryWithErrorDisplay("Cannot set this label.", waitCursor=True):
+            if label is None:
+                raise ValueError(f"'{text}' is not a MAISI id or structure name (see 'maisi-synth labels')")
+            scene.set_segment_label(self.ui.segmentationSelector.currentNode(), item.data(qt.Qt.UserRole), label)
+        self.updateMapping()
+
+    # -- tumor tools ----------------------------------------------------------------------------------
+
+    def _selectedTumor(self):
+        return self.ui.tumorSegmentComboBox.currentData
+
+    def onSwapTumor(self):
+        with slicer.util.tryWithErrorDisplay("Cannot change the tumor type.", waitCursor=True):
+            self.logic.swapTumor(
+                self.ui.segmentationSelector.currentNode(), self._selectedTumor(), self.ui.tumorTypeComboBox.currentData
+            )
+        self.updateMapping()
+
+    def onRemoveTumor(self):
+        with slicer.util.tryWithErrorDisplay("Cannot remove the tumor.", waitCursor=True):
+            self.logic.removeTumor(
+                self.ui.segmentationSelector.currentNode(),
+                self._selectedTumor(),
+                self.ui.referenceVolumeSelector.currentNode(),
+            )
+        self.updateMapping()
+
+    def onInsertTumor(self):
+        with slicer.util.tryWithErrorDisplay("Cannot insert the lesion.", waitCursor=True):
+            self.logic.insertTumor(
+                self.ui.segmentationSelector.currentNode(),
+                self.ui.referenceVolumeSelector.currentNode(),
+                self.ui.tumorTypeComboBox.currentData,
+                self.logic.lesionCentre(self.ui.lesionPointSelector.currentNode()),
+                self.ui.lesionDiameterSpinBox.value,
+            )
+        self.updateMapping()
+
+    # -- generate / cancel ----------------------------------------------------------------------------
+
+    def options(self):
+        from MaisiSynthLib.gui_options import GenerateOptions
+
+        return GenerateOptions(
+            grid_preset=self.ui.gridPresetComboBox.currentIndex,
+            steps=self.ui.stepsSpinBox.value,
+            seed=self.ui.seedSpinBox.value,
+            cfg_scale=self.ui.cfgSpinBox.value,
+            solver=self.ui.solverComboBox.currentText,
+            device=self.ui.deviceComboBox.currentText,
+            model_dir=self.ui.modelDirPathLineEdit.currentPath,
+            python=self.ui.pythonPathLineEdit.currentPath,
+            server_url=self.ui.serverUrlLineEdit.text.strip(),
+            token=self.ui.tokenLineEdit.text,
+        )
+
+    def onGenerateOrCancel(self):
+        if self.requestId is not None:
+            self.logic.cancel(self.requestId)
+            self.ui.statusLabel.text = "Cancelling…"
+            return
+        options = self.options()
+        problems = options.problems()
+        if problems:
+            slicer.util.errorDisplay("Cannot generate yet:\n\n• " + "\n• ".join(problems))
+            return
+        settings = qt.QSettings()
+        settings.setValue("MaisiSynth/python", options.python)
+        settings.setValue("MaisiSynth/modelDir", options.model_dir)
+        settings.setValue("MaisiSynth/serverUrl", options.server_url)
+        with slicer.util.tryWithErrorDisplay("Cannot start the generation.", waitCursor=True):
+            self.ui.logTextEdit.clear()
+            self.requestId = self.logic.generate(
+                self.ui.segmentationSelector.currentNode(),
+                self.ui.referenceVolumeSelector.currentNode(),
+                options,
+                self.onEvent,
+            )
+            ready = self.logic.client.ready or {}
+            self.ui.logTextEdit.appendPlainText(
+                f"worker: {ready.get('device_name', '?')} ({ready.get('device', '?')}), torch {ready.get('torch', '?')}, "
+                f"CUDA {ready.get('cuda') or 'none'}, MONAI {ready.get('monai', '?')}"
+            )
+            self.ui.generateButton.text = "Cancel"
+            self.ui.progressBar.value = 0
+
+    def onEvent(self, event):
+        from MaisiSynthLib.gui_progress import describe
+
+        kind = event.get("type")
+        if kind == "progress":
+            percent, text = describe(event)
+            self.ui.progressBar.value = percent
+            self.ui.statusLabel.text = text
+        elif kind == "log":
+            self.ui.logTextEdit.appendPlainText(f"[{event.get('level', 'info')}] {event.get('message', '')}")
+        elif kind in ("result", "error"):
+            self.requestId = None
+            self.ui.generateButton.text = "Generate"
+            if kind == "result":
+                volume = self.logic.loadResult(event)
+                self.ui.resultSelector.setCurrentNode(volume)
+                self.ui.progressBar.value = 100
+                self.ui.statusLabel.text = f"Done in {event['timings']['total']:.1f} s ({event['device']})"
+                self.onSideBySide()
+            elif event.get("kind") == "cancelled":
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = "Cancelled; nothing was written."
+            else:
+                self.ui.statusLabel.text = "Failed."
+                hint = f"\n\nFix: {event['hint']}" if event.get("hint") else ""
+                slicer.util.errorDisplay(f"{event.get('message', 'The generation failed.')}{hint}")
+
+    # -- result ---------------------------------------------------------------------------------------
+
+    def onSideBySide(self):
+        self.logic.showSideBySide(
+            self.ui.referenceVolumeSelector.currentNode(),
+            self.ui.resultSelector.currentNode(),
+            self.ui.segmentationSelector.currentNode(),
+        )
+        self.onFade(self.ui.fadeSlider.value)
+
+    def onFade(self, value):
+        self.logic.setFade(self.ui.referenceVolumeSelector.currentNode(), self.ui.resultSelector.currentNode(), value)
+
+    def onExport(self):
+        with slicer.util.tryWithErrorDisplay("Cannot export.", waitCursor=True):
+            image, label = self.logic.exportPair(
+                self.ui.resultSelector.currentNode(),
+                self.ui.segmentationSelector.currentNode(),
+                self.ui.exportDirPathLineEdit.currentPath,
+            )
+            self.ui.logTextEdit.appendPlainText(f"exported {image} and {label}")
+
+
+class MaisiSynthLogic(ScriptedLoadableModuleLogic):
+    """Glue between the scene (MaisiSynthLib.scene), the worker client and Slicer's views."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.client = None
+        self.clientKey = None
+        self.requests = {}  # request id → (temp folder, input name, reference node id, seed)
+
+    # -- scene edits ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def segmentEditorNode():
+        node = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
+        if node is None:  # the Segment Editor module's node, shared with it
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+            node.SetSingletonTag("SegmentEditor")
+        return node
+
+    def _reference(self, segmentation, reference):
+        from MaisiSynthLib import scene
+
+        if segmentation is None:
+            raise ValueError("Select a segmentation first.")
+        return (
+            (reference, False)
+            if reference is not None
+            else (scene.reference_grid(slicer.mrmlScene, segmentation), True)
+        )
+
+    def swapTumor(self, segmentation, segmentId, tumor):
+        from MaisiSynthLib import scene
+
+        scene.swap_tumor(segmentation, segmentId, tumor)
+
+    def removeTumor(self, segmentation, segmentId, reference):
+        from MaisiSynthLib import scene
+
+        grid, temporary = self._reference(segmentation, reference)
+        try:
+            return scene.remove_tumor(slicer.mrmlScene, segmentation, segmentId, grid)
+        finally:
+            if temporary:
+                slicer.mrmlScene.RemoveNode(grid)
+
+    def insertTumor(self, segmentation, reference, tumor, centreRas, diameterMm):
+        from MaisiSynthLib import scene
+
+        grid, temporary = self._reference(segmentation, reference)
+        try:
+            return scene.insert_tumor(slicer.mrmlScene, segmentation, grid, tumor, centreRas, diameterMm)
+        finally:
+            if temporary:
+                slicer.mrmlScene.RemoveNode(grid)
+
+    @staticmethod
+    def lesionCentre(pointNode):
+        """The first control point of a markup, else the crosshair position."""
+        if pointNode is not None and pointNode.GetNumberOfControlPoints() > 0:
+            return pointNode.GetNthControlPointPositionWorld(0)
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        position = [0.0, 0.0, 0.0]
+        crosshair.GetCursorPositionRAS(position)
+        return position
+
+    # -- the worker -----------------------------------------------------------------------------------
+
+    def _client(self, options):
+        from MaisiSynthLib.client import RemoteClient, WorkerClient
+
+        key = (
+            (options.server_url, options.token) if options.server_url else (options.python_executable(), options.device)
+        )
+        if self.client is not None and self.clientKey == key and getattr(self.client, "alive", True):
+            return self.client
+        self.shutdown()
+        if options.server_url:
+            client = RemoteClient(options.server_url, token=options.token or None)
+        else:
+            client = WorkerClient(python=options.python_executable(), env=options.worker_env())
+        client.start()
+        logging.info(f"MaisiSynth worker ready: {client.ready}")
+        self.client, self.clientKey = client, key
+        return client
+
+    def generate(self, segmentation, reference, options, onEvent):
+        """Export the mask on the reference grid, send it to the worker; returns the request id."""
+        from MaisiSynthLib import scene
+
+        grid, temporary = self._reference(segmentation, reference)
+        folder = Path(tempfile.mkdtemp(prefix="MaisiSynth-"))
+        try:
+            mask = scene.write_label_input(slicer.mrmlScene, segmentation, grid, folder / "mask.nrrd")
+        finally:
+            if temporary:
+                slicer.mrmlScene.RemoveNode(grid)
+        params = options.worker_params(str(mask), str(folder / "synthetic.nrrd"))
+        client = self._client(options)
+        inputName = (reference or segmentation).GetName()
+        requestId = client.generate(params, callback=onEvent)
+        self.requests[requestId] = (folder, inputName, reference.GetID() if reference else None, options.seed)
+        return requestId
+
+    def poll(self):
+        if self.client is not None:
+            self.client.poll()
+
+    def cancel(self, requestId):
+        if self.client is not None:
+            self.client.cancel(requestId)
+
+    def shutdown(self):
+        if self.client is not None:
+            try:
+                self.client.shutdown()
+            except Exception:  # a remote server may already be gone
+                logging.debug("MaisiSynth: worker shutdown failed", exc_info=True)
+        self.client = None
+
+    def loadResult(self, event):
+        from MaisiSynthLib import scene
+
+        folder, inputName, referenceId, seed = self.requests.pop(event["id"])
+        reference = slicer.mrmlScene.GetNodeByID(referenceId) if referenceId else None
+        volume = scene.load_result(slicer.mrmlScene, event["output"], scene.result_name(inputName, seed), reference)
+        scene.place_in_study(slicer.mrmlScene, volume, reference)
+        storage = volume.GetStorageNode()  # the temp file goes; saving the scene writes a new one
+        volume.SetAndObserveStorageNodeID(None)
+        slicer.mrmlScene.RemoveNode(storage)
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+        return volume
+
+    # -- views ----------------------------------------------------------------------------------------
+
+    def showSideBySide(self, reference, synthetic, segmentation):
+        if synthetic is None:
+            return
+        layoutManager = slicer.app.layoutManager()
+        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        left, right = (layoutManager.sliceWidget(name).mrmlSliceCompositeNode() for name in ("Red", "Yellow"))
+        left.SetBackgroundVolumeID(reference.GetID() if reference else synthetic.GetID())
+        left.SetForegroundVolumeID(synthetic.GetID() if reference else None)
+        right.SetBackgroundVolumeID(synthetic.GetID())
+        right.SetForegroundVolumeID(None)
+        for composite in (left, right):
+            composite.SetLinkedControl(True)
+            composite.SetHotLinkedControl(True)
+        if segmentation is not None and segmentation.GetDisplayNode() is not None:
+            display = segmentation.GetDisplayNode()
+            display.SetVisibility2DFill(False)  # outline only, on both views
+            display.SetVisibility2DOutline(True)
+        slicer.util.resetSliceViews()
+
+    def setFade(self, reference, synthetic, value):
+        if reference is None or synthetic is None:
+            return
+        composite = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceCompositeNode()
+        composite.SetForegroundVolumeID(synthetic.GetID())
+        composite.SetForegroundOpacity(value)
+
+    def exportPair(self, synthetic, segmentation, folder):
+        from MaisiSynthLib import scene
+
+        if synthetic is None or segmentation is None or not folder:
+            raise ValueError("Choose a synthetic CT, its segmentation and an export folder.")
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in synthetic.GetName())
+        return scene.export_pair(slicer.mrmlScene, synthetic, segmentation, folder, stem)
+
+
+class MaisiSynthTest(ScriptedLoadableModuleTest):
+    """Runs the real flow inside Slicer: example mask → worker (CPU, demo model) → result volume."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_generate_from_example()
+
+    def test_generate_from_example(self):
+        import numpy as np
+
+        from MaisiSynthLib import scene
+        from MaisiSynthLib.gui_options import GenerateOptions
+        from MaisiSynthLib.volumes import read_volume
+
+        example = _HERE.parent / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
+        if not example.exists():  # installed extension layout
+            example = _HERE / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
+        mask = read_volume(example)
+        segmentation = scene.import_labels(slicer.mrmlScene, np.asarray(mask.array), mask.affine, "example")
+        self.delayDisplay("Generating (CPU, 3 steps)")
+        logic = MaisiSynthLogic()
+        events = []
+        options = GenerateOptions(steps=3, device="cpu")
+        requestId = logic.generate(segmentation, None, options, events.append)
+        while not any(e.get("type") in ("result", "error") for e in events):
+            logic.poll()
+            slicer.app.processEvents()
+        end = events[-1]
+        self.assertEqual(end["type"], "result", end)
+        volume = logic.loadResult(end)
+        self.assertEqual(volume.GetImageData().GetDimensions(), tuple(mask.array.shape))
+        values = scene.array_from_volume(volume)
+        self.assertTrue(values.min() >= -1000 and values.max() <= 1000)
+        self.assertTrue(requestId)
+        logic.shutdown()
+        self.delayDisplay("Test passed")

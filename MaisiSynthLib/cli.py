@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -420,6 +421,70 @@ def _run_evaluate(args) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------
+# worker / serve
+
+
+def _add_worker(sub) -> None:
+    p = sub.add_parser(
+        "worker",
+        help="background worker: JSON-line requests on stdin, events on stdout",
+        description="Keep models loaded and serve generate requests as JSON lines (see MaisiSynthLib/worker.py).",
+    )
+    p.add_argument("--device", default="auto", help="default device of the requests: auto, cpu or cuda[:N]")
+    p.add_argument("--model-dir", help="default model folder of the requests (default: the embedded demo model)")
+    p.set_defaults(run=_run_worker)
+
+
+def _run_worker(args) -> int:
+    from .worker import serve_stdio
+
+    return serve_stdio(args.device, args.model_dir)
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="the worker over HTTP, for a remote GPU machine",
+        description="Serve generate requests over HTTP (mask upload, progress, result download). "
+        "Bound to localhost by default; any other address needs a token ($MAISI_SYNTH_TOKEN or --token-file).",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--model-dir", help="the model folder every request uses (default: the embedded demo model)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--token-file", help="file holding the token clients must send (else $MAISI_SYNTH_TOKEN)")
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest mask upload accepted (default 512)")
+    p.add_argument("--workdir", help="where uploads and results live (default: a temporary folder)")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from .serve import run_server
+
+    token = None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise OptionError(
+                f"cannot read the token file {args.token_file}: {exc.strerror}", "give a readable file"
+            ) from None
+        if not token:
+            raise OptionError(f"the token file {args.token_file} is empty", "write a long random token into it")
+    elif os.environ.get("MAISI_SYNTH_TOKEN"):
+        token = os.environ["MAISI_SYNTH_TOKEN"]
+    return run_server(
+        host=args.host,
+        port=args.port,
+        token=token,
+        model_dir=args.model_dir,
+        device=args.device,
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        workdir=args.workdir,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maisi-synth", description="Mask → synthetic CT (MAISI-v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
@@ -430,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_phantoms(sub)
     _add_evaluate(sub)
+    _add_worker(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -9,15 +9,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from . import labels as L
 from .errors import MaskError
 from .volumes import Volume, format_of, read_volume
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -271,5 +274,7 @@ def binary_code(labels: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
     Labels above 255 do not fit the official 8-bit code; MAISI ids stop at 200.
     """
+    import torch  # here, so that mask editing (e.g. inside Slicer) works without torch
+
     shifts = torch.arange(bits, device=labels.device, dtype=torch.long).view(1, bits, 1, 1, 1)
     return ((labels.long() >> shifts) & 1).to(torch.float32)

@@ -159,17 +159,24 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
+# (model folder, device, precision) → models: lets a long-lived caller (the worker) reuse loaded
+# networks while `generate` still checks every cheap input before anything is loaded.
+ModelProvider = Callable[[ModelFolder, torch.device, str], MaisiModels]
+
+
 def generate(
     request: GenerateRequest,
-    models: MaisiModels | None = None,
+    models: MaisiModels | ModelProvider | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | threading.Event | None = None,
     keep_latent: bool = False,
 ) -> GenerateResult:
     """Mask file → CT file (+ optional preview PNG and label map on the output grid).
 
-    `progress` receives {"stage", "elapsed", ...} dicts (sampling adds "i" and "total"); `cancel` is
-    polled between sampling steps and decoding windows and raises CancelledError, leaving no file.
+    `models`: loaded models, a ModelProvider called once the inputs have passed their checks, or None
+    (load from `request.model_dir`). `progress` receives {"stage", "elapsed", ...} dicts (sampling adds
+    "i" and "total"); `cancel` is polled between sampling steps and decoding windows and raises
+    CancelledError, leaving no file.
     """
     started = time.perf_counter()
     cancelled = _cancel_check(cancel)
@@ -185,6 +192,9 @@ def generate(
             raise CancelledError()
 
     # 1. Everything cheap first: options, output paths, the model folder's files, device, the mask.
+    provider = models if models is not None and not isinstance(models, MaisiModels) else None
+    if provider is not None:
+        models = None
     if models is None:
         folder = locate_model_folder(request.model_dir or default_model_dir(), require_controlnet=request.controlnet)
         device = resolve_device(request.device)
@@ -221,7 +231,9 @@ def generate(
     # 2. Models (reused when the caller passes them, as the worker does).
     t = time.perf_counter()
     report("load")
-    if models is None:
+    if provider is not None:
+        models = provider(folder, device, request.precision)
+    elif models is None:
         models = load_models(folder, device, request.precision)
     timings["load"] = time.perf_counter() - t
     if device.type == "cuda":

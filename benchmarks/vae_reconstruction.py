@@ -66,7 +66,9 @@ def main() -> int:
         },
         "seconds": time.perf_counter() - started,
     }
-    print(f"VAE reconstruction ({len(abs_err)} cases): mean |error| in the body {result['mean_abs_error_in_body_hu']:.1f} HU")
+    print(
+        f"VAE reconstruction ({len(abs_err)} cases): mean |error| in the body {result['mean_abs_error_in_body_hu']:.1f} HU"
+    )
     print("organ        signed median error   |error|")
     for organ, value in result["organ_median_error_hu"].items():
         print(f"  {organ:<11} {value:+8.1f} HU {result['organ_median_abs_error_hu'][organ]:8.1f} HU")

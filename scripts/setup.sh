@@ -12,5 +12,5 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet --disable-pip-version-check "$TORCH"
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test,serve]"
 .venv/bin/python -c "import torch, monai, MaisiSynthLib; print(f'ready: torch {torch.__version__}, MONAI {monai.__version__}, MaisiSynth {MaisiSynthLib.__version__}')"

@@ -59,3 +59,37 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def assert_same_as_cli(out: Path, mask: Path, model: Path, seed: int, steps: int = 3) -> None:
+    """`out` (written by the worker or server) equals what `maisi-synth generate` writes on the CPU."""
+    cli_out = out.with_name("cli-" + out.name)
+    args = ["--mask", str(mask), "--output", str(cli_out), "--model-dir", str(model), "--steps", str(steps)]
+    result = run_cli(
+        "generate", *args, "--seed", str(seed), "--device", "cpu", "--quiet", env={"CUDA_VISIBLE_DEVICES": "-1"}
+    )
+    assert result.returncode == 0, result.stderr
+    ours, theirs = nib.load(out), nib.load(cli_out)
+    assert np.array_equal(ours.get_fdata(), theirs.get_fdata()) and np.array_equal(ours.affine, theirs.affine)
+    assert np.ptp(ours.get_fdata()) > 0
+
+
+def act_at_step(client, request_id: str, step: int, action, timeout: float = 180) -> tuple[dict, list[dict]]:
+    """Wait for a worker/server request, calling `action()` once when sampling reports step `step`;
+    returns (its result or error event, every event of the request)."""
+    seen: list[dict] = []
+    acted = False
+
+    def on_event(event: dict) -> None:
+        nonlocal acted
+        seen.append(event)
+        if not acted and event["type"] == "progress" and event.get("stage") == "sample" and event.get("i") == step:
+            acted = True
+            action()
+
+    client._callbacks[request_id] = on_event
+    return client.wait(request_id, timeout), seen
+
+
+def sample_steps(events: list[dict]) -> list[int]:
+    return [e["i"] for e in events if e["type"] == "progress" and e.get("stage") == "sample"]

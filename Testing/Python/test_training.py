@@ -279,9 +279,7 @@ def test_decoder_only_keeps_the_encoder_and_tunes_the_decoder(workspace, tmp_pat
     assert "base_model_dir" in result.stderr
     assert not (tmp_path / "run" / "model" / AUTOENCODER_FILE).exists()
     base = workspace / "run" / "model"
-    result = run_cli(
-        "train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(base), "--quiet"
-    )
+    result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(base), "--quiet")
     assert result.returncode == 0, result.stderr
     before = torch.load(base / AUTOENCODER_FILE, weights_only=True)
     after = torch.load(tmp_path / "run" / "model" / AUTOENCODER_FILE, weights_only=True)

@@ -1,0 +1,102 @@
+"""The Slicer module's generate options: presets, validation before running, worker params.
+
+Kept out of the module file so that it is tested without Qt; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+# (label, output size or None for the reference grid / "auto", spacing in mm or None)
+GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, float, float] | None]] = [
+    ("Reference grid", None, None),
+    ("Nearest allowed size (auto)", "auto", None),
+    ("512×512×256, 0.8×0.8×1.5 mm (official)", (512, 512, 256), (0.8, 0.8, 1.5)),
+    ("256×256×256, 1.5 mm (official)", (256, 256, 256), (1.5, 1.5, 1.5)),
+    ("128×128×64, 3×3×5 mm (demo model)", (128, 128, 64), (3.0, 3.0, 5.0)),
+]
+SOLVERS = ("euler", "heun")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class GenerateOptions:
+    grid_preset: int = 0
+    steps: int = 30
+    seed: int = 0
+    cfg_scale: float = 0.0
+    solver: str = "euler"
+    device: str = "auto"
+    model_dir: str = ""  # empty: the embedded demo model
+    python: str = ""  # empty: Slicer's own Python
+    server_url: str = ""  # set: use a remote `maisi-synth serve`
+    token: str = ""
+
+    def problems(self) -> list[str]:
+        """Every option that would make the request fail, each with what to do; empty when fine."""
+        out = []
+        if not 0 <= self.grid_preset < len(GRID_PRESETS):
+            out.append("choose an output grid preset")
+        if not 1 <= int(self.steps) <= 1000:
+            out.append(f"steps must be 1–1000 (got {self.steps}); 30 is the official default")
+        if int(self.seed) < 0:
+            out.append("the seed must be 0 or more")
+        if not float(self.cfg_scale) >= 0:
+            out.append("the CFG scale must be 0 (off) or more")
+        if self.solver not in SOLVERS:
+            out.append(f"solver must be one of {', '.join(SOLVERS)}")
+        if self.device not in DEVICES:
+            out.append(f"device must be one of {', '.join(DEVICES)}")
+        if self.server_url:
+            url = urlparse(self.server_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                out.append(f"the server URL '{self.server_url}' is not an http(s) address, e.g. http://gpu-host:8765")
+            elif url.hostname not in ("127.0.0.1", "localhost", "::1") and not self.token:
+                out.append("a remote server needs its token (the server refuses requests without it)")
+        else:
+            if self.model_dir and not Path(self.model_dir).is_dir():
+                out.append(f"model folder not found: {self.model_dir}")
+            if self.python and not (Path(self.python).is_file() or shutil.which(self.python)):
+                out.append(f"Python executable not found: {self.python}")
+        return out
+
+    def worker_params(self, mask: str, output: str) -> dict:
+        """The `generate` params for the worker (a remote server chooses model and device itself)."""
+        _, size, spacing = GRID_PRESETS[self.grid_preset]
+        params: dict = {
+            "mask": mask,
+            "output": output,
+            "steps": int(self.steps),
+            "seed": int(self.seed),
+            "cfg_scale": float(self.cfg_scale),
+            "solver": self.solver,
+        }
+        if size is not None:
+            params["output_size"] = size if isinstance(size, str) else list(size)
+        if spacing is not None:
+            params["spacing"] = list(spacing)
+        if not self.server_url:
+            params["device"] = self.device
+            if self.model_dir:
+                params["model_dir"] = self.model_dir
+        return params
+
+    def worker_env(self) -> dict:
+        """Environment for a local worker: `device cpu` also hides GPUs from CUDA."""
+        return {"CUDA_VISIBLE_DEVICES": "-1"} if self.device == "cpu" else {}
+
+    def python_executable(self) -> str:
+        """The worker's Python: the chosen one, else Slicer's own (PythonSlicer next to Slicer)."""
+        if self.python:
+            return shutil.which(self.python) or self.python
+        here = Path(sys.executable)
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            candidate = here.with_name(name)
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+        return sys.executable

@@ -1,0 +1,33 @@
+"""Worker progress events → (percent, status text) for a progress bar; no Qt, no torch."""
+
+from __future__ import annotations
+
+# Share of the bar per stage; sampling dominates the time, decoding comes second.
+_SPANS = {"load": (0, 10), "encode-mask": (10, 12), "sample": (12, 85), "decode": (85, 97), "write": (97, 100)}
+_WORDS = {
+    "load": "Loading models",
+    "encode-mask": "Encoding the mask",
+    "sample": "Sampling",
+    "decode": "Decoding",
+    "write": "Writing",
+}
+
+
+def describe(event: dict) -> tuple[int, str]:
+    """A `progress` event's position on a 0–100 bar and a line of status text."""
+    stage = event.get("stage", "")
+    start, end = _SPANS.get(stage, (0, 0))
+    text = _WORDS.get(stage, stage or "Working")
+    if stage == "sample" and event.get("total"):
+        done = min(int(event.get("i", 0)), int(event["total"]))
+        percent = start + (end - start) * done / int(event["total"])
+        text = f"Sampling step {done} of {event['total']}"
+    elif stage == "decode" and event.get("window"):
+        percent = start
+        text = f"Decoding (window {event['window']})"
+    else:
+        percent = start
+    elapsed = event.get("elapsed")
+    if elapsed is not None:
+        text += f" · {float(elapsed):.0f} s"
+    return int(round(percent)), text

@@ -1,0 +1,460 @@
+"""Slicer-scene helpers: segmentations ↔ MAISI label maps, tumor edits on segments, result volumes.
+
+Only `slicer.vtk*` classes and an explicit `scene` argument, never `slicer.app`, `slicer.modules` or
+Qt: this runs in the desktop app and, for the tests, on the `slicer-core` wheel. Arrays cross the
+boundary in MaisiSynthLib's convention: numpy (x, y, z) = (I, J, K) with the IJK→RAS matrix as the
+affine, so the engine's functions (`masks`, `lesions`) do the label work.
+
+Which MAISI id a segment stands for is decided, in this order, by the segment's `MaisiSynth.label`
+tag (set when the user corrects the mapping table or edits a tumor), its terminology entry, its name
+(MAISI, TotalSegmentator or common names: `labels.id_for_name`), and the label value of a segment
+imported from a MAISI label map. Unmapped segments are reported, never guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import labels as L
+from .errors import MaskError
+
+LABEL_TAG = "MaisiSynth.label"
+
+
+def _slicer():
+    import slicer  # the app's module, or the slicer-core wheel's
+
+    return slicer
+
+
+def ensure_segmentation_converters() -> None:
+    """Register the labelmap ↔ surface converter rules when nothing has (the slicer-core wheel
+    without the app); the desktop app registers them at start-up."""
+    slicer = _slicer()
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if factory.GetConverterRules():
+        return
+    factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+    factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Volumes ↔ numpy
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def array_from_volume(volume_node) -> np.ndarray:
+    """Voxels as an (I, J, K) numpy array (a copy)."""
+    from vtk.util import numpy_support
+
+    image = volume_node.GetImageData()
+    if image is None:
+        raise MaskError(f"volume '{volume_node.GetName()}' has no image data", "load or create the volume first")
+    dims = image.GetDimensions()
+    flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return flat.reshape(dims[::-1]).transpose(2, 1, 0).copy()
+
+
+def set_volume_array(volume_node, array: np.ndarray, affine: np.ndarray) -> None:
+    """Fill a volume node from an (I, J, K) array and its IJK→RAS matrix."""
+    import vtk
+    from vtk.util import numpy_support
+
+    data = np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0))
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape)
+    scalars = numpy_support.numpy_to_vtk(data.ravel(), deep=True)
+    image.GetPointData().SetScalars(scalars)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(affine[r, c]))
+    volume_node.SetIJKToRASMatrix(matrix)
+    volume_node.SetAndObserveImageData(image)
+
+
+def _labelmap_on(scene, reference, array: np.ndarray, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName(name))
+    set_volume_array(node, array.astype(np.int16), ijk_to_ras(reference))
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment → MAISI id
+
+
+@dataclass
+class SegmentLabel:
+    segment_id: str
+    name: str
+    label: int | None  # MAISI id, None when unmapped
+    source: str  # tag, terminology, name, value or "" (unmapped)
+
+    @property
+    def is_tumor(self) -> bool:
+        return self.label is not None and L.is_tumor(self.label)
+
+
+def _tag(segment, key: str) -> str | None:
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(key, value) else None
+
+
+def _terminology_names(segment) -> list[str]:
+    """Candidate names from a segment's terminology entry (type and modifier)."""
+    entry = _tag(segment, segment.GetTerminologyEntryTagName()) or ""
+    if "~" not in entry:
+        return []
+    # "SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~…": code meanings are the 3rd fields
+    fields = entry.split("~")
+    names = []
+    for field in fields[1:4]:
+        parts = field.split("^")
+        if len(parts) >= 3 and parts[2]:
+            names.append(parts[2])
+    if len(names) >= 2 and names[1]:  # modifier (e.g. "Left") + type
+        names.insert(0, f"{names[1]} {names[0]}")
+    return names
+
+
+def segment_labels(segmentation_node) -> list[SegmentLabel]:
+    """The MAISI id of every segment, with where it came from (see the module docstring)."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(i)
+        segment = segmentation.GetSegment(segment_id)
+        name = segment.GetName()
+        label, source = None, ""
+        tag = _tag(segment, LABEL_TAG)
+        if tag and tag.isdigit() and int(tag) in L.known_ids():
+            label, source = int(tag), "tag"
+        if label is None:
+            for candidate in _terminology_names(segment):
+                if L.id_for_name(candidate) is not None:
+                    label, source = L.id_for_name(candidate), "terminology"
+                    break
+        if label is None and L.id_for_name(name) is not None:
+            label, source = L.id_for_name(name), "name"
+        if label is None:
+            value = segment.GetLabelValue()
+            # segments imported from a MAISI label map are called "Label_<id>" or by number
+            if name in (f"Label_{value}", str(value)) and value in L.known_ids() and value != 0:
+                label, source = int(value), "value"
+        out.append(SegmentLabel(segment_id, name, label, source))
+    return out
+
+
+def set_segment_label(segmentation_node, segment_id: str, label: int, rename: bool = False) -> None:
+    """Fix a segment's MAISI id (the user's correction in the mapping table, or a tumor edit)."""
+    if int(label) not in L.known_ids() or int(label) == 0:
+        raise MaskError(f"{label} is not a MAISI label id", "pick an id from `maisi-synth labels`")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise MaskError(f"no segment '{segment_id}'", "choose a segment of the segmentation")
+    segment.SetTag(LABEL_TAG, str(int(label)))
+    if rename:
+        segment.SetName(L.name_of(label))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segmentation ↔ MAISI label map
+
+
+def export_labels(scene, segmentation_node, reference_volume) -> tuple[np.ndarray, np.ndarray]:
+    """All mapped segments as one MAISI label array on the reference grid: (labels (I,J,K), affine).
+
+    Where segments overlap, the later segment wins (Slicer's rule); so tumors listed after their
+    host organ sit inside it, as painted. Raises MaskError when a segment is unmapped.
+    """
+    slicer = _slicer()
+    import vtk
+
+    mapping = segment_labels(segmentation_node)
+    unmapped = [s.name for s in mapping if s.label is None]
+    if unmapped:
+        raise MaskError(
+            f"segment(s) without a MAISI label: {', '.join(unmapped)}",
+            "set their label in the mapping table, rename them to a MAISI structure, or delete them",
+        )
+    if not mapping:
+        raise MaskError("the segmentation has no segments", "paint or load the organs first")
+    ensure_segmentation_converters()
+    ids = vtk.vtkStringArray()
+    for s in mapping:
+        ids.InsertNextValue(s.segment_id)
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi export"))
+    try:
+        # Without a colour table the n-th listed segment gets value n; fixed MAISI ids come from the
+        # lookup below, which (unlike matching colour names) allows several segments per id.
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            segmentation_node, ids, node, reference_volume, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+        )
+        if not ok:
+            raise MaskError("Slicer could not export the segmentation to a label map", "check the reference volume")
+        order = array_from_volume(node)
+        affine = ijk_to_ras(node)
+    finally:
+        scene.RemoveNode(node)
+    lookup = np.zeros(len(mapping) + 1, dtype=np.int16)
+    lookup[1:] = [s.label for s in mapping]
+    return lookup[order], affine
+
+
+def import_labels(scene, labels: np.ndarray, affine: np.ndarray, name: str = "MAISI mask"):
+    """A segmentation node from a MAISI label array: one segment per id, MAISI names and colours."""
+    slicer = _slicer()
+
+    ensure_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi import"))
+    try:
+        set_volume_array(node, np.asarray(labels).astype(np.int16), affine)
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+        segmentation_node.CreateDefaultDisplayNodes()
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(node, segmentation_node):
+            raise MaskError("Slicer could not import the label map", "check the label file")
+    finally:
+        scene.RemoveNode(node)
+    segmentation = segmentation_node.GetSegmentation()
+    for i in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(i)
+        value = int(segment.GetLabelValue())
+        segment.SetName(L.name_of(value))
+        segment.SetColor(*label_color(value))
+        segment.SetTag(LABEL_TAG, str(value))
+    return segmentation_node
+
+
+def label_color(label: int) -> tuple[float, float, float]:
+    """A stable colour per MAISI id (tumors in warm colours, body in skin tone)."""
+    if label == L.BODY:
+        return (0.9, 0.8, 0.7)
+    if L.is_tumor(label):
+        return (1.0, 0.2 + 0.1 * (label % 5), 0.1)
+    rng = np.random.default_rng(label)
+    return tuple(float(c) for c in 0.25 + 0.7 * rng.random(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tumor edits on segments
+
+
+def _write_segment(scene, segmentation_node, reference, segment_id: str, mask: np.ndarray) -> None:
+    slicer = _slicer()
+
+    node = _labelmap_on(scene, reference, mask.astype(np.int16), "maisi segment")
+    try:
+        image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
+        slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+        )
+    finally:
+        scene.RemoveNode(node)
+
+
+def _segment_for(segmentation_node, label: int) -> str | None:
+    for s in segment_labels(segmentation_node):
+        if s.label == label:
+            return s.segment_id
+    return None
+
+
+def swap_tumor(segmentation_node, segment_id: str, tumor: int) -> None:
+    """Make a tumor segment another tumor type (e.g. lung → hepatic); its voxels do not change."""
+    current = {s.segment_id: s for s in segment_labels(segmentation_node)}.get(segment_id)
+    if current is None or not current.is_tumor:
+        raise MaskError(
+            "the selected segment is not a tumor", "select a tumor segment (see `maisi-synth labels --tumors`)"
+        )
+    if not L.is_tumor(tumor):
+        raise MaskError(f"{tumor} ({L.name_of(tumor)}) is not a tumor type", "pick a tumor type")
+    set_segment_label(segmentation_node, segment_id, tumor, rename=True)
+    segmentation_node.GetSegmentation().GetSegment(segment_id).SetColor(*label_color(tumor))
+
+
+def remove_tumor(scene, segmentation_node, segment_id: str, reference_volume) -> list[int]:
+    """Delete a tumor segment and give its voxels to the surrounding host organ(s) (each voxel the
+    majority host around it, as `masks.remove_tumors`); returns the host ids that grew."""
+    from .masks import remove_tumors
+
+    current = {s.segment_id: s for s in segment_labels(segmentation_node)}.get(segment_id)
+    if current is None or not current.is_tumor:
+        raise MaskError("the selected segment is not a tumor", "select a tumor segment")
+    labels, _ = export_labels(scene, segmentation_node, reference_volume)
+    lesion = labels == current.label
+    healed = remove_tumors(labels, (current.label,))
+    grown = sorted(int(h) for h in np.unique(healed[lesion]) if h != 0)
+    segmentation_node.GetSegmentation().RemoveSegment(segment_id)
+    for host in grown:
+        host_segment = _segment_for(segmentation_node, host)
+        if host_segment is None:
+            host_segment = segmentation_node.GetSegmentation().AddEmptySegment("", L.name_of(host), label_color(host))
+            set_segment_label(segmentation_node, host_segment, host)
+        _write_segment(scene, segmentation_node, reference_volume, host_segment, healed == host)
+    return grown
+
+
+def insert_tumor(
+    scene,
+    segmentation_node,
+    reference_volume,
+    tumor: int,
+    centre_ras: Sequence[float],
+    diameter_mm: float,
+) -> str:
+    """Paint a new lesion of `diameter_mm` centred at a RAS point (crosshair or markup), only inside
+    the tumor type's host organ; returns the new segment's id. MaskError if the point is not in a
+    valid host."""
+    from . import lesions
+
+    if not diameter_mm or diameter_mm <= 0:
+        raise MaskError(f"lesion diameter must be positive, got {diameter_mm} mm", "enter e.g. 15 mm")
+    labels, affine = export_labels(scene, segmentation_node, reference_volume)
+    centre = (np.linalg.inv(affine) @ np.array([*centre_ras, 1.0]))[:3]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    edited = lesions.insert_tumor(labels, tumor, centre, diameter_mm / 2.0, spacing)
+    lesion = (edited == tumor) & (labels != tumor)
+    for host in sorted(int(h) for h in np.unique(labels[lesion])):  # hosts give the voxels up
+        host_segment = _segment_for(segmentation_node, host)
+        if host_segment is not None:
+            _write_segment(scene, segmentation_node, reference_volume, host_segment, (labels == host) & ~lesion)
+    name = f"{L.name_of(tumor)} {diameter_mm:g} mm"
+    segment_id = segmentation_node.GetSegmentation().AddEmptySegment("", name, label_color(tumor))
+    set_segment_label(segmentation_node, segment_id, tumor)
+    _write_segment(scene, segmentation_node, reference_volume, segment_id, lesion)
+    return segment_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files and result volumes
+
+
+def write_nrrd(scene, volume_node, path: str | os.PathLike) -> Path:
+    """Write a volume as uncompressed NRRD (what the worker reads fastest), atomically."""
+    from .volumes import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        storage = scene.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
+        try:
+            storage.SetFileName(str(tmp))
+            storage.SetUseCompression(0)
+            if not storage.WriteData(volume_node):
+                raise MaskError(f"Slicer could not write {path}", "check the folder is writable")
+        finally:
+            scene.RemoveNode(storage)
+    return path
+
+
+def write_label_input(scene, segmentation_node, reference_volume, path: str | os.PathLike) -> Path:
+    """The worker's input: the segmentation as a MAISI label map on the reference grid (NRRD)."""
+    labels, affine = export_labels(scene, segmentation_node, reference_volume)
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi input"))
+    try:
+        set_volume_array(node, labels, affine)
+        return write_nrrd(scene, node, path)
+    finally:
+        scene.RemoveNode(node)
+
+
+def window_level_of(volume_node) -> tuple[float, float] | None:
+    display = volume_node.GetDisplayNode() if volume_node is not None else None
+    if display is None or not hasattr(display, "GetWindow"):
+        return None
+    return float(display.GetWindow()), float(display.GetLevel())
+
+
+CT_SOFT_TISSUE = (400.0, 40.0)
+
+
+def load_result(scene, path: str | os.PathLike, name: str, reference_volume=None):
+    """Load a synthetic CT as a new scalar volume named `name`, its window/level equal to the
+    reference CT's (soft-tissue window without one)."""
+    path = Path(path)
+    if not path.exists():
+        raise MaskError(f"result file not found: {path}", "generate again")
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    volume.SetAndObserveStorageNodeID(storage.GetID())
+    if not storage.ReadData(volume):
+        scene.RemoveNode(volume)
+        scene.RemoveNode(storage)
+        raise MaskError(f"Slicer could not read {path}", "check the file")
+    volume.CreateDefaultDisplayNodes()
+    window, level = window_level_of(reference_volume) or CT_SOFT_TISSUE
+    display = volume.GetDisplayNode()
+    display.SetAutoWindowLevel(0)
+    display.SetWindowLevel(window, level)
+    return volume
+
+
+def result_name(input_name: str, seed: int) -> str:
+    return f"{input_name} synthetic (seed {seed})"
+
+
+def export_pair(scene, ct_volume, segmentation_node, folder: str | os.PathLike, stem: str) -> tuple[Path, Path]:
+    """Write `<stem>_image.nii.gz` (the synthetic CT) and `<stem>_label.nii.gz` (its MAISI mask on the
+    CT's grid) for training-data use; both or neither."""
+    from .volumes import atomic_paths, save_volume
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = array_from_volume(ct_volume)
+    labels, affine = export_labels(scene, segmentation_node, ct_volume)
+    if not np.allclose(affine, ijk_to_ras(ct_volume), atol=1e-4):
+        raise MaskError("the label map does not share the CT's grid", "export from the reference grid")
+    image_path, label_path = folder / f"{stem}_image.nii.gz", folder / f"{stem}_label.nii.gz"
+    with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
+        save_volume(image_tmp, ct.astype(np.int16), affine)
+        save_volume(label_tmp, labels.astype(np.int16), affine)
+    return image_path, label_path
+
+
+def reference_grid(scene, segmentation_node):
+    """A label map node on the segmentation's own reference geometry, for when there is no reference
+    CT (the caller removes it when done)."""
+    slicer = _slicer()
+
+    ensure_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi grid"))
+    ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
+        segmentation_node, node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+    )
+    if not ok or node.GetImageData() is None:
+        scene.RemoveNode(node)
+        raise MaskError("the segmentation has no geometry to generate on", "select a reference CT")
+    return node
+
+
+def place_in_study(scene, node, reference_volume) -> None:
+    """Put `node` in the same subject-hierarchy folder (patient/study) as the reference volume."""
+    slicer = _slicer()
+
+    if reference_volume is None or not hasattr(slicer, "vtkMRMLSubjectHierarchyNode"):
+        return
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    if hierarchy is None:
+        return
+    parent = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference_volume))
+    if not parent:
+        return
+    item = hierarchy.GetItemByDataNode(node)
+    if item:
+        hierarchy.SetItemParent(item, parent)
+    else:  # the app's subject-hierarchy plugins add items for new nodes; bare MRML does not
+        hierarchy.CreateItem(parent, node)

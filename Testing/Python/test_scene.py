@@ -1,0 +1,178 @@
+"""scene.py against real MRML: the slicer-core wheel (no Qt, no mocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from MaisiSynthLib import labels as L  # noqa: E402
+from MaisiSynthLib import scene as S  # noqa: E402
+from MaisiSynthLib.errors import MaskError  # noqa: E402
+
+SHAPE = (48, 48, 32)
+# LPS-style axes as DICOM-derived volumes have: I → right-to-left, J → anterior-to-posterior
+AFFINE = np.array([[-2.0, 0, 0, 50.0], [0, -2.0, 0, 40.0], [0, 0, 3.0, -30.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture
+def reference(scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "reference CT")
+    S.set_volume_array(node, np.full(SHAPE, -1000, np.int16), AFFINE)
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAutoWindowLevel(0)
+    node.GetDisplayNode().SetWindowLevel(350, 50)
+    return node
+
+
+def box(lo, hi) -> np.ndarray:
+    m = np.zeros(SHAPE, bool)
+    m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+    return m
+
+
+LIVER = box((4, 4, 4), (24, 24, 20))
+KIDNEY = box((30, 6, 6), (38, 14, 14))
+LUNG = box((4, 26, 4), (40, 38, 20))
+NODULE = box((20, 30, 10), (24, 34, 13))  # inside the lung
+
+
+def painted(scene, reference, segments: list[tuple[str, np.ndarray]]):
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    S.ensure_segmentation_converters()
+    for name, mask in segments:
+        sid = node.GetSegmentation().AddEmptySegment("", name, (1, 0, 0))
+        S._write_segment(scene, node, reference, sid, mask)
+    return node
+
+
+def ids_by_name(node) -> dict[str, str]:
+    seg = node.GetSegmentation()
+    return {seg.GetNthSegment(i).GetName(): seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())}
+
+
+def test_three_segments_export_with_maisi_ids_on_the_reference_grid(scene, reference):
+    # a MAISI name, a TotalSegmentator name and a common alias
+    node = painted(scene, reference, [("liver", LIVER), ("kidney_right", KIDNEY), ("Lung nodule", NODULE)])
+    mapping = {s.name: (s.label, s.source) for s in S.segment_labels(node)}
+    assert mapping == {"liver": (1, "name"), "kidney_right": (5, "name"), "Lung nodule": (23, "name")}
+    labels, affine = S.export_labels(scene, node, reference)
+    assert labels.shape == SHAPE and np.allclose(affine, AFFINE)
+    assert np.array_equal(labels == 1, LIVER) and np.array_equal(labels == 5, KIDNEY)
+    assert np.array_equal(labels == 23, NODULE)
+    assert set(np.unique(labels)) == {0, 1, 5, 23}
+
+
+def test_unmapped_segments_are_named_in_the_error(scene, reference):
+    node = painted(scene, reference, [("liver", LIVER), ("my blob", KIDNEY)])
+    assert [s.name for s in S.segment_labels(node) if s.label is None] == ["my blob"]
+    with pytest.raises(MaskError, match="my blob"):
+        S.export_labels(scene, node, reference)
+    S.set_segment_label(node, ids_by_name(node)["my blob"], 3)  # the user's correction: spleen
+    labels, _ = S.export_labels(scene, node, reference)
+    assert np.array_equal(labels == 3, KIDNEY)
+
+
+def test_swapping_a_lung_tumor_to_hepatic_changes_only_that_label(scene, reference):
+    node = painted(scene, reference, [("liver", LIVER), ("left lung upper lobe", LUNG), ("lung tumor", NODULE)])
+    before, _ = S.export_labels(scene, node, reference)
+    S.swap_tumor(node, ids_by_name(node)["lung tumor"], L.HEPATIC_TUMOR)
+    after, _ = S.export_labels(scene, node, reference)
+    assert (after == L.HEPATIC_TUMOR).sum() == (before == L.LUNG_TUMOR).sum() == NODULE.sum()
+    assert not (after == L.LUNG_TUMOR).any()
+    assert np.array_equal(after != before, NODULE)
+    assert "hepatic tumor" in ids_by_name(node)
+    with pytest.raises(MaskError, match="not a tumor"):
+        S.swap_tumor(node, ids_by_name(node)["liver"], L.HEPATIC_TUMOR)
+
+
+def test_removing_a_tumor_gives_its_host_organ(scene, reference):
+    node = painted(scene, reference, [("left lung upper lobe", LUNG), ("lung tumor", NODULE)])
+    grown = S.remove_tumor(scene, node, ids_by_name(node)["lung tumor"], reference)
+    labels, _ = S.export_labels(scene, node, reference)
+    assert grown == [28] and "lung tumor" not in ids_by_name(node)
+    assert np.array_equal(labels == 28, LUNG) and not (labels == L.LUNG_TUMOR).any()
+
+
+def test_inserting_a_lesion_of_a_given_diameter_inside_its_host(scene, reference):
+    node = painted(scene, reference, [("liver", LIVER), ("kidney_right", KIDNEY)])
+    centre_ijk = np.array([14.0, 14.0, 12.0])
+    centre_ras = (AFFINE @ np.array([*centre_ijk, 1.0]))[:3]
+    sid = S.insert_tumor(scene, node, reference, L.HEPATIC_TUMOR, centre_ras, diameter_mm=12.0)
+    labels, _ = S.export_labels(scene, node, reference)
+    lesion = labels == L.HEPATIC_TUMOR
+    assert lesion.any() and not (lesion & ~LIVER).any()
+    xs, ys, zs = np.nonzero(lesion)
+    # 12 mm across: 6 voxels at 2 mm in-plane, 4 at 3 mm, each ±1 voxel
+    assert abs((xs.max() - xs.min() + 1) - 6) <= 1 and abs((ys.max() - ys.min() + 1) - 6) <= 1
+    assert abs((zs.max() - zs.min() + 1) - 4) <= 1
+    assert np.array_equal((labels == 1) | lesion, LIVER)  # the host gave the voxels up, nothing else moved
+    assert np.array_equal(labels == 5, KIDNEY)
+    assert dict((s.segment_id, s.label) for s in S.segment_labels(node))[sid] == L.HEPATIC_TUMOR
+    kidney_ras = (AFFINE @ np.array([34.0, 10.0, 10.0, 1.0]))[:3]
+    with pytest.raises(MaskError, match="right kidney, not a host of hepatic tumor"):
+        S.insert_tumor(scene, node, reference, L.HEPATIC_TUMOR, kidney_ras, diameter_mm=8.0)
+    assert np.array_equal(S.export_labels(scene, node, reference)[0], labels)  # the failed insert changed nothing
+
+
+def test_labels_round_trip_through_a_segmentation_with_maisi_names(scene, reference):
+    labels = np.zeros(SHAPE, np.int16)
+    labels[LIVER], labels[KIDNEY], labels[NODULE] = 1, 5, 23
+    node = S.import_labels(scene, labels, AFFINE)
+    assert {s.name for s in S.segment_labels(node)} == {L.name_of(1), L.name_of(5), L.name_of(23)}
+    assert all(s.source == "tag" for s in S.segment_labels(node))
+    back, affine = S.export_labels(scene, node, reference)
+    assert np.array_equal(back, labels) and np.allclose(affine, AFFINE)
+
+
+def test_a_generated_ct_loads_with_the_reference_geometry(scene, reference, tiny_model, tmp_path):
+    from MaisiSynthLib.pipeline import GenerateRequest, generate
+
+    labels = np.zeros(SHAPE, np.int16)
+    labels[box((2, 2, 2), (46, 46, 30))] = 200
+    labels[LIVER], labels[KIDNEY] = 1, 5
+    node = S.import_labels(scene, labels, AFFINE)
+    mask_path = S.write_label_input(scene, node, reference, tmp_path / "input.nrrd")
+    assert mask_path.read_bytes()[:4] == b"NRRD" and b"encoding: raw" in mask_path.read_bytes()[:2000]
+    generate(
+        GenerateRequest(
+            mask=str(mask_path), output=str(tmp_path / "ct.nrrd"), model_dir=str(tiny_model), steps=2, device="cpu"
+        )
+    )
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient")
+    study = hierarchy.CreateStudyItem(patient, "study")
+    hierarchy.CreateItem(study, reference)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(reference)) == study
+    ct = S.load_result(scene, tmp_path / "ct.nrrd", S.result_name("reference CT", 0), reference)
+    S.place_in_study(scene, ct, reference)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(ct)) == study
+    assert ct.GetName() == "reference CT synthetic (seed 0)"
+    assert ct.GetImageData().GetDimensions() == reference.GetImageData().GetDimensions()
+    assert np.allclose(S.ijk_to_ras(ct), S.ijk_to_ras(reference), atol=1e-5)
+    assert S.window_level_of(ct) == (350.0, 50.0)
+    values = S.array_from_volume(ct)
+    assert values.min() >= -1000 and values.max() <= 1000 and np.all(values[labels == 0] == -1000)
+    image, label = S.export_pair(scene, ct, node, tmp_path / "pairs", "case0")
+    import nibabel as nib
+
+    assert np.array_equal(np.asarray(nib.load(label).dataobj), labels)
+    assert np.allclose(nib.load(image).affine, AFFINE) and np.array_equal(np.asarray(nib.load(image).dataobj), values)
+
+
+def test_without_a_reference_ct_the_segmentation_geometry_is_the_grid(scene, reference):
+    node = painted(scene, reference, [("liver", LIVER)])
+    grid = S.reference_grid(scene, node)
+    assert grid.GetImageData().GetDimensions() == SHAPE
+    assert np.allclose(S.ijk_to_ras(grid), AFFINE)
+    labels, _ = S.export_labels(scene, node, grid)
+    assert np.array_equal(labels == 1, LIVER)

@@ -1,0 +1,200 @@
+"""`maisi-synth serve` over loopback: a real server process, real HTTP, `client.RemoteClient`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import act_at_step, assert_same_as_cli, run_cli, sample_steps, save_nifti, torso_labels
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from MaisiSynthLib.client import RemoteClient  # noqa: E402
+
+TOKEN = "test-token-0123456789"
+MAX_UPLOAD_MB = 0.5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, workdir, token: str | None = TOKEN):
+    port = free_port()
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", PYTHONUNBUFFERED="1")
+    env.pop("MAISI_SYNTH_TOKEN", None)
+    if token:
+        env["MAISI_SYNTH_TOKEN"] = token
+    cmd = [sys.executable, "-m", "MaisiSynthLib", "serve", "--port", str(port), "--model-dir", str(model)]
+    cmd += ["--device", "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB), "--workdir", str(workdir)]
+    process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    client = RemoteClient(f"http://127.0.0.1:{port}", token=token)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.start(timeout=2)
+            return process, client
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"server did not start: {process.stderr.read()}")
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("serve")
+    process, client = start_server(tiny_model, workdir)
+    yield client, workdir
+    try:
+        client.shutdown()
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def mask(tmp_path_factory):
+    return save_nifti(tmp_path_factory.mktemp("serve-mask") / "mask.nii.gz", torso_labels())
+
+
+def http(
+    client: RemoteClient, method: str, path: str, body: bytes | None = None, token: str | None = TOKEN, headers=None
+):
+    """A raw request; returns (status, JSON body)."""
+    headers = dict(headers or {})
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(client.url + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_two_requests_download_results_and_reuse_models(server, mask, tmp_path):
+    client, workdir = server
+    seen: list[dict] = []
+    first = client.wait(
+        client.generate(
+            {"mask": str(mask), "output": str(tmp_path / "a.nii.gz"), "preview": str(tmp_path / "a.png"), "steps": 3},
+            callback=seen.append,
+        ),
+        180,
+    )
+    second = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "b.nii.gz"), "steps": 3}), 180)
+    assert first["type"] == second["type"] == "result"
+    assert first["output"] == str(tmp_path / "a.nii.gz") and first["preview"] == str(tmp_path / "a.png")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert second["models"] == "reused"
+    a, b = nib.load(tmp_path / "a.nii.gz"), nib.load(tmp_path / "b.nii.gz")
+    assert np.array_equal(a.get_fdata(), b.get_fdata()) and a.shape == (64, 64, 64)
+    assert [e["i"] for e in seen if e["type"] == "progress" and e.get("stage") == "sample"] == [0, 1, 2, 3]
+    # the client deletes finished requests on the server; the upload went with its request
+    assert not list((workdir / "requests").iterdir()) and not list((workdir / "uploads").iterdir())
+
+
+def test_remote_output_equals_the_cli(server, mask, tiny_model, tmp_path):
+    client, _ = server
+    end = client.wait(
+        client.generate({"mask": str(mask), "output": str(tmp_path / "r.nii.gz"), "steps": 3, "seed": 4}), 180
+    )
+    assert end["type"] == "result"
+    assert_same_as_cli(tmp_path / "r.nii.gz", mask, tiny_model, seed=4)
+
+
+def test_cancel_over_http_leaves_no_file(server, mask, tmp_path):
+    client, _ = server
+    out = tmp_path / "long.nii.gz"
+    rid = client.generate({"mask": str(mask), "output": str(out), "steps": 400})
+    end, seen = act_at_step(client, rid, 2, lambda: client.cancel(rid))
+    assert end["type"] == "error" and end["kind"] == "cancelled"
+    assert max(sample_steps(seen)) <= 3
+    assert not out.exists() and not list(tmp_path.iterdir())
+    again = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "n.nii.gz"), "steps": 2}), 180)
+    assert again["type"] == "result" and (tmp_path / "n.nii.gz").exists()
+
+
+def test_bad_requests_get_clear_errors(server, mask, tmp_path):
+    client, workdir = server
+    status, body = http(client, "POST", "/v1/requests", b"{not json", headers={"Content-Type": "application/json"})
+    assert status == 400 and body["kind"] == "bad-request"
+    status, body = http(client, "POST", "/v1/requests", json.dumps({"mask_id": "nope"}).encode())
+    assert status == 404 and "upload the mask first" in body["hint"]
+    # the server owns the model folder: a client may not point it at other paths
+    end = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "x.nii.gz"), "model_dir": "/"}), 60)
+    assert end["kind"] == "bad-request" and "model_dir" in end["message"]
+    end = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "x.nii.gz"), "stepz": 3}), 60)
+    assert end["kind"] == "bad-option" and "stepz" in end["message"]
+    garbage = tmp_path / "garbage.nii.gz"
+    garbage.write_bytes(b"\x00" * 100)
+    end = client.wait(client.generate({"mask": str(garbage), "output": str(tmp_path / "x.nii.gz")}), 60)
+    assert end["kind"] == "bad-mask" and end["hint"]
+    assert not (tmp_path / "x.nii.gz").exists()
+    assert client.start()["type"] == "ready"  # still serving
+
+
+def test_token_is_required_when_set(server, mask):
+    client, _ = server
+    for method, path in [
+        ("GET", "/v1/ping"),
+        ("POST", "/v1/masks"),
+        ("POST", "/v1/requests"),
+        ("POST", "/v1/shutdown"),
+    ]:
+        assert http(client, method, path, b"", token=None)[0] == 401
+        assert http(client, method, path, b"", token="wrong")[0] == 401
+    assert http(client, "GET", "/v1/ping")[0] == 200
+
+
+def test_oversized_uploads_are_refused(server):
+    client, workdir = server
+    big = b"\x00" * int(MAX_UPLOAD_MB * 2**20 + 1024)
+    status, body = http(client, "POST", "/v1/masks?name=big.nii.gz", big)
+    assert status == 413 and body["kind"] == "too-large" and "max-upload-mb" in body["hint"]
+
+    # chunked upload without a declared length: refused while streaming, nothing kept
+    def chunks():
+        for _ in range(8):
+            yield b"\x00" * (2**17)
+
+    req = urllib.request.Request(
+        client.url + "/v1/masks?name=big.nii.gz",
+        data=chunks(),
+        method="POST",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 413
+    assert not list((workdir / "uploads").iterdir())
+
+
+def test_a_non_loopback_bind_needs_a_token(tiny_model):
+    env = {"MAISI_SYNTH_TOKEN": ""}
+    result = run_cli("serve", "--host", "0.0.0.0", "--port", str(free_port()), "--model-dir", str(tiny_model), env=env)
+    assert result.returncode == 2
+    assert "needs a token" in result.stderr and "MAISI_SYNTH_TOKEN" in result.stderr
+
+
+def test_a_dying_server_is_reported(tiny_model, mask, tmp_path):
+    process, client = start_server(tiny_model, tmp_path / "work")
+    rid = client.generate({"mask": str(mask), "output": str(tmp_path / "x.nii.gz"), "steps": 400})
+    end, _ = act_at_step(client, rid, 1, lambda: process.send_signal(signal.SIGKILL))
+    assert end["type"] == "error" and end["kind"] == "worker-died"
+    assert process.wait(30) == -signal.SIGKILL and not (tmp_path / "x.nii.gz").exists()

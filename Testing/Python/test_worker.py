@@ -1,0 +1,166 @@
+"""The background worker as the Slicer module uses it: a real subprocess on the CPU, a tiny model,
+JSON lines through `client.WorkerClient`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import act_at_step, assert_same_as_cli, sample_steps, save_nifti, torso_labels
+
+from MaisiSynthLib.client import WorkerClient
+
+CPU = {"CUDA_VISIBLE_DEVICES": "-1"}
+
+
+@pytest.fixture(scope="module")
+def worker():
+    client = WorkerClient(env=CPU, worker_args=["--device", "cpu"])
+    client.start()
+    yield client
+    client.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mask(tmp_path_factory):
+    return save_nifti(tmp_path_factory.mktemp("worker") / "mask.nii.gz", torso_labels())
+
+
+def params(mask, out, model, **extra) -> dict:
+    return {"mask": str(mask), "output": str(out), "model_dir": str(model), "steps": 3, **extra}
+
+
+def collect(client: WorkerClient, rid: str, timeout: float = 180) -> tuple[dict, list[dict]]:
+    seen: list[dict] = []
+    client._callbacks[rid] = seen.append
+    end = client.wait(rid, timeout)
+    return end, seen
+
+
+def test_ready_reports_device_and_versions(worker):
+    ready = worker.ready
+    assert ready["type"] == "ready" and ready["device"] == "cpu" and ready["pid"] == worker.process.pid
+    assert ready["torch"].startswith("2.") and ready["monai"] and ready["cuda"] is None
+    assert ready["memory_mb"] > 0 and "CPU" in ready["device_name"]
+
+
+def test_second_request_reuses_the_loaded_models(worker, mask, tiny_model, tmp_path):
+    first, events = collect(worker, worker.generate(params(mask, tmp_path / "a.nii.gz", tiny_model)))
+    second, events2 = collect(worker, worker.generate(params(mask, tmp_path / "b.nii.gz", tiny_model)))
+    assert first["type"] == second["type"] == "result"
+    # the module's worker may have loaded this model in an earlier test; the second never loads
+    assert second["models"] == "reused"
+    assert any(e["type"] == "log" and "reusing" in e["message"] for e in events2)
+    assert not any(e["type"] == "log" and e["message"].startswith("loaded") for e in events2)
+    stages = [e["stage"] for e in events if e["type"] == "progress"]
+    assert stages[0] == "load" and stages[-1] == "write"
+    assert [e["i"] for e in events if e["type"] == "progress" and e["stage"] == "sample"] == [0, 1, 2, 3]
+    assert all(e["elapsed"] >= 0 for e in events if e["type"] == "progress")
+    assert set(second["timings"]) >= {"load", "encode-mask", "sample", "decode", "write", "total"}
+    assert second["peak_memory"]["process_rss_mb"] > 0
+    assert (tmp_path / "a.nii.gz").exists() and (tmp_path / "b.nii.gz").exists()
+
+
+def test_a_changed_model_folder_is_reloaded(worker, mask, tmp_path):
+    from MaisiSynthLib.tiny_model import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "model", seed=5)
+    first, _ = collect(worker, worker.generate(params(mask, tmp_path / "a.nii.gz", folder)))
+    again, _ = collect(worker, worker.generate(params(mask, tmp_path / "b.nii.gz", folder)))
+    make_tiny_model_folder(folder, seed=6)  # new weights in the same folder
+    changed, _ = collect(worker, worker.generate(params(mask, tmp_path / "c.nii.gz", folder)))
+    assert (first["models"], again["models"], changed["models"]) == ("loaded", "reused", "loaded")
+    a = nib.load(tmp_path / "a.nii.gz").get_fdata()
+    assert np.array_equal(a, nib.load(tmp_path / "b.nii.gz").get_fdata())
+    assert not np.array_equal(a, nib.load(tmp_path / "c.nii.gz").get_fdata())
+
+
+def test_cancel_stops_within_a_step_and_the_worker_goes_on(worker, mask, tiny_model, tmp_path):
+    out = tmp_path / "long.nii.gz"
+    rid = worker.generate(params(mask, out, tiny_model, steps=400))
+    end, seen = act_at_step(worker, rid, 2, lambda: worker.cancel(rid))
+    assert end["type"] == "error" and end["kind"] == "cancelled"
+    assert max(sample_steps(seen)) <= 3  # the step running when cancel arrived may finish, no further one
+    assert not out.exists() and not list(tmp_path.iterdir())
+    assert worker.alive
+    nxt, _ = collect(worker, worker.generate(params(mask, tmp_path / "next.nii.gz", tiny_model)))
+    assert nxt["type"] == "result" and (tmp_path / "next.nii.gz").exists()
+
+
+def test_bad_requests_get_error_replies_and_the_worker_stays(worker, mask, tiny_model, tmp_path):
+    got: list[dict] = []
+    worker.on_event = got.append
+    try:
+        worker.send_raw("{this is not json")
+        worker.send_raw(json.dumps({"type": "explode", "id": "x1"}))
+        worker.send_raw(json.dumps({"type": "generate", "id": "x2", "params": {"mask": str(mask)}}))
+        worker.send_raw(json.dumps({"type": "cancel", "id": "x3", "target": "never-sent"}))
+        bad_mask = tmp_path / "bad.nii.gz"
+        bad_mask.write_bytes(b"not a nifti at all")
+        rid = worker.generate(params(bad_mask, tmp_path / "out.nii.gz", tiny_model))
+        end = worker.wait(rid, 60)
+        pong = worker.ping()
+        deadline = time.monotonic() + 30
+        while not any(e.get("id") == pong for e in got) and time.monotonic() < deadline:
+            worker.poll()
+            time.sleep(0.05)
+    finally:
+        worker.on_event = None
+    errors = [e for e in got if e["type"] == "error"]
+    by_id = {e["id"]: e for e in errors}
+    assert any(e["id"] is None and "not a JSON line" in e["message"] for e in errors)
+    assert by_id["x1"]["kind"] == "bad-request" and "explode" in by_id["x1"]["message"]
+    assert by_id["x2"]["kind"] == "bad-option" and "output" in by_id["x2"]["message"]
+    assert by_id["x3"]["kind"] == "bad-request" and "never-sent" in by_id["x3"]["message"]
+    assert end["type"] == "error" and end["kind"] == "bad-mask" and end["hint"]
+    assert not (tmp_path / "out.nii.gz").exists()
+    assert any(e["type"] == "pong" and e["id"] == pong for e in got)
+    assert worker.alive
+
+
+def test_stdout_carries_only_protocol_lines(worker):
+    assert not [line for line in worker.stderr_tail if line.startswith("(not a protocol line")]
+
+
+def test_worker_output_equals_the_cli_for_the_same_seed(worker, mask, tiny_model, tmp_path):
+    end, _ = collect(worker, worker.generate(params(mask, tmp_path / "w.nii.gz", tiny_model, seed=11)))
+    assert end["type"] == "result"
+    assert_same_as_cli(tmp_path / "w.nii.gz", mask, tiny_model, seed=11)
+
+
+def test_a_killed_worker_is_reported_with_its_exit_code(mask, tiny_model, tmp_path):
+    client = WorkerClient(env=CPU, worker_args=["--device", "cpu"])
+    client.start()
+    rid = client.generate(params(mask, tmp_path / "x.nii.gz", tiny_model, steps=400))
+    end, _ = act_at_step(client, rid, 1, lambda: os.kill(client.process.pid, signal.SIGKILL))
+    assert end["type"] == "error" and end["kind"] == "worker-died"
+    assert "exited with code -9" in end["message"]
+    assert client.wait_exit(30) == -9 and not client.alive
+    assert client.exit_event["returncode"] == -9
+    assert not (tmp_path / "x.nii.gz").exists()
+    # a dead worker refuses new requests with a clear error instead of hanging
+    late = client.wait(client.generate(params(mask, tmp_path / "y.nii.gz", tiny_model)), 10)
+    assert late["kind"] == "worker-died" and "not running" in late["message"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP is POSIX")
+def test_cancel_kills_the_process_tree_when_the_worker_does_not_answer(mask, tiny_model, tmp_path):
+    client = WorkerClient(env=CPU, worker_args=["--device", "cpu"], cancel_timeout=1.0)
+    client.start()
+    rid = client.generate(params(mask, tmp_path / "x.nii.gz", tiny_model, steps=400))
+
+    def hang_then_cancel():
+        os.kill(client.process.pid, signal.SIGSTOP)  # a hung worker: it cannot see the cancel
+        client.cancel(rid)
+
+    started = time.monotonic()
+    end, _ = act_at_step(client, rid, 1, hang_then_cancel)
+    assert end["type"] == "error" and end["kind"] == "cancelled" and "killed" in end["message"]
+    assert time.monotonic() - started < 60 and not client.alive and client.returncode == -signal.SIGKILL
+    assert not (tmp_path / "x.nii.gz").exists()
