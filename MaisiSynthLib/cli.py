@@ -485,6 +485,73 @@ def _run_serve(args) -> int:
     )
 
 
+# ---------------------------------------------------------------------------------------------------
+# batch
+
+
+def _add_batch(sub) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="many masks × seeds → image/label pairs (nnU-Net or MONAI layout), resumable, torchrun-sharded",
+        description="Generate synthetic image/label pairs for training. Re-running the same command skips "
+        "finished pairs; under `torchrun --nproc_per_node G -m MaisiSynthLib batch ...` the ranks share the work.",
+    )
+    p.add_argument(
+        "--masks", required=True, help="folder of masks (its *_label files if it holds pairs) or a list file"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per mask (default 1)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--out", required=True, help="output folder (the dataset)")
+    p.add_argument(
+        "--edit",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="mask edit, repeatable: insert:hepatic:10-30[:count], swap:lung:hepatic, remove:all",
+    )
+    p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
+    p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
+    p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
+    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--solver", default="euler", choices=["euler", "heun"])
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="torch threads per process (default 1 on the CPU, for identical bytes)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_run_batch)
+
+
+def _run_batch(args) -> int:
+    from .batch import BatchSettings, run_batch
+
+    counts = run_batch(
+        BatchSettings(
+            masks=args.masks,
+            out=args.out,
+            seeds=args.seeds,
+            seed_start=args.seed_start,
+            edits=args.edit,
+            layout=args.layout,
+            labels=args.labels,
+            model_dir=args.model_dir,
+            steps=args.steps,
+            solver=args.solver,
+            cfg_scale=args.cfg_scale,
+            device=args.device,
+            threads=args.threads,
+            name=args.name,
+        ),
+        progress=not args.quiet,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"{counts['done']} of {counts['pairs']} pairs done, {counts['failed']} failed "
+            f"({counts['ran_here']} generated now); manifest: {Path(args.out) / 'manifest.jsonl'}"
+        )
+    return 0 if counts["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maisi-synth", description="Mask → synthetic CT (MAISI-v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
@@ -497,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_worker(sub)
     _add_serve(sub)
+    _add_batch(sub)
     return parser
 
 

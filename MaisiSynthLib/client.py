@@ -354,6 +354,7 @@ class RemoteClient(_EventClient):
         self.token = token
         self.timeout = timeout
         self.ready: dict | None = None
+        self._cancelled: set[str] = set()
 
     def start(self, timeout: float = 30.0) -> dict:
         self.ready = self._json("GET", "/v1/ping", timeout=timeout)
@@ -368,10 +369,11 @@ class RemoteClient(_EventClient):
         return request_id
 
     def cancel(self, request_id: str, timeout: float | None = None) -> None:
+        self._cancelled.add(request_id)  # still uploading: cancelled as soon as the server has it
         try:
             self._json("POST", f"/v1/requests/{request_id}/cancel")
-        except WorkerError:
-            pass
+        except (WorkerError, RemoteError):
+            pass  # not on the server yet, or already finished
 
     def shutdown(self, timeout: float = 20.0) -> None:
         self._json("POST", "/v1/shutdown")
@@ -423,6 +425,8 @@ class RemoteClient(_EventClient):
             self._json(
                 "POST", "/v1/requests", {"id": request_id, "mask_id": mask_id, "outputs": outputs, "params": params}
             )
+            if request_id in self._cancelled:
+                self.cancel(request_id)
             end = None
             with self._request("GET", f"/v1/requests/{request_id}/events?stream=1", timeout=None) as stream:
                 for raw in stream:

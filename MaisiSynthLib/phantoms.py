@@ -23,8 +23,6 @@ lesions actually placed, which on small or coarse grids may be fewer than asked 
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -37,6 +35,7 @@ from scipy import ndimage
 
 from . import labels as L
 from .errors import OptionError
+from .volumes import gzip_bytes
 
 TUMOR_CHOICES = (L.HEPATIC_TUMOR, L.LUNG_TUMOR, L.PANCREATIC_TUMOR, L.COLON_CANCER, L.BONE_LESION)
 DEFAULT_SIZE = (128, 128, 64)
@@ -492,11 +491,7 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    raw = image.to_bytes()
-    out = io.BytesIO()
-    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="") as gz:
-        gz.write(raw)
-    return out.getvalue()
+    return gzip_bytes(image.to_bytes(), level=9)
 
 
 def write_phantoms(

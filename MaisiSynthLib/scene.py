@@ -115,20 +115,20 @@ def _tag(segment, key: str) -> str | None:
 
 
 def _terminology_names(segment) -> list[str]:
-    """Candidate names from a segment's terminology entry (type and modifier)."""
+    """Candidate names from a segment's terminology entry: "<modifier> <type>", then "<type>".
+
+    The entry is `context~category~type~type modifier~anatomic context~region~region modifier`, each
+    coded part `scheme^code^meaning` (e.g. `…~SCT^64033007^Kidney~SCT^24028007^Right~…`)."""
     entry = _tag(segment, segment.GetTerminologyEntryTagName()) or ""
-    if "~" not in entry:
-        return []
-    # "SCT^123037004^Anatomical Structure~SCT^10200004^Liver~^^~…": code meanings are the 3rd fields
     fields = entry.split("~")
-    names = []
-    for field in fields[1:4]:
-        parts = field.split("^")
-        if len(parts) >= 3 and parts[2]:
-            names.append(parts[2])
-    if len(names) >= 2 and names[1]:  # modifier (e.g. "Left") + type
-        names.insert(0, f"{names[1]} {names[0]}")
-    return names
+    if len(fields) < 4:
+        return []
+
+    def meaning(field: str) -> str:
+        return field.split("^")[2].strip() if field.count("^") >= 2 else ""
+
+    kind, modifier = meaning(fields[2]), meaning(fields[3])
+    return [f"{modifier} {kind}"] * bool(modifier and kind) + [kind] * bool(kind)
 
 
 def segment_labels(segmentation_node) -> list[SegmentLabel]:

@@ -8,6 +8,8 @@ and from RAS happens only in this module.
 from __future__ import annotations
 
 import contextlib
+import gzip
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -208,6 +210,15 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
     return Path(path)
 
 
+def gzip_bytes(raw: bytes, level: int = 1) -> bytes:
+    """gzip with a zero timestamp and no file name: the same volume always gives the same bytes
+    (resumed and sharded batch runs compare files by hash). Level 1, as nibabel: CTs are large."""
+    out = io.BytesIO()
+    with gzip.GzipFile(fileobj=out, mode="wb", mtime=0, filename="", compresslevel=level) as gz:
+        gz.write(raw)
+    return out.getvalue()
+
+
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, like: Volume | None = None) -> None:
     """Write `array` with `affine` to exactly `path` (not atomic: callers write to a temp path).
 
@@ -228,7 +239,10 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
             img.header.set_slope_inter(1.0, 0.0)
             img.set_qform(affine, code=int(header["qform_code"]) or 1)
             img.set_sform(affine, code=int(header["sform_code"]) or 1)
-        nib.save(img, str(path))
+        if str(path).lower().endswith(".gz"):
+            Path(path).write_bytes(gzip_bytes(img.to_bytes()))
+        else:
+            nib.save(img, str(path))
     elif fmt in ("nrrd", "seg.nrrd"):
         import nrrd
 

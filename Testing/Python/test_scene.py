@@ -176,3 +176,18 @@ def test_without_a_reference_ct_the_segmentation_geometry_is_the_grid(scene, ref
     assert np.allclose(S.ijk_to_ras(grid), AFFINE)
     labels, _ = S.export_labels(scene, node, grid)
     assert np.array_equal(labels == 1, LIVER)
+
+
+def test_terminology_entries_map_segments(scene, reference):
+    node = painted(scene, reference, [("Segment_1", KIDNEY), ("Segment_2", LIVER)])
+    ids = ids_by_name(node)
+    context = "Segmentation category and type - 3D Slicer General Anatomy list"
+    anatomy = "SCT^123037004^Anatomical Structure"
+    segment = node.GetSegmentation().GetSegment(ids["Segment_1"])
+    segment.SetTag(
+        segment.GetTerminologyEntryTagName(), f"{context}~{anatomy}~SCT^64033007^Kidney~SCT^24028007^Right~~^^~^^"
+    )
+    segment = node.GetSegmentation().GetSegment(ids["Segment_2"])
+    segment.SetTag(segment.GetTerminologyEntryTagName(), f"{context}~{anatomy}~SCT^10200004^Liver~^^~~^^~^^")
+    mapping = {s.name: (s.label, s.source) for s in S.segment_labels(node)}
+    assert mapping == {"Segment_1": (5, "terminology"), "Segment_2": (1, "terminology")}

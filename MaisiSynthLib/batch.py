@@ -1,0 +1,513 @@
+"""Batch synthesis: many masks × seeds (× mask edits) → image/label pairs in nnU-Net or MONAI layout.
+
+    maisi-synth batch --masks DIR|LIST --seeds K --out DIR [--edit RULE ...] [--layout nnunet|monai]
+    torchrun --nproc_per_node G -m MaisiSynthLib batch ...      # the same work, sharded over ranks
+
+Every pair goes through `pipeline.generate` (models loaded once per process). A pair is done when
+its image and label files are in place *and* its line is in the manifest: files are renamed into
+place first, the manifest line is appended after, so a killed run never lists a half-written pair,
+and a re-run skips exactly the pairs whose manifest line and file hashes agree.
+
+Edit rules (applied in order, random choices seeded by the pair's seed and mask):
+
+    insert:<tumor>:<min>-<max>[:<count>]   e.g. insert:hepatic:10-30  (lesion diameter in mm)
+    swap:<tumor>:<tumor>                    e.g. swap:lung:hepatic
+    remove:<tumor>|all                      e.g. remove:all
+
+Tumors by MAISI id or short name: hepatic, lung, pancreatic, colon, bone.
+
+CPU results depend on the number of threads torch uses, so every process runs `threads` threads
+(default 1 on the CPU): a sharded run then writes the same bytes as a single process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import __version__
+from . import labels as L
+from .errors import MaisiSynthError, MaskError, OptionError
+
+MANIFEST = "manifest.jsonl"
+LABEL_MAP = "label_map.json"
+LAYOUTS = ("nnunet", "monai")
+MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
+TUMOR_SHORT = {
+    "hepatic": L.HEPATIC_TUMOR,
+    "liver": L.HEPATIC_TUMOR,
+    "lung": L.LUNG_TUMOR,
+    "pancreatic": L.PANCREATIC_TUMOR,
+    "pancreas": L.PANCREATIC_TUMOR,
+    "colon": L.COLON_CANCER,
+    "bone": L.BONE_LESION,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edit rules
+
+
+@dataclass(frozen=True)
+class EditRule:
+    kind: str  # insert, swap, remove
+    tumor: int | None = None  # None with remove: every tumor
+    to: int | None = None  # swap target
+    min_mm: float = 0.0
+    max_mm: float = 0.0
+    count: int = 1
+    text: str = ""
+
+
+def _tumor(word: str, rule: str) -> int:
+    word = word.strip().lower()
+    tumor = int(word) if word.isdigit() else TUMOR_SHORT.get(word, L.id_for_name(word))
+    if tumor is None or not L.is_tumor(tumor):
+        names = ", ".join(sorted(set(TUMOR_SHORT)))
+        raise OptionError(
+            f"'{word}' in edit rule '{rule}' is not a tumor type", f"use a MAISI tumor id or one of {names}"
+        )
+    return int(tumor)
+
+
+def parse_rule(text: str) -> EditRule:
+    parts = [p.strip() for p in text.split(":")]
+    kind = parts[0].lower()
+    usage = "use insert:<tumor>:<min>-<max>[:<count>], swap:<tumor>:<tumor> or remove:<tumor>|all"
+    if kind == "insert" and len(parts) in (3, 4):
+        sizes = re.fullmatch(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?(?:mm)?", parts[2])
+        count = parts[3] if len(parts) == 4 else "1"
+        if not sizes or not count.isdigit() or int(count) < 1:
+            raise OptionError(f"bad insert rule '{text}'", "e.g. insert:hepatic:10-30 (mm) or insert:lung:8-12:2")
+        low = float(sizes.group(1))
+        high = float(sizes.group(2) or low)
+        if not 0 < low <= high:
+            raise OptionError(f"bad lesion sizes in '{text}'", "give min-max diameters in mm with 0 < min <= max")
+        return EditRule("insert", _tumor(parts[1], text), None, low, high, int(count), text)
+    if kind == "swap" and len(parts) == 3:
+        return EditRule("swap", _tumor(parts[1], text), _tumor(parts[2], text), text=text)
+    if kind == "remove" and len(parts) == 2:
+        return EditRule("remove", None if parts[1].lower() == "all" else _tumor(parts[1], text), text=text)
+    raise OptionError(f"bad edit rule '{text}'", usage)
+
+
+def apply_rules(
+    labels: np.ndarray, spacing: Sequence[float], rules: Sequence[EditRule], rng: np.random.Generator
+) -> tuple[np.ndarray, list[dict]]:
+    """The edited label map and a record of what each rule did (for the manifest)."""
+    from . import lesions
+    from .masks import remove_tumors
+
+    done = []
+    for rule in rules:
+        if rule.kind == "insert":
+            for _ in range(rule.count):
+                diameter = float(rng.uniform(rule.min_mm, rule.max_mm))
+                before = labels == rule.tumor
+                labels = lesions.random_tumor(labels, rule.tumor, diameter / 2.0, spacing, rng)
+                added = (labels == rule.tumor) & ~before
+                centre = np.argwhere(added).mean(axis=0) if added.any() else None
+                done.append(
+                    {
+                        "rule": rule.text,
+                        "inserted": L.name_of(rule.tumor),
+                        "diameter_mm": round(diameter, 2),
+                        "voxels": int(added.sum()),
+                        "centre_voxel": None if centre is None else [round(float(c), 1) for c in centre],
+                    }
+                )
+        elif rule.kind == "swap":
+            where = labels == rule.tumor
+            labels = labels.copy()
+            labels[where] = rule.to
+            done.append({"rule": rule.text, "swapped_voxels": int(where.sum())})
+        else:
+            tumors = (rule.tumor,) if rule.tumor is not None else None
+            present = np.isin(labels, tumors or L.TUMORS)
+            labels = remove_tumors(labels, tumors)
+            done.append({"rule": rule.text, "removed_voxels": int(present.sum())})
+    return labels, done
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class Job:
+    case: str
+    mask: Path
+    seed: int
+
+
+def find_masks(source: str | Path) -> list[Path]:
+    """Masks from a folder (its *_label files if it holds image/label pairs) or a list file."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and p.name.lower().endswith(MASK_SUFFIXES))
+        labels = [p for p in files if re.search(r"_label\.", p.name)]
+        found = labels or files
+    elif source.is_file():
+        lines = [line.strip() for line in source.read_text(encoding="utf-8").splitlines()]
+        found = [(source.parent / line) for line in lines if line and not line.startswith("#")]
+    else:
+        raise OptionError(f"masks not found: {source}", "pass a folder of masks or a text file listing them")
+    if not found:
+        raise OptionError(f"no masks in {source}", f"masks are {', '.join(MASK_SUFFIXES)} files")
+    return found
+
+
+def case_stem(mask: Path) -> str:
+    name = mask.name
+    for suffix in MASK_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"_label$", "", name)
+    return re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-") or "case"
+
+
+def plan(masks: Sequence[Path], seeds: Sequence[int]) -> list[Job]:
+    stems = [case_stem(m) for m in masks]
+    if len(set(stems)) != len(stems):
+        dup = sorted({s for s in stems if stems.count(s) > 1})
+        raise OptionError(f"several masks give the same case name: {', '.join(dup)}", "rename them")
+    return [Job(f"{stem}_s{seed:03d}", mask, int(seed)) for mask, stem in zip(masks, stems) for seed in seeds]
+
+
+def job_rng(job: Job) -> np.random.Generator:
+    """The random stream of a pair's edits: its seed and mask name, whatever rank runs it."""
+    digest = hashlib.sha256(f"{job.mask.name}|{job.seed}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layouts and label ids
+
+
+def pair_paths(out: Path, layout: str, case: str) -> tuple[Path, Path]:
+    if layout == "nnunet":
+        return out / "imagesTr" / f"{case}_0000.nii.gz", out / "labelsTr" / f"{case}.nii.gz"
+    return out / "images" / f"{case}.nii.gz", out / "labels" / f"{case}.nii.gz"
+
+
+def label_map_for(spec: str, layout: str, masks: Sequence[Path], rules: Sequence[EditRule]) -> dict[int, int]:
+    """MAISI id → written id. `all` keeps MAISI ids (MONAI) or numbers the ids that can occur 1..N
+    (nnU-Net wants consecutive labels); a list (`liver,hepatic tumor,23`) numbers those 1..K and
+    writes everything else as background."""
+    from .volumes import read_volume
+
+    if spec != "all":
+        chosen = []
+        for word in (w.strip() for w in spec.split(",") if w.strip()):
+            label = int(word) if word.isdigit() else L.id_for_name(word)
+            if label is None or label not in L.known_ids() or label == 0:
+                raise OptionError(f"'{word}' in --labels is not a MAISI structure", "see `maisi-synth labels`")
+            chosen.append(label)
+        return {label: i for i, label in enumerate(dict.fromkeys(chosen), start=1)}
+    if layout == "monai":
+        return {}
+    present: set[int] = set()
+    for mask in masks:
+        try:
+            present |= {int(v) for v in np.unique(np.asarray(read_volume(mask, "mask").array))}
+        except MaisiSynthError:
+            continue  # reported as failed when its turn comes
+    present |= {r.tumor for r in rules if r.kind == "insert"} | {r.to for r in rules if r.kind == "swap"}
+    present.discard(0)
+    return {label: i for i, label in enumerate(sorted(present), start=1)}
+
+
+def remap(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    if not mapping:
+        return labels.astype(np.int16)
+    lut = np.zeros(max(int(labels.max()), max(mapping)) + 1, dtype=np.int16)
+    for source, target in mapping.items():
+        lut[source] = target
+    return lut[labels.astype(np.int64)]
+
+
+def write_index(out: Path, layout: str, entries: list[dict], mapping: dict[int, int], name: str) -> Path:
+    """nnU-Net's dataset.json or MONAI's datalist.json for the finished pairs (atomic)."""
+    from .volumes import atomic_path
+
+    ok = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: e["case"])
+    if layout == "nnunet":
+        names = {"background": 0}
+        for label, value in sorted(mapping.items(), key=lambda kv: kv[1]):
+            names[L.name_of(label)] = value
+        index = {
+            "channel_names": {"0": "CT"},
+            "labels": names,
+            "numTraining": len(ok),
+            "file_ending": ".nii.gz",
+            "name": name,
+            "description": "Synthetic CTs from MaisiSynth (MAISI-v2); provenance in manifest.jsonl",
+            "overwrite_image_reader_writer": "NibabelIOWithReorient",
+        }
+        path = out / "dataset.json"
+    else:
+        index = {
+            "name": name,
+            "description": "Synthetic CTs from MaisiSynth (MAISI-v2); provenance in manifest.jsonl",
+            "labels": {str(v): L.name_of(k) for k, v in mapping.items()} or "MAISI ids (maisi-synth labels)",
+            "training": [{"image": e["image"], "label": e["label"]} for e in ok],
+        }
+        path = out / "datalist.json"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(out: Path) -> dict[str, dict]:
+    """The last entry per case from the manifest and any per-rank parts; a torn last line (a kill
+    while appending) is ignored."""
+    entries: dict[str, dict] = {}
+    for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and "case" in entry:
+                entries[entry["case"]] = entry
+    return entries
+
+
+def is_done(out: Path, entry: dict | None) -> bool:
+    if not entry or entry.get("status") != "ok":
+        return False
+    for key in ("image", "label"):
+        path = out / entry[key]
+        if not path.is_file() or sha256_of(path) != entry.get(f"{key}_sha256"):
+            return False
+    return True
+
+
+def append_line(path: Path, entry: dict) -> None:
+    data = (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)  # one write per line: lines of different processes do not interleave
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class BatchSettings:
+    masks: str
+    out: str
+    seeds: int = 1
+    seed_start: int = 0
+    edits: list[str] = field(default_factory=list)
+    layout: str = "nnunet"
+    labels: str = "all"
+    model_dir: str | None = None
+    steps: int | None = None
+    solver: str = "euler"
+    cfg_scale: float | None = None
+    device: str = "auto"
+    threads: int | None = None
+    name: str = "MaisiSynth"
+
+
+def _model_provenance(model_dir: Path) -> dict:
+    from .models import locate_model_folder
+
+    folder = locate_model_folder(model_dir)
+    return {
+        "model_dir": str(folder.root.resolve()),
+        "model_name": folder.name,
+        "weights_sha256": {p.name: sha256_of(p) for p in folder.weight_files()},
+        "config_sha256": sha256_of(folder.config_path),
+    }
+
+
+def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
+    """Run (or resume) a batch; returns counts. Under torchrun each rank runs its share."""
+    import torch
+
+    from .pipeline import GenerateRequest, default_model_dir, generate
+    from .training.distributed import setup, teardown
+    from .worker import ModelCache
+
+    if settings.layout not in LAYOUTS:
+        raise OptionError(f"unknown layout '{settings.layout}'", f"use one of {', '.join(LAYOUTS)}")
+    if settings.seeds < 1 or settings.seed_start < 0:
+        raise OptionError("--seeds must be at least 1 and --seed-start at least 0", "e.g. --seeds 2")
+    rules = [parse_rule(r) for r in settings.edits]
+    masks = find_masks(settings.masks)
+    jobs = plan(masks, range(settings.seed_start, settings.seed_start + settings.seeds))
+    out = Path(settings.out)
+    model_dir = Path(settings.model_dir) if settings.model_dir else default_model_dir()
+    provenance = _model_provenance(model_dir)
+
+    ctx = setup(settings.device)
+    threads = settings.threads or (1 if ctx.device.type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    try:
+        # every rank checks, so that a refusal ends all of them rather than leaving some at a barrier
+        mapping = label_map_for(settings.labels, settings.layout, masks, rules)
+        record = {"layout": settings.layout, "labels": {str(k): v for k, v in mapping.items()}}
+        saved = out / LABEL_MAP
+        if saved.exists() and json.loads(saved.read_text()) != record:
+            raise OptionError(
+                f"{out} was written with another layout or label map ({saved})",
+                "use a new --out folder, or the same --layout/--labels as before",
+            )
+        ctx.barrier()
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(record, indent=2) + "\n")
+        ctx.barrier()
+        finished = read_manifest(out)
+        mine = [job for i, job in enumerate(jobs) if i % ctx.world_size == ctx.rank]
+        todo = [job for job in mine if not is_done(out, finished.get(job.case))]
+        part = out / (f"manifest.rank{ctx.rank}.jsonl" if ctx.world_size > 1 else MANIFEST)
+        cache = ModelCache()
+        device = str(ctx.device)
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=len(mine),
+                initial=len(mine) - len(todo),
+                desc=f"rank {ctx.rank}",
+                position=ctx.rank,
+                unit="pair",
+                leave=True,
+            )
+        failed = 0
+        for job in todo:
+            entry = _run_job(job, out, settings, rules, mapping, provenance, cache, device, GenerateRequest, generate)
+            entry["rank"] = ctx.rank
+            append_line(part, entry)
+            failed += entry["status"] != "ok"
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        ctx.barrier()
+        if ctx.is_main:
+            merged = read_manifest(out)
+            lines = [json.dumps(merged[c], sort_keys=True) for c in sorted(merged)]
+            from .volumes import atomic_path
+
+            with atomic_path(out / MANIFEST) as tmp:
+                tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            for rank_part in out.glob("manifest.rank*.jsonl"):
+                rank_part.unlink()
+            write_index(out, settings.layout, list(merged.values()), mapping, settings.name)
+            shutil.rmtree(out / ".tmp", ignore_errors=True)
+        ctx.barrier()
+    finally:
+        teardown()
+    entries = read_manifest(out)
+    return {
+        "pairs": len(jobs),
+        "done": sum(e["status"] == "ok" for e in entries.values()),
+        "failed": sum(e["status"] != "ok" for e in entries.values()),
+        "ran_here": len(todo),
+        "failed_here": failed,
+    }
+
+
+def _run_job(job, out, settings, rules, mapping, provenance, cache, device, GenerateRequest, generate) -> dict:
+    from .masks import read_mask
+    from .volumes import save_volume
+
+    image_path, label_path = pair_paths(out, settings.layout, job.case)
+    tmp = out / ".tmp" / job.case
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    entry: dict = {
+        "case": job.case,
+        "source_mask": str(job.mask),
+        "seed": job.seed,
+        "edits": [],
+        "steps": settings.steps,
+        "solver": settings.solver,
+        "maisi_synth": __version__,
+        **provenance,
+    }
+    started = time.perf_counter()
+    try:
+        entry["source_mask_sha256"] = sha256_of(job.mask) if job.mask.is_file() else None
+        mask = read_mask(job.mask)
+        spacing = np.linalg.norm(mask.affine[:3, :3], axis=0)
+        labels, entry["edits"] = apply_rules(mask.labels, spacing, rules, job_rng(job))
+        edited = tmp / "mask.nii.gz"
+        save_volume(edited, labels.astype(np.int16), mask.affine)
+        request = GenerateRequest(
+            mask=str(edited),
+            output=str(tmp / "image.nii.gz"),
+            label_output=str(tmp / "label_maisi.nii.gz"),
+            model_dir=provenance["model_dir"],
+            steps=settings.steps,
+            seed=job.seed,
+            cfg_scale=settings.cfg_scale,
+            solver=settings.solver,
+            device=device,
+        )
+        result = generate(request, models=lambda folder, dev, precision: cache.get(folder, dev, precision))
+        import nibabel as nib
+
+        written = nib.load(str(tmp / "label_maisi.nii.gz"))
+        save_volume(tmp / "label.nii.gz", remap(np.asarray(written.dataobj), mapping), written.affine)
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / "image.nii.gz", image_path)
+        os.replace(tmp / "label.nii.gz", label_path)
+        entry.update(
+            status="ok",
+            image=image_path.relative_to(out).as_posix(),
+            label=label_path.relative_to(out).as_posix(),
+            image_sha256=sha256_of(image_path),
+            label_sha256=sha256_of(label_path),
+            steps=result.steps,
+            cfg_scale=result.cfg_scale,
+            shape=list(result.shape),
+            spacing=list(result.spacing),
+            device=result.device,
+            timings=result.timings,
+            notes=result.notes,
+        )
+    except MaisiSynthError as exc:
+        entry.update(status="failed", error_kind=exc.kind, reason=exc.one_line())
+    except Exception as exc:  # noqa: BLE001 - one bad pair must not stop a long batch
+        entry.update(status="failed", error_kind="internal", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    entry["seconds"] = round(time.perf_counter() - started, 3)
+    entry["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return entry
