@@ -272,8 +272,9 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = "Cancelled; nothing was written."
             else:
                 self.ui.statusLabel.text = "Failed."
-                hint = f"\n\nFix: {event['hint']}" if event.get("hint") else ""
-                slicer.util.errorDisplay(f"{event.get('message', 'The generation failed.')}{hint}")
+                from MaisiSynthLib.gui_options import error_text
+
+                slicer.util.errorDisplay(error_text(event))
 
     # -- result ---------------------------------------------------------------------------------------
 

@@ -100,3 +100,18 @@ class GenerateOptions:
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
         return sys.executable
+
+
+# Hints the engine words for the command line, said in terms of the module's controls.
+_GUI_HINTS = {
+    "bad-geometry": "choose the output grid 'Nearest allowed size (auto)' or another preset under Generation",
+    "out-of-memory": "choose a smaller output grid preset, or use a remote GPU server (Generation → Remote server)",
+    "worker-died": "check 'Worker Python' has torch and MONAI (see the log box and README → Use in 3D Slicer)",
+}
+
+
+def error_text(event: dict) -> str:
+    """The message of a worker `error` event for a dialog: the problem, then what to do in the GUI."""
+    message = event.get("message") or "the generation failed"
+    hint = _GUI_HINTS.get(event.get("kind", ""), event.get("hint") or "")
+    return f"{message}\n\nFix: {hint}" if hint else message

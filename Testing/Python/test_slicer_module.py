@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from MaisiSynthLib.gui_options import GRID_PRESETS, GenerateOptions
+from MaisiSynthLib.gui_options import GRID_PRESETS, GenerateOptions, error_text
 from MaisiSynthLib.gui_progress import describe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -178,3 +178,17 @@ def test_generate_options_become_worker_params():
 )
 def test_progress_events_map_to_a_bar(event, percent, words):
     assert describe(event) == (percent, words)
+
+
+def test_error_dialogs_speak_of_the_module_controls():
+    geometry = {
+        "type": "error",
+        "kind": "bad-geometry",
+        "message": "output size 100x100x50 is not allowed",
+        "hint": "pass --output-size 96 96 48 (or --output-size auto)",
+    }
+    text = error_text(geometry)
+    assert text.startswith("output size 100x100x50 is not allowed") and "Nearest allowed size (auto)" in text
+    assert "--output-size" not in text
+    mask = {"type": "error", "kind": "bad-mask", "message": "label 250 is not a MAISI id", "hint": "relabel it"}
+    assert error_text(mask) == "label 250 is not a MAISI id\n\nFix: relabel it"
