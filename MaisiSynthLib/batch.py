@@ -355,7 +355,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     """Run (or resume) a batch; returns counts. Under torchrun each rank runs its share."""
     import torch
 
-    from .pipeline import GenerateRequest, default_model_dir, generate
+    from .pipeline import default_model_dir
     from .training.distributed import setup, teardown
     from .worker import ModelCache
 
@@ -409,7 +409,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
             )
         failed = 0
         for job in todo:
-            entry = _run_job(job, out, settings, rules, mapping, provenance, cache, device, GenerateRequest, generate)
+            entry = _run_job(job, out, settings, rules, mapping, provenance, cache, device)
             entry["rank"] = ctx.rank
             append_line(part, entry)
             failed += entry["status"] != "ok"
@@ -442,8 +442,9 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     }
 
 
-def _run_job(job, out, settings, rules, mapping, provenance, cache, device, GenerateRequest, generate) -> dict:
+def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> dict:
     from .masks import read_mask
+    from .pipeline import GenerateRequest, generate
     from .volumes import save_volume
 
     image_path, label_path = pair_paths(out, settings.layout, job.case)
@@ -479,7 +480,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device, Gene
             solver=settings.solver,
             device=device,
         )
-        result = generate(request, models=lambda folder, dev, precision: cache.get(folder, dev, precision))
+        result = generate(request, models=cache.get)
         import nibabel as nib
 
         written = nib.load(str(tmp / "label_maisi.nii.gz"))

@@ -85,9 +85,10 @@ def set_volume_array(volume_node, array: np.ndarray, affine: np.ndarray) -> None
     volume_node.SetAndObserveImageData(image)
 
 
-def _labelmap_on(scene, reference, array: np.ndarray, name: str):
+def _labelmap_node(scene, array: np.ndarray, affine: np.ndarray, name: str):
+    """A (temporary) label map node holding `array` on the grid `affine`; callers remove it."""
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName(name))
-    set_volume_array(node, array.astype(np.int16), ijk_to_ras(reference))
+    set_volume_array(node, np.asarray(array).astype(np.int16), affine)
     return node
 
 
@@ -220,9 +221,8 @@ def import_labels(scene, labels: np.ndarray, affine: np.ndarray, name: str = "MA
     slicer = _slicer()
 
     ensure_segmentation_converters()
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi import"))
+    node = _labelmap_node(scene, labels, affine, "maisi import")
     try:
-        set_volume_array(node, np.asarray(labels).astype(np.int16), affine)
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
         segmentation_node.CreateDefaultDisplayNodes()
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(node, segmentation_node):
@@ -256,7 +256,7 @@ def label_color(label: int) -> tuple[float, float, float]:
 def _write_segment(scene, segmentation_node, reference, segment_id: str, mask: np.ndarray) -> None:
     slicer = _slicer()
 
-    node = _labelmap_on(scene, reference, mask.astype(np.int16), "maisi segment")
+    node = _labelmap_node(scene, mask, ijk_to_ras(reference), "maisi segment")
     try:
         image = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
         slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
@@ -363,9 +363,8 @@ def write_nrrd(scene, volume_node, path: str | os.PathLike) -> Path:
 def write_label_input(scene, segmentation_node, reference_volume, path: str | os.PathLike) -> Path:
     """The worker's input: the segmentation as a MAISI label map on the reference grid (NRRD)."""
     labels, affine = export_labels(scene, segmentation_node, reference_volume)
-    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", scene.GenerateUniqueName("maisi input"))
+    node = _labelmap_node(scene, labels, affine, "maisi input")
     try:
-        set_volume_array(node, labels, affine)
         return write_nrrd(scene, node, path)
     finally:
         scene.RemoveNode(node)

@@ -21,6 +21,7 @@ Bound to 127.0.0.1 by default. On any other address a token is required, sent as
 """
 
 import hmac
+import json
 import ipaddress
 import re
 import shutil
@@ -207,8 +208,6 @@ def create_app(hub: Hub, token: str | None, max_upload_bytes: int, on_shutdown=N
                 return {"events": log.events[since:], "next": len(log.events), "done": log.done}
 
         def lines():
-            import json
-
             position = since
             while True:
                 with hub.changed:
