@@ -336,7 +336,7 @@ def _add_phantoms(sub) -> None:
     p = sub.add_parser(
         "phantoms",
         help="write procedural CT phantoms with MAISI labels",
-        description="Write caseNNNN_image.nii.gz / caseNNNN_label.nii.gz pairs (deterministic by seed).",
+        description="Write <prefix>NNNN_image.nii.gz / <prefix>NNNN_label.nii.gz pairs (deterministic by seed).",
     )
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--out", required=True, help="output folder")
@@ -346,6 +346,17 @@ def _add_phantoms(sub) -> None:
     p.add_argument("--spacing", nargs=3, default=["3", "3", "5"], metavar="MM", help="mm x y z (default 3 3 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tumors", default="all", help="all, random, none, or comma-separated tumor ids (e.g. 26,23)")
+    p.add_argument(
+        "--fov",
+        default="torso",
+        choices=("torso", "chest", "abdomen", "varied"),
+        help="field of view: centred on the torso (default), chest-only, abdomen-only, or varied "
+        "(any craniocaudal position, spacing ±15%%)",
+    )
+    p.add_argument(
+        "--coarse", action="store_true", help="write coarse label maps: body, lung lobes, bones and tumors only"
+    )
+    p.add_argument("--prefix", default="case", help="file name prefix (default case: case0000_image.nii.gz)")
     p.set_defaults(run=_run_phantoms)
 
 
@@ -365,7 +376,18 @@ def _run_phantoms(args) -> int:
                 f"--tumors takes all, random, none or ids, got '{args.tumors}'", "e.g. --tumors 26,23"
             ) from None
     bar = tqdm(total=args.count, desc="phantoms", unit="case", file=sys.stderr)
-    pairs = write_phantoms(args.out, args.count, size, spacing, args.seed, tumors, progress=lambda: bar.update(1))
+    pairs = write_phantoms(
+        args.out,
+        args.count,
+        size,
+        spacing,
+        args.seed,
+        tumors,
+        progress=lambda: bar.update(1),
+        fov=args.fov,
+        coarse=args.coarse,
+        prefix=args.prefix,
+    )
     bar.close()
     print(f"wrote {len(pairs)} image/label pairs to {args.out}")
     return 0

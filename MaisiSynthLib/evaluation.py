@@ -5,7 +5,9 @@ label map with each tumor replaced by its host organ. Measured:
 
 - organ HU: median HU of each structure group in the synthetic vs the real CT (absolute error).
   Muscle is the labelled back muscles (autochthon 104/105); fat is the body-label voxels whose real
-  HU is below −50 (subcutaneous and visceral fat have no MAISI label), the same voxels in both CTs;
+  HU is below −50 (subcutaneous and visceral fat have no MAISI label), the same voxels in both CTs.
+  Three coarse regions serve masks with few structures (body, lobes, bones, a lesion): soft tissue
+  is every body-label (200) voxel, bone every bone and costal cartilage, lung the lobes;
 - tumor conspicuity: median(tumor) − median(host organ), synthetic vs real, per tumor type;
 - ROI sensitivity: mean |CT(mask) − CT(mask without tumors)| inside the tumors, and the same over
   body voxels outside the tumors dilated by 3 voxels (background change) — how much the model
@@ -41,7 +43,9 @@ ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
     "pancreas": (4,),
     "lung": L.LUNG_LOBES,
     "muscle": (104, 105),
-    "bone": tuple(range(33, 57)),
+    "vertebrae": tuple(range(33, 57)),
+    "soft tissue": (L.BODY,),
+    "bone": L.BONES + (L.COSTAL_CARTILAGES,),
 }
 FAT_BELOW_HU = -50.0
 BACKGROUND_DILATION = 3  # voxels around the tumors excluded from the background change
@@ -146,6 +150,7 @@ def slice_distances(real: list[np.ndarray], synthetic: list[np.ndarray], seed: i
 class CaseResult:
     name: str
     organ_error: dict = field(default_factory=dict)  # group → |synthetic − real| median HU
+    organ_signed_error: dict = field(default_factory=dict)  # group → synthetic − real median HU
     organ_real: dict = field(default_factory=dict)
     organ_synthetic: dict = field(default_factory=dict)
     contrast_real: dict = field(default_factory=dict)  # tumor id → HU
@@ -201,6 +206,11 @@ def evaluate(
             for k, v in result.organ_real.items()
             if v is not None and result.organ_synthetic[k] is not None
         }
+        result.organ_signed_error = {
+            k: result.organ_synthetic[k] - v
+            for k, v in result.organ_real.items()
+            if v is not None and result.organ_synthetic[k] is not None
+        }
         result.contrast_real = tumor_contrast(real, labels)
         result.contrast_synthetic = tumor_contrast(synthetic, labels)
         if roi and np.isin(labels, L.TUMORS).any():
@@ -241,6 +251,7 @@ def _mean(values: list) -> float | None:
 def summarize(results: list[CaseResult]) -> dict:
     groups = list(ORGAN_GROUPS) + ["fat"]
     organ = {g: _mean([r.organ_error.get(g) for r in results]) for g in groups}
+    signed = {g: _mean([r.organ_signed_error.get(g) for r in results]) for g in groups}
     tumors = sorted({t for r in results for t in r.contrast_real})
     contrast = {}
     for t in tumors:
@@ -249,6 +260,7 @@ def summarize(results: list[CaseResult]) -> dict:
         contrast[L.name_of(t)] = {"real": real, "synthetic": synthetic, "ratio": synthetic / real if real else None}
     return {
         "organ_median_abs_error_hu": organ,
+        "organ_median_signed_error_hu": signed,
         "tumor_conspicuity_hu": contrast,
         "roi_change_hu": _mean([r.roi_change for r in results]),
         "background_change_hu": _mean([r.background_change for r in results]),
@@ -256,9 +268,12 @@ def summarize(results: list[CaseResult]) -> dict:
 
 
 def format_table(summary: dict) -> str:
-    lines = ["organ        |median HU error|"]
+    lines = ["organ          |median HU error|   signed"]
+    signed = summary.get("organ_median_signed_error_hu", {})
     for group, value in summary["organ_median_abs_error_hu"].items():
-        lines.append(f"  {group:<11} {'—' if value is None else f'{value:7.1f}'}")
+        if value is None:
+            continue
+        lines.append(f"  {group:<13} {value:7.1f}         {signed.get(group, 0.0):+7.1f}")
     lines.append("tumor conspicuity (tumor − host median HU)   real   synthetic   ratio")
     for name, c in summary["tumor_conspicuity_hu"].items():
         ratio = "—" if c["ratio"] is None else f"{c['ratio']:.2f}"

@@ -75,13 +75,15 @@ def check_grid(shape: tuple[int, ...], spacing: tuple[float, ...], rules: GridRu
     if not (lo - 1e-6 <= sx <= hi + 1e-6 and lo - 1e-6 <= sy <= hi + 1e-6):
         raise GeometryError(
             f"in-plane spacing {sx:.3g} x {sy:.3g} mm is outside the model's range {lo}-{hi} mm",
-            f"pass --spacing with in-plane values in {lo}-{hi} mm (e.g. --spacing {min(max(sx, lo), hi):.3g} "
+            f"pass --output-size auto (the nearest grid the model accepts, same field of view), or --spacing "
+            f"with in-plane values in {lo}-{hi} mm (e.g. --spacing {min(max(sx, lo), hi):.3g} "
             f"{min(max(sy, lo), hi):.3g} {min(max(sz, zlo), zhi):.3g})",
         )
     if not zlo - 1e-6 <= sz <= zhi + 1e-6:
         raise GeometryError(
             f"slice spacing {sz:.3g} mm is outside the model's range {zlo}-{zhi} mm",
-            f"pass --spacing with a slice spacing in {zlo}-{zhi} mm",
+            f"pass --output-size auto (the nearest grid the model accepts, same field of view), or --spacing "
+            f"with a slice spacing in {zlo}-{zhi} mm",
         )
     fov = min(shape[0] * sx, shape[1] * sy)
     if fov < rules.min_fov_xy_mm - 1e-3:
@@ -109,8 +111,10 @@ def auto_size(
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """The allowed grid closest to (shape, spacing) that keeps the field of view.
 
-    Each axis is snapped to the nearest allowed size, then the spacing is chosen to keep the FOV and
-    clipped into the model's spacing range.
+    Per axis: the spacing is brought into the model's range, the size that then covers the FOV is
+    snapped to the nearest allowed size, and the spacing is chosen to keep the FOV (clipped into the
+    range again). A 512-voxel axis of 0.7 mm for a model that takes 2–4 mm becomes ~180 voxels of
+    2 mm, not 512 voxels of 2 mm (a field of view three times the patient).
     """
     m = rules.size_multiple
     ranges = (rules.spacing_xy_mm, rules.spacing_xy_mm, rules.spacing_z_mm)
@@ -118,7 +122,7 @@ def auto_size(
     for n, s, (lo, hi) in zip(shape, spacing, ranges):
         fov = n * s
         lo_n = max(m, rules.min_size, int(math.ceil(fov / hi / m)) * m)
-        size = max(lo_n, int(round(n / m)) * m)
+        size = max(lo_n, int(round(fov / min(max(s, lo), hi) / m)) * m)
         new_shape.append(size)
         new_spacing.append(float(min(max(fov / size, lo), hi)))
     return tuple(new_shape), tuple(new_spacing)

@@ -28,6 +28,7 @@ COLON_CANCER = 27
 BONE_LESION = 128
 LEFT_KIDNEY_CYST = 116
 RIGHT_KIDNEY_CYST = 117
+COSTAL_CARTILAGES = 114
 
 # Tumor id → candidate host ids. A single candidate is a fixed host (hepatic tumor → liver). Several
 # candidates mean "the candidate that surrounds the lesion most" (a lung tumor takes the majority lobe

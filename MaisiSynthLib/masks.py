@@ -247,6 +247,39 @@ def remove_tumors(labels: np.ndarray, tumors: tuple[int, ...] | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
+# Coarse masks
+
+# Vessels that coarse segmentations count as part of their organ (lobe masks include the pulmonary
+# vessels, liver masks the hepatic ones).
+VESSEL_PARENTS: dict[int, tuple[int, ...]] = {119: L.LUNG_LOBES, 25: (1,)}
+# What a coarse chest mask from a real scan typically holds besides the body: lobes, bones (costal
+# cartilages included) and lesions.
+COARSE_KEEP: tuple[int, ...] = L.LUNG_LOBES + L.BONES + (L.COSTAL_CARTILAGES,) + L.TUMORS
+
+
+def merge_vessels(labels: np.ndarray) -> np.ndarray:
+    """Vessel voxels relabelled as the nearest voxel of their parent organ (where the organ exists)."""
+    out = labels.copy()
+    for vessel, parents in VESSEL_PARENTS.items():
+        where = labels == vessel
+        organ = np.isin(labels, parents)
+        if not where.any() or not organ.any():
+            continue
+        _, nearest = ndimage.distance_transform_edt(~organ, return_indices=True)
+        out[where] = labels[tuple(index[where] for index in nearest)]
+    return out
+
+
+def coarsen_labels(labels: np.ndarray, keep: tuple[int, ...] = COARSE_KEEP) -> np.ndarray:
+    """The mask a coarse segmentation would give: vessels merged into their organs, every structure
+    not in `keep` folded into the body (200); background stays background."""
+    merged = merge_vessels(labels)
+    fold = (merged > 0) & ~np.isin(merged, tuple(keep))
+    merged[fold] = L.BODY
+    return merged
+
+
+# ---------------------------------------------------------------------------------------------------
 # Resampling and encoding
 
 

@@ -45,8 +45,10 @@ DEFAULT_SPACING = (3.0, 3.0, 5.0)
 VERTEBRAE = tuple(range(49, 32, -1))  # T1 (49) … T12 (38), L1 (37) … L5 (33)
 LEFT_RIBS = tuple(range(63, 75))  # left rib 1 … 12
 RIGHT_RIBS = tuple(range(75, 87))  # right rib 1 … 12
-HEART, PULMONARY_VEIN, SPINAL_CORD = 115, 119, 121
+HEART, PULMONARY_VEIN, SPINAL_CORD, TRACHEA = 115, 119, 121, 57
 LEFT_AUTOCHTHON, RIGHT_AUTOCHTHON = 104, 105
+STERNUM, COSTAL_CARTILAGES = 122, 114
+LEFT_SCAPULA, RIGHT_SCAPULA, LEFT_CLAVICLE, RIGHT_CLAVICLE = 89, 90, 91, 92
 
 FAT_HU, MUSCLE_HU, AIR_HU = -100.0, 50.0, -1000.0
 
@@ -102,6 +104,18 @@ def _check_seed(seed) -> int:
     if seed < 0:  # numpy seeds are non-negative
         raise PhantomOptionError(f"phantom seed must be zero or more, got {seed}", "e.g. seed=0")
     return seed
+
+
+def _check_centre(centre) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(c) for c in centre)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise PhantomOptionError(
+            f"phantom centre must be three numbers (mm), got {centre!r}", "e.g. centre=(0, 0, 80) for the chest"
+        )
+    return values
 
 
 def _check_args(
@@ -163,9 +177,13 @@ class _Frame:
 
     MAX_WARP_MM = 15.0
 
-    def __init__(self, size, spacing, rng: np.random.Generator) -> None:
+    def __init__(self, size, spacing, rng: np.random.Generator, centre=(0.0, 0.0, 0.0), scale=(1.0, 1.0, 1.0)) -> None:
         self.shape = tuple(size)
-        self.axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(size, spacing)]
+        # Anatomy is drawn in a standard body and scaled to this patient: a voxel's anatomical
+        # coordinate is its world position (grid centred on `centre`) divided by the body's scale.
+        self.axes = [
+            ((np.arange(n) - (n - 1) / 2.0) * s + c) / k for n, s, c, k in zip(size, spacing, centre, scale)
+        ]
         x, y, z = np.meshgrid(*self.axes, indexing="ij", sparse=True)
         # Low-frequency sinusoids: organs bend and shift together, like anatomy, not like noise.
         warped = []
@@ -187,6 +205,9 @@ class _Frame:
             inside = np.nonzero((axis >= a - self.MAX_WARP_MM) & (axis <= b + self.MAX_WARP_MM))[0]
             out.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
         return tuple(out)
+
+    def full(self, coordinate: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(coordinate, self.shape)
 
     def ellipsoid(self, c, r) -> np.ndarray:
         out = np.zeros(self.shape, bool)
@@ -214,10 +235,16 @@ def make_phantom(
     size: Iterable[int] = DEFAULT_SIZE,
     spacing: Iterable[float] = DEFAULT_SPACING,
     tumors: str | Iterable[int] = "all",
+    centre: Iterable[float] = (0.0, 0.0, 0.0),
 ) -> Phantom:
-    """One torso phantom; the same (seed, size, spacing, tumors) always gives the same arrays."""
+    """One torso phantom; the same (seed, size, spacing, tumors, centre) always gives the same arrays.
+
+    `centre` is the world position (mm) of the grid centre: (0, 0, 0) centres the field of view on
+    the torso; another z shows a chest-only or abdomen-only field of view of the same patient.
+    """
     seed = _check_seed(seed)
     size, spacing, tumors = _check_args(size, spacing, tumors)
+    grid_centre = _check_centre(centre)
     rng = np.random.default_rng(seed)
     if tumors == "all":
         wanted = list(TUMOR_CHOICES)
@@ -229,8 +256,11 @@ def make_phantom(
         ]
     else:
         wanted = list(tumors)
-    f = _Frame(size, spacing, rng)
     u = rng.uniform
+    # Habitus: the standard body below is scaled per patient (small to large adults, short to tall
+    # trunks), so sizes and heights vary together as they do in people.
+    scale_xy, scale_z = u(0.85, 1.15), u(0.9, 1.1)
+    f = _Frame(size, spacing, rng, grid_centre, (scale_xy, scale_xy, scale_z))
     labels = np.zeros(size, np.uint8)
     hu = np.full(size, AIR_HU, np.float32)
 
@@ -244,12 +274,13 @@ def make_phantom(
             hu[region] = value
 
     # Body wall: skin, subcutaneous fat, muscle; the cavity inside is visceral fat. All label 200.
-    a, b = u(155, 180), u(110, 130)
+    a, b = u(145, 185), u(105, 135)
     body = ((f.x / a) ** 2 + ((f.y - 5) / b) ** 2) <= 1.0
-    fat_depth, muscle_depth = u(12, 25), u(8, 14)
+    fat_depth, muscle_depth = u(8, 30), u(8, 15)
     inner_a, inner_b = a - fat_depth, b - fat_depth
+    cavity_a, cavity_b = inner_a - muscle_depth, inner_b - muscle_depth
     under_fat = ((f.x / inner_a) ** 2 + ((f.y - 5) / inner_b) ** 2) <= 1.0
-    cavity = ((f.x / (inner_a - muscle_depth)) ** 2 + ((f.y - 5) / (inner_b - muscle_depth)) ** 2) <= 1.0
+    cavity = ((f.x / cavity_a) ** 2 + ((f.y - 5) / cavity_b) ** 2) <= 1.0
     fat_hu, muscle_hu = u(-110, -85), u(40, 60)
     paint(body, L.BODY, fat_hu)
     paint(under_fat, None, muscle_hu)
@@ -259,24 +290,29 @@ def make_phantom(
     body = np.broadcast_to(body, size)
 
     # Back muscles beside the spine.
-    spine_y = -(inner_b - muscle_depth) + u(18, 26)
+    spine_y = -cavity_b + u(18, 26)
     for label, side in ((RIGHT_AUTOCHTHON, 1), (LEFT_AUTOCHTHON, -1)):
         paint(f.ellipsoid((side * 38, spine_y - 22, 0), (24, 20, 400)), label, muscle_hu + u(-5, 5), body)
 
-    # Lungs (upper thorax), split into lobes by oblique planes; heart between them.
-    lung_hu = _median_hu(rng, "lung")
-    lung_top = u(135, 160)
-    lung_base = u(-5, 20)
+    # Lungs fill the upper chest cavity, split into lobes by oblique planes; the heart, great vessels
+    # and spine carve the mediastinum out of them. Aerated lung is about −850 HU in adults.
+    lung_hu = u(-900, -790)
+    lung_top = u(140, 180)
+    lung_base = u(-25, 30)  # the diaphragm: the abdominal organs hang below it
     lung_c = (lung_top + lung_base) / 2
     lung_rz = (lung_top - lung_base) / 2
-    lung_x, lung_rx, lung_ry = u(68, 80), u(50, 60), u(70, 85)
+    lung_x = cavity_a * u(0.5, 0.58)
+    lung_rx = (cavity_a - lung_x) * u(0.85, 0.98) + u(0, 12)
+    lung_ry = cavity_b * u(0.75, 0.92)
     lungs = np.zeros(size, bool)
     for side in (1, -1):  # +1 right, −1 left
-        lung = np.broadcast_to(f.ellipsoid((side * lung_x, -5, lung_c), (lung_rx, lung_ry, lung_rz)), size)
+        lung = f.full(f.ellipsoid((side * lung_x, -5, lung_c), (lung_rx, lung_ry, lung_rz))) & np.broadcast_to(
+            cavity, size
+        )
         fissure = f.z - lung_c - 0.6 * (f.y + 5) + u(-10, 10)  # oblique fissure: upper lobe above and in front
-        upper = np.broadcast_to(fissure > 0, size)
+        upper = f.full(fissure > 0)
         if side == 1:
-            horizontal = np.broadcast_to(f.z > lung_c + u(-5, 10), size)
+            horizontal = f.full(f.z > lung_c + u(-5, 10))
             paint(lung & upper & horizontal, 30, lung_hu)
             paint(lung & upper & ~horizontal, 31, lung_hu)
             paint(lung & ~upper, 32, lung_hu)
@@ -293,8 +329,14 @@ def make_phantom(
             mid = hilum + direction * u(25, 40)
             end = mid + (direction + rng.normal(0, 0.3, 3)) * u(20, 35)
             paint(f.tube(np.stack([hilum, mid, end]), u(2.5, 4.0)), PULMONARY_VEIN, u(30, 50), lungs)
-    heart = np.broadcast_to(
-        f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50))), size
+    # Airway: the trachea down the midline to the carina, main bronchi to each hilum (air).
+    carina = np.array([0.0, spine_y + u(40, 55), lung_c + u(5, 20)])
+    trachea = f.tube(np.array([[0.0, carina[1] + 5, 400.0], carina]), u(7, 10))
+    for side in (1, -1):
+        trachea |= f.tube(np.stack([carina, [side * (lung_x - 30), 0.0, lung_c]]), u(4, 6))
+    paint(trachea & body, TRACHEA, AIR_HU + u(0, 60))
+    heart = f.full(
+        f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50)))
     )
     paint(heart & body, HEART, u(30, 50))
 
@@ -302,7 +344,8 @@ def make_phantom(
     bone_hu = _median_hu(rng, "bone")
     level_height = u(16.5, 19.0)
     top = u(150, 165)
-    vertebra_masks: dict[int, np.ndarray] = {}
+    ribs_a, ribs_b = inner_a - muscle_depth / 2, inner_b - muscle_depth / 2
+    rib_ends = []  # front ends of the ribs, where the costal cartilages start
     for i, label in enumerate(VERTEBRAE):
         z_hi = top - i * level_height
         z_lo = z_hi - level_height + 4.0  # 4 mm disc
@@ -317,19 +360,47 @@ def make_phantom(
         vertebra[box] = in_level & (body_disc | (arch & ~canal))
         vertebra &= body
         paint(vertebra, label, bone_hu + u(-15, 15))
-        vertebra_masks[label] = vertebra
         if i < 12:  # thoracic: a rib pair along the body wall, sloping down towards the front
             z_rib = (z_hi + z_lo) / 2
             for ribs, side in ((RIGHT_RIBS, 1), (LEFT_RIBS, -1)):
                 angles = np.linspace(-0.45 * np.pi, u(0.15, 0.35) * np.pi, 8)
-                ra, rb = inner_a - muscle_depth / 2, inner_b - muscle_depth / 2
                 pts = np.stack(
-                    [side * ra * np.cos(angles), 5 + rb * np.sin(angles), z_rib - 30 * (angles + 0.45 * np.pi) / np.pi],
+                    [
+                        side * ribs_a * np.cos(angles),
+                        5 + ribs_b * np.sin(angles),
+                        z_rib - 30 * (angles + 0.45 * np.pi) / np.pi,
+                    ],
                     1,
                 )
                 pts[0] = (side * 0.9 * radius, spine_y, z_rib)
                 paint(f.tube(pts, u(3.5, 4.5)) & body, ribs[i], bone_hu + u(-25, 5))
+                if i < 7:  # true ribs reach the sternum through their cartilage
+                    rib_ends.append((side, pts[-1]))
     paint(f.tube(np.array([[0, spine_y - 16, -400], [0, spine_y - 16, 400]]), 5.0) & body, SPINAL_CORD, u(25, 40))
+
+    # Front and top of the chest: sternum, costal cartilages, clavicles; shoulder blades behind.
+    front = 5 + ribs_b
+    sternum_top, sternum_bottom = top - u(5, 20), lung_base + u(10, 30)
+    sternum = f.ellipsoid(
+        (0.0, front - 2, (sternum_top + sternum_bottom) / 2),
+        (u(11, 15), u(5, 7), max(10.0, (sternum_top - sternum_bottom) / 2)),
+    )
+    paint(sternum & body, STERNUM, bone_hu + u(-60, -20))
+    cartilage_hu = u(80, 160)
+    for side, end in rib_ends:
+        joint = np.array([side * 12.0, front - 2, min(max(end[2] + u(0, 15), sternum_bottom), sternum_top)])
+        paint(f.tube(np.stack([end, joint]), u(3.0, 4.0)) & body & ~f.full(sternum), COSTAL_CARTILAGES, cartilage_hu)
+    for label, side in ((RIGHT_CLAVICLE, 1), (LEFT_CLAVICLE, -1)):
+        path = np.array(
+            [[side * 15.0, front - 5, sternum_top + 5], [side * 0.5 * a, front - 15, sternum_top + 12],
+             [side * 0.85 * a, 0.0, sternum_top + u(15, 25)]]
+        )  # fmt: skip
+        paint(f.tube(path, u(6, 8)) & body, label, bone_hu + u(-10, 30))
+    for label, side in ((RIGHT_SCAPULA, 1), (LEFT_SCAPULA, -1)):
+        blade = f.ellipsoid(
+            (side * 0.55 * ribs_a, 5 - ribs_b - u(12, 18), top - u(45, 65)), (u(35, 45), u(4, 6), u(55, 70))
+        )
+        paint(blade & body & ~lungs, label, bone_hu + u(-20, 30))
 
     # Great vessels.
     aorta_r = u(10, 13)
@@ -344,44 +415,38 @@ def make_phantom(
         u(100, 150),
     )
 
-    # Abdominal organs; below the lungs, they do not override lungs, vessels or bone.
-    soft = body & ~lungs & ~np.isin(labels, (6, 7) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
+    # Abdominal organs hang below the diaphragm (lung_base); they do not override lungs, vessels or bone.
+    soft = body & ~lungs & ~np.isin(labels, (6, 7, TRACHEA) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
     liver_hu = _median_hu(rng, "liver")
     liver = (
-        np.broadcast_to(
-            f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70))), size
-        )
-        & soft
+        f.full(f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70)))) & soft
     )
     paint(liver, 1, liver_hu)
     hv_points = np.array([[u(20, 30), u(0, 10), lung_base - 15]])
     for _ in range(4):
         end = hv_points[0] + np.array([u(10, 60), u(-40, 40), u(-40, 20)])
         paint(f.tube(np.stack([hv_points[0], end]), u(3, 4.5)), 25, liver_hu + u(50, 90), liver)
-    spleen = np.broadcast_to(
-        f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50))), size
+    spleen = f.full(
+        f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50)))
     )
     paint(spleen & soft & (labels != 1), 3, _median_hu(rng, "spleen"))
     stomach = (
-        np.broadcast_to(
-            f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))), size
-        )
+        f.full(f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))))
         & soft
     )
     stomach &= ~np.isin(labels, (1, 3))
     paint(stomach, 12, u(20, 40))
-    gas = stomach & np.broadcast_to(
-        f.y > np.percentile(np.broadcast_to(f.y, size)[stomach], 80) if stomach.any() else False, size
-    )
+    gas = stomach & f.full(f.y > np.percentile(f.full(f.y)[stomach], 80) if stomach.any() else False)
     paint(gas, None, -900.0)
     kidney_hu = _median_hu(rng, "kidney")
+    kidney_z = lung_base - u(65, 85)
     for label, side in ((5, 1), (14, -1)):
-        kidney = np.broadcast_to(
-            f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), u(-75, -55)), (u(22, 28), u(20, 25), u(40, 50))), size
+        kidney = f.full(
+            f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), kidney_z + u(-8, 8)), (u(22, 28), u(20, 25), u(40, 50)))
         )
         paint(kidney & soft & ~np.isin(labels, (1, 3)), label, kidney_hu + u(-10, 10))
     pancreas_hu = _median_hu(rng, "pancreas")
-    p_z = u(-55, -40)
+    p_z = lung_base - u(45, 60)
     pancreas_path = np.array(
         [
             [u(-75, -60), spine_y + 35, p_z + u(5, 15)],
@@ -389,18 +454,18 @@ def make_phantom(
             [u(20, 30), spine_y + u(40, 50), p_z - u(0, 10)],
         ]
     )
-    pancreas = f.tube(pancreas_path, u(10, 13)) & soft & ~np.isin(labels, (1, 3, 5, 12, 14))
+    pancreas = f.tube(pancreas_path, u(11, 15)) & soft & ~np.isin(labels, (1, 3, 5, 12, 14))
     paint(pancreas, 4, pancreas_hu)
     colon_r = u(15, 19)
-    cz = u(-105, -90)
+    cz = lung_base - u(95, 115)
     colon_path = np.array(
         [
-            [u(75, 90), u(-10, 10), -170],
+            [u(75, 90), u(-10, 10), cz - 75],
             [u(75, 90), u(0, 15), cz],
             [u(20, 40), u(45, 60), cz + u(-5, 10)],
             [u(-40, -20), u(45, 60), cz + u(-5, 10)],
             [u(-90, -75), u(0, 15), cz],
-            [u(-90, -75), u(-10, 10), -170],
+            [u(-90, -75), u(-10, 10), cz - 75],
         ]
     )
     colon = f.tube(colon_path, colon_r) & soft & ~np.isin(labels, (1, 3, 4, 5, 12, 14))
@@ -410,7 +475,9 @@ def make_phantom(
     pockets = colon & (blobs > 1.2 * float(blobs.std()))
     paint(pockets, None, -850.0)
 
-    # Tumors: spheres inside their host, hypo- or hyper-dense, some with a rim.
+    # Tumors: spheres inside their host, hypo- or hyper-dense, some with a rim. Sizes are in the
+    # standard body's millimetres, like every other shape.
+    anatomical_spacing = np.array(spacing) / np.array([scale_xy, scale_xy, scale_z])
     placed = []
     hosts = {
         L.HEPATIC_TUMOR: labels == 1,
@@ -439,7 +506,7 @@ def make_phantom(
         if not core.any():
             continue
         # The centre is at least the radius deep in the host (smaller lesions in thin organs).
-        depth = ndimage.distance_transform_edt(host, sampling=spacing)
+        depth = ndimage.distance_transform_edt(host, sampling=anatomical_spacing)
         # at least two voxels across on coarse grids, so partial volume leaves the lesion visible
         radius = min(max(u(*radii[tumor]), 2.0 * max(spacing)), 0.8 * float(depth.max()))
         inside = np.argwhere(depth >= radius)
@@ -457,9 +524,14 @@ def make_phantom(
             value = host_hu + rng.choice([-1, 1]) * u(150, 250)  # lytic or sclerotic
         elif tumor == L.COLON_CANCER:
             value = host_hu + u(40, 90)  # enhancing wall mass
+        elif tumor == L.PANCREATIC_TUMOR:
+            value = host_hu - u(50, 90)  # small: partial volume with nearby vessels takes some contrast
         else:
             value = host_hu - u(40, 90)  # hypodense, as liver metastases and pancreatic cancer in venous phase
         paint(sphere, tumor, value)
+        if tumor == L.COLON_CANCER:  # a wall mass pushes the bowel gas away from itself
+            near = ndimage.binary_dilation(sphere, iterations=2) & host & (hu < host_hu - 300)
+            paint(near, None, host_hu)
         # An enhancing rim around a hypodense core, on lesions big enough to have a core.
         rim = sphere & ~ndimage.binary_erosion(sphere)
         if rng.random() < 0.5 and tumor != L.LUNG_TUMOR and value < host_hu and rim.sum() < 0.3 * sphere.sum():
@@ -476,7 +548,7 @@ def make_phantom(
     hu = np.where(body, hu + noise, AIR_HU)
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [-(n - 1) / 2.0 * s for n, s in zip(size, spacing)]
+    affine[:3, 3] = [c - (n - 1) / 2.0 * s for n, s, c in zip(size, spacing, grid_centre)]
     return Phantom(image=image, labels=labels, affine=affine, seed=seed, tumors=tuple(placed))
 
 
@@ -494,6 +566,33 @@ def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip_bytes(image.to_bytes(), level=9)
 
 
+FIELDS_OF_VIEW = ("torso", "chest", "abdomen", "varied")
+
+
+def field_of_view(
+    kind: str, rng: np.random.Generator, spacing: tuple[float, float, float]
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(spacing, grid centre in mm) of a case's field of view.
+
+    torso: the grid centred on the torso (every structure inside at the default grid); chest / abdomen:
+    the grid centred on the chest (lung apices to the upper abdomen) or the abdomen, the patient a
+    little off-centre in-plane, as in real scans; varied: any craniocaudal position, in-plane and
+    slice spacing scaled by up to ±15 % (so the same voxel count covers more or less of the body).
+    """
+    if kind not in FIELDS_OF_VIEW:
+        raise PhantomOptionError(f"field of view must be one of {', '.join(FIELDS_OF_VIEW)}, got {kind!r}", "e.g. chest")
+    if kind == "torso":
+        return spacing, (0.0, 0.0, 0.0)
+    shift = tuple(float(v) for v in rng.uniform(-12, 12, 2))
+    if kind == "chest":
+        return spacing, (*shift, float(rng.uniform(55, 95)))
+    if kind == "abdomen":
+        return spacing, (*shift, float(rng.uniform(-110, -60)))
+    in_plane, slices = rng.uniform(0.85, 1.15, 2)
+    varied = (spacing[0] * in_plane, spacing[1] * in_plane, spacing[2] * slices)
+    return tuple(float(v) for v in varied), (*shift, float(rng.uniform(-110, 100)))
+
+
 def write_phantoms(
     out_dir: str | Path,
     count: int,
@@ -502,23 +601,37 @@ def write_phantoms(
     seed: int = 0,
     tumors: str | Iterable[int] = "all",
     progress: Callable[[], None] | None = None,
+    fov: str = "torso",
+    coarse: bool = False,
+    prefix: str = "case",
 ) -> list[tuple[Path, Path]]:
-    """Write `caseNNNN_image.nii.gz` (int16 HU) + `caseNNNN_label.nii.gz` (uint8) pairs, atomically."""
+    """Write `<prefix>NNNN_image.nii.gz` (int16 HU) + `<prefix>NNNN_label.nii.gz` (uint8) pairs, atomically.
+
+    `fov` places each case's field of view (`field_of_view`); `coarse` writes the label map a coarse
+    segmentation would give (lobes, bones, lesions and body: `masks.coarsen_labels`).
+    """
+    from .masks import coarsen_labels
     from .volumes import atomic_paths
 
     if _whole(count, "count", "e.g. count=20") < 1:
         raise PhantomOptionError(f"phantom count must be at least 1, got {count!r}", "e.g. count=20")
     seed = _check_seed(seed)
     size, spacing, tumors = _check_args(size, spacing, tumors)
+    field_of_view(fov, np.random.default_rng(0), spacing)  # refuse a bad kind before writing anything
+    if not isinstance(prefix, str) or not prefix.replace("_", "").replace("-", "").isalnum():
+        raise PhantomOptionError(f"phantom prefix must be letters, digits, - or _, got {prefix!r}", "e.g. chest")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs = []
     for index in range(int(count)):
-        phantom = make_phantom(case_seed(seed, index), size, spacing, tumors)
-        image_path, label_path = out / f"case{index:04d}_image.nii.gz", out / f"case{index:04d}_label.nii.gz"
+        case = case_seed(seed, index)
+        case_spacing, centre = field_of_view(fov, np.random.default_rng([case, 0xF0F]), spacing)
+        phantom = make_phantom(case, size, case_spacing, tumors, centre)
+        labels = coarsen_labels(phantom.labels).astype(np.uint8) if coarse else phantom.labels
+        image_path, label_path = out / f"{prefix}{index:04d}_image.nii.gz", out / f"{prefix}{index:04d}_label.nii.gz"
         with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
             Path(image_tmp).write_bytes(_nifti_bytes(phantom.image, phantom.affine))
-            Path(label_tmp).write_bytes(_nifti_bytes(phantom.labels, phantom.affine))
+            Path(label_tmp).write_bytes(_nifti_bytes(labels, phantom.affine))
         pairs.append((image_path, label_path))
         if progress is not None:
             progress()

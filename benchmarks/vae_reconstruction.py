@@ -1,7 +1,13 @@
-"""How much HU the VAE alone loses: encode → decode held-out phantoms, per-organ median HU error.
+"""How much HU the VAE alone loses, and how much of a latent sample is noise.
 
-This is the ceiling of any model built on the VAE: the diffusion model can at best reproduce a
-latent the decoder turns into this. Prints a table (mean over cases) and, with --json, writes it.
+Encode → decode held-out phantoms (whole volumes, as inference decodes them) and measure:
+- the posterior: σ̄ / std(μ), the mean posterior σ over the spread of the means. A latent sample
+  μ + σ·ε with a ratio near 1 is about half white noise, which no diffusion model can predict;
+- decode(μ) against the real image (the ceiling of a model trained on μ): mean |error| in the body,
+  per-organ median-HU error, tumor conspicuity (tumor − host median HU);
+- decode(μ + σ·ε) the same way (the ceiling of a model trained on posterior samples).
+
+Prints a table (mean over cases) and, with --json, writes it.
 
     .venv/bin/python benchmarks/vae_reconstruction.py --cases runs/results/heldout8 [--model-dir D]
 """
@@ -19,12 +25,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from MaisiSynthLib import labels as L  # noqa: E402
 from MaisiSynthLib.decoding import HU_MAX, HU_MIN  # noqa: E402
 from MaisiSynthLib.evaluation import load_canonical, organ_medians, tumor_contrast  # noqa: E402
-from MaisiSynthLib import labels as L  # noqa: E402
 from MaisiSynthLib.models import load_models  # noqa: E402
 from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
 from MaisiSynthLib.training.data import find_pairs  # noqa: E402
+
+DECODES = ("mean", "sample")
+
+
+def to_hu(decoded: torch.Tensor) -> np.ndarray:
+    return decoded[0, 0].clamp(0, 1).numpy() * (HU_MAX - HU_MIN) + HU_MIN
 
 
 def main() -> int:
@@ -34,47 +46,66 @@ def main() -> int:
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args()
     models = load_models(args.model_dir, "cpu")
-    errors: dict[str, list[float]] = {}
-    contrast: dict[str, list[tuple[float, float]]] = {}
-    abs_err = []
+    errors = {d: {} for d in DECODES}
+    contrast = {d: {} for d in DECODES}
+    abs_err = {d: [] for d in DECODES}
+    ratios = []
     started = time.perf_counter()
-    for name, image_path, label_path in find_pairs(args.cases):
+    for index, (name, image_path, label_path) in enumerate(find_pairs(args.cases)):
         real = load_canonical(image_path)[0].astype(np.float32)
         labels = load_canonical(label_path)[0].astype(np.int16)
         x = torch.from_numpy((np.clip(real, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN))[None, None]
         with torch.no_grad():
-            z_mu, _ = models.autoencoder.encode(x)
-            recon = models.autoencoder.decode(z_mu)[0, 0].clamp(0, 1).numpy() * (HU_MAX - HU_MIN) + HU_MIN
-        recon[labels == 0] = HU_MIN
+            z_mu, z_sigma = models.autoencoder.encode(x)
+            eps = torch.randn(z_mu.shape, generator=torch.Generator().manual_seed(index))
+            latents = {"mean": z_mu, "sample": z_mu + z_sigma * eps}
+            recons = {d: to_hu(models.autoencoder.decode(z)) for d, z in latents.items()}
+        ratios.append(float(z_sigma.mean() / z_mu.std()))
         body = labels > 0
-        abs_err.append(float(np.abs(recon - np.clip(real, HU_MIN, HU_MAX))[body].mean()))
-        synthetic, truth = organ_medians(recon, labels, real), organ_medians(real, labels, real)
-        for organ, value in truth.items():
-            if value is not None:
-                errors.setdefault(organ, []).append(synthetic[organ] - value)
-        c_real, c_recon = tumor_contrast(real, labels), tumor_contrast(recon, labels)
-        for tumor, value in c_real.items():
-            contrast.setdefault(L.name_of(tumor), []).append((value, c_recon[tumor]))
+        truth = organ_medians(real, labels, real)
+        c_real = tumor_contrast(real, labels)
+        for d, recon in recons.items():
+            recon[~body] = HU_MIN
+            abs_err[d].append(float(np.abs(recon - np.clip(real, HU_MIN, HU_MAX))[body].mean()))
+            synthetic = organ_medians(recon, labels, real)
+            for organ, value in truth.items():
+                if value is not None:
+                    errors[d].setdefault(organ, []).append(synthetic[organ] - value)
+            c_recon = tumor_contrast(recon, labels)
+            for tumor, value in c_real.items():
+                contrast[d].setdefault(L.name_of(tumor), []).append((value, c_recon[tumor]))
     result = {
         "model_dir": args.model_dir,
         "cases": args.cases,
-        "mean_abs_error_in_body_hu": float(np.mean(abs_err)),
-        "organ_median_error_hu": {k: float(np.mean(v)) for k, v in errors.items()},
-        "organ_median_abs_error_hu": {k: float(np.mean(np.abs(v))) for k, v in errors.items()},
-        "tumor_conspicuity_real_vs_reconstructed_hu": {
-            k: [float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v]))] for k, v in contrast.items()
-        },
-        "seconds": time.perf_counter() - started,
+        "sigma_over_mu_std": float(np.mean(ratios)),
+        "seconds": None,
     }
-    print(
-        f"VAE reconstruction ({len(abs_err)} cases): mean |error| in the body {result['mean_abs_error_in_body_hu']:.1f} HU"
-    )
-    print("organ        signed median error   |error|")
-    for organ, value in result["organ_median_error_hu"].items():
-        print(f"  {organ:<11} {value:+8.1f} HU {result['organ_median_abs_error_hu'][organ]:8.1f} HU")
-    print("tumor conspicuity (real → reconstructed)")
-    for name, (a, b) in result["tumor_conspicuity_real_vs_reconstructed_hu"].items():
-        print(f"  {name:<40} {a:+7.1f} → {b:+7.1f} HU")
+    for d in DECODES:
+        result[d] = {
+            "mean_abs_error_in_body_hu": float(np.mean(abs_err[d])),
+            "organ_median_error_hu": {k: float(np.mean(v)) for k, v in errors[d].items()},
+            "organ_median_abs_error_hu": {k: float(np.mean(np.abs(v))) for k, v in errors[d].items()},
+            "tumor_conspicuity_real_vs_reconstructed_hu": {
+                k: [float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v]))]
+                for k, v in contrast[d].items()
+            },
+        }
+    result["seconds"] = time.perf_counter() - started
+    mean, sample = result["mean"], result["sample"]
+    print(f"VAE reconstruction ({len(ratios)} cases); posterior σ̄ / std(μ) = {result['sigma_over_mu_std']:.3f}")
+    print(f"{'':<14}{'decode(μ)':>22}{'decode(μ+σε)':>22}")
+    print(f"{'mean |error| in the body':<36}{mean['mean_abs_error_in_body_hu']:8.1f} HU{sample['mean_abs_error_in_body_hu']:14.1f} HU")
+    print("organ median error (signed / |error|)")
+    for organ in mean["organ_median_error_hu"]:
+        cells = "".join(
+            f"{result[d]['organ_median_error_hu'][organ]:+9.1f} /{result[d]['organ_median_abs_error_hu'][organ]:6.1f} HU"
+            for d in DECODES
+        )
+        print(f"  {organ:<12}{cells}")
+    print("tumor conspicuity, HU (real → reconstructed)")
+    for tumor, (real, recon) in mean["tumor_conspicuity_real_vs_reconstructed_hu"].items():
+        other = sample["tumor_conspicuity_real_vs_reconstructed_hu"][tumor][1]
+        print(f"  {tumor:<26}{real:+8.1f} → {recon:+8.1f} (μ) {other:+8.1f} (μ+σε)   ratio {recon / real:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/results.py contrastive  # contrastive loss on vs off (ControlNet ablation)
     .venv/bin/python scripts/results.py steps        # quality vs sampling steps, Euler vs Heun
     .venv/bin/python scripts/results.py downstream   # tumor segmentation: real vs real + synthetic
+    .venv/bin/python scripts/results.py fov          # chest-only coarse and abdomen-only held-out masks
 
 Each writes docs/results/<experiment>.json and .png and rewrites its table in docs/results.md
 (between `<!-- <experiment> -->` markers). Held-out cases are phantoms from seed 1000 (never used in
@@ -46,16 +47,31 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "MaisiSynthLib", *args], cwd=ROOT, check=True)
 
 
-def phantoms(folder: Path, count: int, seed: int) -> Path:
+def phantoms(folder: Path, count: int, seed: int, *options: str) -> Path:
     """`count` phantom pairs from `seed` in `folder` (written once; deterministic by seed)."""
     if len(list(folder.glob("*_label.nii.gz"))) != count:
         shutil.rmtree(folder, ignore_errors=True)
-        cli("phantoms", "--count", str(count), "--out", str(folder), "--seed", str(seed), *GRID)
+        cli("phantoms", "--count", str(count), "--out", str(folder), "--seed", str(seed), *(options or GRID))
     return folder
 
 
 def heldout(count: int) -> Path:
     return phantoms(RUNS / f"heldout{count}", count, 1000)
+
+
+# Held-out masks of the kinds users bring (never trained on; the seeds are not training seeds). The
+# chest set is coarse (body, lobes, bones, one lung tumor) on a grid the model never trained at.
+FOV_SETS = {
+    "torso, full mask": ("heldout", 1000, GRID),
+    "chest only, coarse mask": (
+        "chest_coarse",
+        3000,
+        ["--size", "144", "144", "64", "--spacing", "2.6", "2.6", "4.4", "--fov", "chest", "--coarse",
+         "--tumors", "23"],
+    ),
+    "abdomen only, full mask": ("abdomen", 4000, ["--size", "128", "128", "48", "--spacing", "3", "3", "5",
+                                                   "--fov", "abdomen"]),
+}  # fmt: skip
 
 
 def write_result(name: str, data: dict, table: str) -> None:
@@ -357,6 +373,36 @@ def downstream(args) -> None:
     write_result("downstream", data, "\n".join(rows))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Fields of view and coarse masks
+
+
+def fov(args) -> None:
+    columns = ["lung", "soft tissue", "bone", "liver", "kidneys", "vertebrae"]
+    data = {}
+    for name, (folder, seed, options) in FOV_SETS.items():
+        cases = phantoms(RUNS / f"{folder}{args.cases}", args.cases, seed, *options)
+        log(f"evaluating {name} ({cases})")
+        summary = evaluate(DEMO, cases, seed=args.seed, save_dir=RUNS / f"eval_fov_{folder}")
+        summary.pop("cases")
+        data[name] = summary
+    tumors = sorted({t for s in data.values() for t in s["tumor_conspicuity_hu"]})
+    rows = [
+        "| masks | " + " | ".join(f"{c} |error|" for c in columns) + " | "
+        + " | ".join(f"{t} conspicuity, synthetic / real" for t in tumors) + " | ROI / background change |",
+        "|---|" + "---|" * (len(columns) + len(tumors) + 1),
+    ]  # fmt: skip
+    for name, s in data.items():
+        organ = [fmt(s["organ_median_abs_error_hu"].get(c)) for c in columns]
+        contrast = []
+        for t in tumors:
+            c = s["tumor_conspicuity_hu"].get(t)
+            contrast.append("—" if c is None else f"{fmt(c['synthetic'])} / {fmt(c['real'])}")
+        roi = f"{fmt(s['roi_change_hu'])} / {fmt(s['background_change_hu'])}"
+        rows.append(f"| {name} | " + " | ".join(organ + contrast) + f" | {roi} |")
+    write_result("fov", data, "\n".join(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
@@ -380,6 +426,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0, help="seed of the mask edits")
     p.set_defaults(run=downstream)
+    p = sub.add_parser("fov", help="held-out masks of other kinds: chest-only coarse, abdomen-only")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=fov)
     args = parser.parse_args(argv)
     args.run(args)
     return 0

@@ -119,10 +119,18 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+LATENT_KINDS = ("sample", "mean")
+
+
 @torch.no_grad()
-def encode_case(autoencoder: torch.nn.Module, case: Case, seed: int, device: torch.device) -> torch.Tensor:
-    """One latent sample z = μ + σ·ε of a case, ε from (seed, case name) so every run encodes alike."""
+def encode_case(
+    autoencoder: torch.nn.Module, case: Case, seed: int, device: torch.device, kind: str = "sample"
+) -> torch.Tensor:
+    """A case's latent: one posterior sample z = μ + σ·ε (ε from (seed, case name), so every run
+    encodes alike) or the posterior mean μ."""
     z_mu, z_sigma = autoencoder.encode(case.image[None].to(device))
+    if kind == "mean":
+        return z_mu.float().cpu()[0]
     name_key = int(hashlib.sha256(case.name.encode()).hexdigest()[:12], 16)
     eps = torch.randn(z_mu.shape, generator=generator(seed, name_key, 0x1A7E), dtype=torch.float32)
     return (z_mu.float().cpu() + z_sigma.float().cpu() * eps)[0]
@@ -131,11 +139,18 @@ def encode_case(autoencoder: torch.nn.Module, case: Case, seed: int, device: tor
 def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.Module) -> list[torch.Tensor]:
     """Latents of all cases, encoded once by the main process into `<output_dir>/latents/<vae hash>/`.
 
-    Like the official `diff_model_create_training_data`, a latent is one sample of the posterior,
-    stored and reused every epoch; the folder is keyed by the VAE file so a retrained VAE re-encodes.
+    Like the official `diff_model_create_training_data`, a latent is stored and reused every epoch;
+    the folder is keyed by the VAE file so a retrained VAE re-encodes. `latents: "sample"` stores one
+    posterior sample (the official recipe); `"mean"` stores μ. With a posterior whose σ is comparable
+    to the spread of μ, a sample is mostly white noise the diffusion model cannot predict from
+    anything, least of all from the mask; μ is all signal, and it is what the decoder is trained to
+    decode best (every training sample lies around it).
     """
+    kind = config.get("latents", "sample")
+    if kind not in LATENT_KINDS:
+        raise OptionError(f"latents is {kind!r}", f"use one of {', '.join(LATENT_KINDS)}")
     vae_path = require_weight(config, AUTOENCODER_FILE, "latent", "vae")
-    folder = Path(config["output_dir"]) / "latents" / _fingerprint(vae_path)
+    folder = Path(config["output_dir"]) / "latents" / (_fingerprint(vae_path) + ("-mean" if kind == "mean" else ""))
     if ctx.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         autoencoder.to(ctx.device)
@@ -144,7 +159,7 @@ def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.M
             if not path.exists():
                 from ..volumes import atomic_path
 
-                latent = encode_case(autoencoder, case, int(config["seed"]), ctx.device)
+                latent = encode_case(autoencoder, case, int(config["seed"]), ctx.device, kind)
                 with atomic_path(path) as tmp:
                     torch.save(latent, tmp)
         autoencoder.cpu()

@@ -49,10 +49,15 @@ DEFAULTS: dict[str, Any] = {
     "model_settings": {},  # written as maisi_synth.json beside the config
     "seed": 0,
     "device": "auto",
+    # What the UNet and ControlNet learn from: one posterior sample per case ("sample", the official
+    # recipe) or the posterior mean ("mean"); see training.common.cached_latents.
+    "latents": "sample",
     "vae": {
         **COMMON,
-        "patch_size": [64, 64, 64],
+        "patch_size": [64, 64, 64],  # null: whole volumes, batched by shape
         "kl_weight": 1e-6,
+        "bone_weight": 1.0,  # L1 weight on bone voxels (and the voxel around them)
+        "tumor_weight": 1.0,  # L1 weight on lesion voxels (and the voxel around them)
         "perceptual_weight": 0.0,  # needs LPIPS weights (a download); off by default
         "adversarial_weight": 0.0,
         "adversarial_start": 0,
@@ -78,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
         "perturbation": "host",  # host: tumor → host organ (official); background: tumor → 0
         "tumor_weight": 1.0,  # > 1 weights the flow loss inside tumors (latent resolution)
         "tumor_labels": [23, 24, 26, 27, 128],
+        "coarse_probability": 0.0,  # share of samples whose mask is coarsened (see training.controlnet)
+        "unet_lr": 0.0,  # > 0: fine-tune the UNet jointly at this learning rate (0: frozen, official)
+        "zero_init_scale": 0.0,  # > 0: small random weights instead of zeros in the output convolutions
     },
 }
 

@@ -48,6 +48,10 @@ class Stage:
     def trainable(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def param_groups(self, module: torch.nn.Module) -> list[dict]:
+        """Optimiser parameter groups (each may set its own `lr`); by default one, at the stage's lr."""
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+
     def loss(self, model: torch.nn.Module, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of this process's slice of step `step`'s global batch (`model` may be DDP-wrapped)."""
         raise NotImplementedError
@@ -113,8 +117,9 @@ class Trainer:
         torch.manual_seed(mix_seed(self.config["seed"], 0x5EED))
         stage.prepare()
         module = stage.trainable().to(ctx.device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+        groups = stage.param_groups(module)
+        params = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(cfg))
         use_amp = bool(cfg["amp"]) and ctx.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -3,6 +3,15 @@
 The loss follows the official MAISI VAE recipe (L1, KL weight 1e-6; perceptual and patch-adversarial
 terms as options). The posterior sample z = μ + σ·ε takes ε from (seed, step, position in the global
 batch) rather than the global RNG, so a torchrun job and a single process see the same samples.
+
+Two additions for small models:
+- region weights: the L1 term can weight bone and lesion voxels (`bone_weight`, `tumor_weight`, from
+  the case's label map, dilated by one voxel so their edges count too). Thin bone and small lesions
+  are a few percent of a volume; unweighted, a small VAE blurs them away first.
+- whole volumes: `patch_size: null` trains on whole cases (batches by shape), which is how the
+  decoder sees them at inference; GroupNorm statistics of a patch and of a whole volume differ.
+The log records the posterior's mean σ and the spread of μ: their ratio says how much of a latent
+sample is noise, which is what the diffusion stages would have to learn if they trained on samples.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import labels as L
 from ..errors import OptionError
 from ..models import (
     AUTOENCODER_FILE,
@@ -54,16 +64,22 @@ class VaeStage(Stage):
     def prepare(self) -> None:
         self.network = network_config(self.config)
         c = compression_of(self.network)
-        self.patch = tuple(int(p) for p in self.cfg["patch_size"])
-        if len(self.patch) != 3 or any(p <= 0 or p % c for p in self.patch):
+        self.patch = None if self.cfg["patch_size"] is None else tuple(int(p) for p in self.cfg["patch_size"])
+        if self.patch is not None and (len(self.patch) != 3 or any(p <= 0 or p % c for p in self.patch)):
             raise OptionError(
                 f"vae.patch_size {list(self.patch)} must be three positive multiples of {c}",
-                f"e.g. --set vae.patch_size=[{4 * c},{4 * c},{4 * c}]",
+                f"e.g. --set vae.patch_size=[{4 * c},{4 * c},{4 * c}] (or null for whole volumes)",
             )
-        self.cases = load_cases(self.config["cases"])
+        self.cases = load_cases(self.config["cases"], 1 if self.patch else c)
         self.global_batch = int(self.cfg["batch_size"]) * self.ctx.world_size
-        # Patches are cut per sample, so every case fits every batch: one bucket.
-        self.sampler = BucketSampler([(0,)] * len(self.cases), self.global_batch, int(self.config["seed"]))
+        # Patches are cut per sample, so every case fits every batch: one bucket. Whole volumes
+        # stack only with others of their shape.
+        shapes = [(0,)] * len(self.cases) if self.patch else [case.shape for case in self.cases]
+        self.sampler = BucketSampler(shapes, self.global_batch, int(self.config["seed"]))
+        self.region_ids = {
+            "bone": torch.tensor(L.BONES + (L.COSTAL_CARTILAGES,)),
+            "tumor": torch.tensor(L.TUMORS),
+        }
         autoencoder = build_network(self.network, "autoencoder_def", "cpu")
         base = find_weight(self.config["base_model_dir"], AUTOENCODER_FILE)
         if base is not None:  # fine-tune from an existing VAE
@@ -108,10 +124,11 @@ class VaeStage(Stage):
     def trainable(self) -> torch.nn.Module:
         return self.step_module
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images, posterior ε, L1 weights) of this process's slice of step `step`."""
         seed = int(self.config["seed"])
         per_rank = int(self.cfg["batch_size"])
-        patches, eps = [], []
+        patches, eps, weights = [], [], []
         c = compression_of(self.network)
         latent_channels = int(self.network.get("latent_channels", 4))
         local = self.sampler.local(step, self.ctx.rank, per_rank)
@@ -119,18 +136,37 @@ class VaeStage(Stage):
         for pos, index in local:
             g = generator(seed, step, pos, 0xA7C4)
             case = self.cases[index]
-            origin = patch_origin(case.shape, self.patch, g)
-            patches.append(crop_patch(case.image, origin, self.patch, fill=0.0))
-            eps.append(torch.randn((latent_channels, *(p // c for p in self.patch)), generator=g))
-        return torch.stack(patches).to(self.device), torch.stack(eps).to(self.device)
+            patch = self.patch or case.shape
+            origin = patch_origin(case.shape, patch, g)
+            patches.append(crop_patch(case.image, origin, patch, fill=0.0))
+            eps.append(torch.randn((latent_channels, *(p // c for p in patch)), generator=g))
+            weights.append(self.region_weights(crop_patch(case.labels, origin, patch, fill=0)))
+        return torch.stack(patches).to(self.device), torch.stack(eps).to(self.device), torch.stack(weights).to(self.device)
+
+    def region_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """1 everywhere, `bone_weight` / `tumor_weight` on bone / lesion voxels and the voxel around them."""
+        weights = torch.ones(labels.shape, dtype=torch.float32)
+        for region in ("bone", "tumor"):
+            w = float(self.cfg[f"{region}_weight"])
+            if w != 1.0:
+                inside = torch.isin(labels, self.region_ids[region]).float()[None]
+                near = F.max_pool3d(inside, kernel_size=3, stride=1, padding=1)[0] > 0
+                weights[near] = torch.clamp(weights[near], min=w)
+        return weights
 
     def loss(self, model: torch.nn.Module, step: int):
-        x, eps = self.batch(step)
+        x, eps, weights = self.batch(step)
         recon, z_mu, z_sigma = model(x, eps)
-        l1 = F.l1_loss(recon.float(), x)
+        l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + float(self.cfg["kl_weight"]) * kl
-        metrics = {"l1": float(l1.detach()), "kl": float(kl.detach())}
+        metrics = {
+            "l1": float(l1.detach()),
+            "kl": float(kl.detach()),
+            # the posterior's noise next to its signal: σ̄ / std(μ) is the noise share of a sample
+            "sigma_mean": float(z_sigma.detach().float().mean()),
+            "mu_std": float(z_mu.detach().float().std()),
+        }
         if self.perceptual is not None:
             perceptual = self.perceptual(recon.float(), x)
             loss = loss + float(self.cfg["perceptual_weight"]) * perceptual

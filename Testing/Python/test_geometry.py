@@ -73,3 +73,12 @@ def test_official_rules_refuse_a_small_field_of_view():
         resolve_output_grid((128, 128, 64), ras_affine((1.5, 1.5, 2.0)), GridRules())
     shape, _ = resolve_output_grid((256, 256, 128), ras_affine((1.5, 1.5, 2.0)), GridRules())
     assert shape == (256, 256, 128)
+
+
+def test_auto_size_brings_a_fine_scan_into_the_model_range_keeping_its_field_of_view():
+    """A 512² chest CT of 0.7 mm for a 2.5–3.5 mm model: ~144 voxels of 2.5 mm, not 512 of 2.5 mm."""
+    rules = GridRules(size_multiple=16, spacing_xy_mm=(2.5, 3.5), spacing_z_mm=(4.0, 6.0), min_fov_xy_mm=256)
+    shape, spacing = auto_size((512, 512, 240), (0.7, 0.7, 1.25), rules)
+    assert shape == (144, 144, 80)
+    assert spacing[0] == pytest.approx(512 * 0.7 / 144, abs=0.02) and spacing[2] == 4.0
+    assert abs(shape[0] * spacing[0] - 512 * 0.7) < 5 and abs(shape[2] * spacing[2] - 300) <= 20

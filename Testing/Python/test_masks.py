@@ -196,3 +196,31 @@ def test_canonical_round_trip_of_a_permuted_flipped_grid():
     world = affine @ ijk
     ras_ijk = np.rint(np.linalg.solve(ras_aff, world)).astype(int)
     assert ras[tuple(ras_ijk[:3])] == labels[1, 2, 3]
+
+
+def test_coarse_masks_merge_vessels_into_their_organ_and_fold_the_rest_into_the_body():
+    from MaisiSynthLib.masks import coarsen_labels, merge_vessels
+
+    labels = np.zeros((10, 4, 4), np.int16)
+    labels[1:9] = 200
+    labels[1:4] = 28  # left upper lobe
+    labels[5:8] = 32  # right lower lobe
+    labels[4, 1, 1] = 119  # a pulmonary vessel between them, nearer ...
+    labels[4, 2, 2] = 119
+    labels[3, 0, 0] = 119  # ... and one inside the upper lobe
+    labels[8] = 1  # liver, with a hepatic vessel and a tumor
+    labels[8, 0, 0] = 25
+    labels[8, 3, 3] = 26
+    labels[2, 2, 2] = 23  # lung tumor
+    labels[6, 0, 0] = 40  # a vertebra
+    merged = merge_vessels(labels)
+    assert not np.isin(merged, [119, 25]).any()
+    assert merged[3, 0, 0] == 28 and merged[8, 0, 0] == 1
+    assert merged[4, 1, 1] in (28, 32) and merged[4, 2, 2] in (28, 32)
+    np.testing.assert_array_equal(merged[labels != 119][labels[labels != 119] != 25], labels[(labels != 119) & (labels != 25)])
+    coarse = coarsen_labels(labels)
+    assert set(np.unique(coarse).tolist()) == {0, 200, 28, 32, 23, 26, 40}
+    assert (coarse[8][labels[8] == 1] == 200).all() and coarse[8, 3, 3] == 26  # liver folded, its tumor kept
+    assert (coarse[labels == 0] == 0).all()
+    only_lungs = coarsen_labels(labels, keep=(28, 32))
+    assert set(np.unique(only_lungs).tolist()) == {0, 200, 28, 32}

@@ -225,3 +225,31 @@ def test_phantoms_command_writes_pairs_and_rejects_bad_input(tmp_path):
     assert labels.shape == (48, 48, 32) and not np.isin(labels, [24, 27, 128]).any()
     bad = run_cli("phantoms", "--count", "2", "--out", str(tmp_path / "q"), "--tumors", "26,77")
     assert bad.returncode == 2 and "tumor" in bad.stderr and not (tmp_path / "q").exists()
+
+
+def test_fields_of_view_and_coarse_masks(tmp_path):
+    """A chest field of view is the same patient seen higher up; coarse masks keep body, lobes,
+    bones and lesions, with the pulmonary vessels inside their lobe."""
+    torso = make_phantom(8, size=(64, 64, 40), spacing=(6.0, 6.0, 8.0), tumors="none")
+    chest = make_phantom(8, size=(64, 64, 40), spacing=(6.0, 6.0, 8.0), tumors="none", centre=(0, 0, 120))
+    np.testing.assert_allclose(chest.affine[:3, 3], [-31.5 * 6, -31.5 * 6, 120 - 19.5 * 8])
+    # the same anatomy: slices at the same height (z = 120 + 8 k) hold the same labels
+    np.testing.assert_array_equal(chest.labels[:, :, 4], torso.labels[:, :, 19])
+    assert (torso.labels == 62).any() and not (chest.labels == 62).any()  # the colon is below the chest
+    with pytest.raises(PhantomOptionError, match="centre"):
+        make_phantom(8, centre=(0, 0))
+
+    pairs = write_phantoms(tmp_path / "c", 2, (64, 64, 32), (6, 6, 8), seed=5, fov="chest", coarse=True, prefix="chest")
+    assert [p.name for p, _ in pairs] == ["chest0000_image.nii.gz", "chest0001_image.nii.gz"]
+    keep = {0, 200, 28, 29, 30, 31, 32, 114, 23, 24, 26, 27, 128, 116, 117} | set(range(33, 57)) | set(range(63, 98))
+    for image_path, label_path in pairs:
+        labels = np.asanyarray(nib.load(str(label_path)).dataobj)
+        assert set(np.unique(labels).tolist()) <= keep | {120, 122, 127}
+        assert np.isin(labels, [28, 29, 30, 31, 32]).any() and (labels == 200).any()
+        assert 55 <= nib.load(str(image_path)).affine[2, 3] + 15.5 * 8 <= 95  # the grid is centred on the chest
+    seen = write_phantoms(tmp_path / "v", 4, (32, 32, 16), (12, 12, 16), seed=5, fov="varied")
+    spacings = [tuple(np.round(nib.load(str(p)).header.get_zooms(), 3)) for p, _ in seen]
+    assert len(set(spacings)) == 4 and all(10.1 <= s[0] == s[1] <= 13.9 and 13.5 <= s[2] <= 18.5 for s in spacings)
+    with pytest.raises(PhantomOptionError, match="field of view"):
+        write_phantoms(tmp_path / "x", 1, fov="legs")
+    assert not (tmp_path / "x").exists()

@@ -131,3 +131,27 @@ def test_heun_solver_runs_in_the_pipeline(tmp_path, models):
         keep_latent=True,
     )
     assert heun.solver == "heun" and not torch.allclose(euler.latent, heun.latent)
+
+
+def test_the_mask_embedding_is_computed_once_and_changes_nothing(models):
+    """The ControlNet with its mask embedding fixed gives the same residuals bit for bit, for any
+    latent and timestep, and leaves the shared model untouched."""
+    from MaisiSynthLib.sampling import with_fixed_mask
+
+    control = (torch.rand((1, 8, 32, 32, 32), generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    embedding = models.controlnet.controlnet_cond_embedding
+    calls = []
+    hook = embedding.register_forward_hook(lambda *_: calls.append(1))
+    fixed = with_fixed_mask(models.controlnet, control)
+    assert len(calls) == 1
+    assert models.controlnet.controlnet_cond_embedding is embedding  # the shared ControlNet is unchanged
+    modality = torch.tensor([1]) if models.uses_modality else None
+    with torch.no_grad():
+        for seed, t in ((1, 999.0), (2, 500.0), (3, 3.0)):
+            x = torch.randn((1, 4, 8, 8, 8), generator=torch.Generator().manual_seed(seed))
+            ts = torch.tensor([t])
+            down_a, mid_a = models.controlnet(x=x, timesteps=ts, controlnet_cond=control, class_labels=modality)
+            down_b, mid_b = fixed(x=x, timesteps=ts, controlnet_cond=control, class_labels=modality)
+            assert torch.equal(mid_a, mid_b) and all(torch.equal(a, b) for a, b in zip(down_a, down_b))
+    assert len(calls) == 1 + 3  # only the reference calls ran the embedding again
+    hook.remove()

@@ -288,3 +288,94 @@ def test_decoder_only_keeps_the_encoder_and_tunes_the_decoder(workspace, tmp_pat
     assert encoder and decoder
     assert all(torch.equal(before[k], after[k]) for k in encoder)
     assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
+
+
+def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
+    from MaisiSynthLib.training.distributed import DistContext
+    from MaisiSynthLib.training.vae import VaeStage
+
+    config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
+    config["network"] = tiny_config()
+    config["vae"].update(bone_weight=4.0, tumor_weight=6.0, patch_size=[32, 32, 32])
+    stage = VaeStage(config, DistContext())
+    stage.prepare()
+    labels = torch.zeros((1, 8, 8, 8), dtype=torch.long)
+    labels[0, 2, 2, 2] = 40  # a vertebra voxel
+    labels[0, 6, 6, 6] = 26  # a hepatic tumor voxel
+    labels[0, 6, 6, 5] = 1  # liver beside it
+    weights = stage.region_weights(labels)[0]
+    assert weights[2, 2, 2] == 4.0 and weights[3, 3, 3] == 4.0  # bone and its 26-neighbourhood
+    assert weights[6, 6, 6] == 6.0 and weights[6, 6, 5] == 6.0  # lesion and the tissue touching it
+    assert weights[0, 7, 0] == 1.0 and weights[4, 4, 4] == 1.0  # two voxels from either: 1
+    assert weights.sum() == 1.0 * (512 - 27 - 27) + 4.0 * 27 + 6.0 * 27
+
+
+def test_whole_volume_vae_and_mean_latents(workspace, tmp_path):
+    """`patch_size: null` trains on whole cases; `latents: mean` caches μ exactly, samples differ."""
+    from MaisiSynthLib.training.common import encode_case
+    from MaisiSynthLib.training.data import load_cases
+
+    config = _config(tmp_path, vae={"patch_size": None, "steps": 2, "lr": 1e-4})
+    config.update(cases=str(workspace / "cases"), base_model_dir=str(workspace / "run" / "model"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    train("vae", str(tmp_path / "train.json"), progress=False)
+    rows = read_log(tmp_path / "run" / "logs" / "vae.csv")
+    assert len(rows) == 2 and all(r["sigma_mean"] > 0 and r["mu_std"] > 0 for r in rows)
+    batches = (tmp_path / "run" / "logs" / "vae_batches_rank0.csv").read_text().split()[1:]
+    assert len(batches) == 2  # one whole case per step at batch size 1
+
+    model = workspace / "run" / "model"
+    autoencoder = load_models(model, "cpu").autoencoder
+    case = load_cases(workspace / "cases")[0]
+    mean = encode_case(autoencoder, case, 0, torch.device("cpu"), "mean")
+    with torch.no_grad():
+        z_mu, _ = autoencoder.encode(case.image[None])
+    assert torch.equal(mean, z_mu[0])
+    sample = encode_case(autoencoder, case, 0, torch.device("cpu"), "sample")
+    assert sample.shape == mean.shape and not torch.equal(sample, mean)
+
+    unet = _config(tmp_path, unet={"steps": 1})
+    unet.update(cases=str(workspace / "cases"), output_dir="meanrun", base_model_dir=str(model), latents="mean")
+    (tmp_path / "unet.json").write_text(json.dumps(unet))
+    train("unet", str(tmp_path / "unet.json"), progress=False)
+    folders = list((tmp_path / "meanrun" / "latents").iterdir())
+    assert len(folders) == 1 and folders[0].name.endswith("-mean")
+    assert torch.allclose(torch.load(folders[0] / f"{case.name}.pt", weights_only=True), mean, atol=1e-5)
+    unet["latents"] = "mode"
+    (tmp_path / "unet.json").write_text(json.dumps(unet))
+    result = run_cli("train", "unet", "--config", str(tmp_path / "unet.json"), "--quiet")
+    assert result.returncode == 2 and "latents" in result.stderr and "mean" in result.stderr
+
+
+def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_and_lesions(workspace, tmp_path):
+    from MaisiSynthLib import labels as L
+    from MaisiSynthLib.masks import COARSE_KEEP
+    from MaisiSynthLib.training.controlnet import ControlNetStage
+    from MaisiSynthLib.training.distributed import DistContext
+
+    config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
+    config.update(network=tiny_config(), base_model_dir=str(workspace / "run" / "model"))
+    config["controlnet"]["coarse_probability"] = 1.0
+    stage = ControlNetStage(config, DistContext())
+    stage.prepare()
+    original = stage.cases[0].labels
+    seen_partial = False
+    for step in range(6):
+        labels, perturbed = stage.condition(0, step, 0)
+        again = stage.condition(0, step, 0)
+        assert torch.equal(labels, again[0]) and torch.equal(perturbed, again[1])  # deterministic
+        present = set(labels.unique().tolist())
+        kept = set(original.unique().tolist()) & (set(L.LUNG_LOBES) | set(L.TUMORS) | set(L.BONES))
+        assert kept and kept <= present and 200 in present and not present & {119, 25}
+        folded = set(original.unique().tolist()) - present - {119, 25}
+        assert folded  # some structures went into the body...
+        seen_partial |= bool(present - set(COARSE_KEEP) - {0, 200})  # ...not always all of them
+        assert ((labels == 200) | (labels == original) | (original == 119) | (original == 25)).all()
+        # the perturbed mask has no lesion, and differs from the mask only where lesions were
+        assert not torch.isin(perturbed, torch.tensor(L.TUMORS)).any()
+        assert torch.equal(labels != perturbed, torch.isin(labels, torch.tensor(L.TUMORS)))
+    assert seen_partial
+    config["controlnet"]["coarse_probability"] = 0.0
+    plain = ControlNetStage(config, DistContext())
+    plain.prepare()
+    assert torch.equal(plain.condition(0, 0, 0)[0], original)
