@@ -280,21 +280,75 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _valid_entry(entry: object) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or entry.get("status") not in ("ok", "failed"):
+        return False
+    if entry["status"] == "ok":
+        return all(isinstance(entry.get(k), str) for k in ("image", "label", "image_sha256", "label_sha256"))
+    return True
+
+
 def read_manifest(out: Path) -> dict[str, dict]:
-    """The last entry per case from the manifest and any per-rank parts; a torn last line (a kill
-    while appending) is ignored."""
+    """The last entry per case from the manifest and any per-rank parts. A torn last line (a kill
+    while appending) is ignored; any other damaged line is an error naming the line, raised before
+    any work is done."""
     entries: dict[str, dict] = {}
     for path in [out / MANIFEST, *sorted(out.glob("manifest.rank*.jsonl"))]:
         if not path.exists():
             continue
-        for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OptionError(f"cannot read {path}: {exc}", "delete it to redo every pair, or use a new --out") from None
+        for number, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "case" in entry:
-                entries[entry["case"]] = entry
+            except (json.JSONDecodeError, RecursionError, ValueError):
+                entry = None
+            if not _valid_entry(entry):
+                if number == len(lines):
+                    continue  # the line a killed run was appending
+                raise OptionError(
+                    f"{path.name} line {number} is damaged: {line[:60]!r}",
+                    f"delete that line from {path} (its pair is then made again), or use a new --out",
+                )
+            entries[entry["case"]] = entry
     return entries
+
+
+class OutputLock:
+    """An exclusive lock on a batch output folder, held while a batch writes to it. The operating
+    system drops it when the process ends, also after kill -9, so a killed run can be resumed."""
+
+    NAME = ".maisi-synth.lock"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / self.NAME
+        self.handle = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
+        self.handle = handle
+        return True
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock on every platform
+            self.handle = None
 
 
 def is_done(out: Path, entry: dict | None) -> bool:
@@ -373,16 +427,31 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     ctx = setup(settings.device)
     threads = settings.threads or (1 if ctx.device.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
+    lock = OutputLock(out)
     try:
+        # One batch at a time per output folder: rank 0 holds the lock for the whole job.
+        locked = ctx.agree(lock.acquire() if ctx.is_main else None)
+        if not locked:
+            raise OptionError(
+                f"another batch is writing to {out}", "wait for it to finish, or give this one another --out"
+            )
         # every rank checks, so that a refusal ends all of them rather than leaving some at a barrier
         mapping = label_map_for(settings.labels, settings.layout, masks, rules)
         record = {"layout": settings.layout, "labels": {str(k): v for k, v in mapping.items()}}
         saved = out / LABEL_MAP
-        if saved.exists() and json.loads(saved.read_text()) != record:
-            raise OptionError(
-                f"{out} was written with another layout or label map ({saved})",
-                "use a new --out folder, or the same --layout/--labels as before",
-            )
+        if saved.exists():
+            try:
+                previous = json.loads(saved.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError):
+                raise OptionError(
+                    f"{saved} is damaged", "delete it if the folder holds no pairs yet, or use a new --out"
+                ) from None
+            if previous != record:
+                raise OptionError(
+                    f"{out} was written with another layout or label map ({saved})",
+                    "use a new --out folder, or the same --layout/--labels as before",
+                )
+        read_manifest(out)  # a damaged manifest is refused now, not after the work
         ctx.barrier()
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -431,6 +500,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
             shutil.rmtree(out / ".tmp", ignore_errors=True)
         ctx.barrier()
     finally:
+        lock.release()
         teardown()
     entries = read_manifest(out)
     return {

@@ -477,7 +477,13 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--token-file", help="file holding the token clients must send (else $MAISI_SYNTH_TOKEN)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest mask upload accepted (default 512)")
-    p.add_argument("--workdir", help="where uploads and results live (default: a temporary folder)")
+    p.add_argument(
+        "--workdir", help="folder under which this run keeps uploads and results (default: the system temp folder)"
+    )
+    p.add_argument(
+        "--upload-timeout", type=float, default=60.0, help="seconds an upload may send nothing before it is dropped"
+    )
+    p.add_argument("--upload-ttl", type=float, default=3600.0, help="seconds an unused upload is kept (default 3600)")
     p.set_defaults(run=_run_serve)
 
 
@@ -504,6 +510,8 @@ def _run_serve(args) -> int:
         device=args.device,
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         workdir=args.workdir,
+        upload_timeout=args.upload_timeout,
+        upload_ttl=args.upload_ttl,
     )
 
 

@@ -397,6 +397,8 @@ class RemoteClient(_EventClient):
             raise WorkerError(f"cannot reach the server at {self.url}: {getattr(exc, 'reason', exc)}") from None
 
     def _json(self, method: str, path: str, payload: dict | None = None, timeout=None) -> dict:
+        if payload is None and method == "POST":
+            payload = {}  # the server takes every POST as JSON (a web page cannot send that cross-site)
         body = json.dumps(payload).encode("utf-8") if payload is not None else None
         headers = {"Content-Type": "application/json"} if body is not None else {}
         with self._request(method, path, body, headers, timeout) as response:

@@ -58,8 +58,22 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
 
 
+# The largest output grid generated: twice the official maximum (512 × 512 × 768), checked before any
+# array of that size is made (the mask code alone takes 32 bytes a voxel).
+MAX_OUTPUT_VOXELS = 512 * 512 * 1024
+
+
 def check_grid(shape: tuple[int, ...], spacing: tuple[float, ...], rules: GridRules) -> None:
     """Raise GeometryError if a canonical (RAS-ordered) grid is outside the model's rules."""
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise GeometryError(f"spacing {tuple(spacing)} is not three positive numbers", "pass e.g. --spacing 1.5 1.5 2")
+    voxels = math.prod(int(n) for n in shape)
+    if voxels > MAX_OUTPUT_VOXELS:
+        raise GeometryError(
+            f"output grid {'x'.join(map(str, shape))} has {voxels / 1e6:.0f} million voxels, more than the "
+            f"{MAX_OUTPUT_VOXELS / 1e6:.0f} million this tool generates",
+            "choose a smaller --output-size or a larger --spacing",
+        )
     m = rules.size_multiple
     bad = [n for n in shape if n % m or n < max(m, rules.min_size)]
     if bad:

@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from . import labels as L
 from .errors import MaskError
-from .volumes import Volume, format_of, read_volume
+from .volumes import Volume, check_affine, check_volume_file, format_of, read_volume
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,7 @@ def _segmentation_to_labels(path: Path) -> Volume:
     """
     import slicerio
 
+    check_volume_file(path, "segmentation")  # slicerio reads with pynrrd: same limits as any NRRD
     try:
         seg = slicerio.read_segmentation(str(path))
     except Exception as exc:
@@ -91,10 +92,28 @@ def _segmentation_to_labels(path: Path) -> Volume:
         label = item[2]
         return 0 if label == L.BODY else (2 if L.is_tumor(label) else 1)
 
-    for segment, _, label in sorted(mapped, key=rank):
-        out[slicerio.segment_mask(seg, segment)] = label
+    owner = np.full(out.shape, -1, dtype=np.int32)  # which segment painted each voxel last
+    notes = []
+    ordered = sorted(mapped, key=rank)
+    for index, (segment, name, label) in enumerate(ordered):
+        where = slicerio.segment_mask(seg, segment)
+        taken = where & (owner >= 0) & (out != label)
+        if taken.any():
+            for other in np.unique(owner[taken]):
+                other_name, other_label = ordered[other][1], ordered[other][2]
+                if other_label == L.BODY:
+                    continue  # every structure lies inside the body: not a conflict
+                count = int((taken & (owner == other)).sum())
+                notes.append(
+                    f"segments '{other_name}' and '{name}' overlap in {count} voxels; '{name}' "
+                    f"({L.name_of(label)}) was kept there ({'lesions' if L.is_tumor(label) else 'organs'} win over "
+                    f"{'organs' if L.is_tumor(label) else 'the body'}, else the later segment)"
+                )
+        out[where] = label
+        owner[where] = index
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(seg["ijkToLPS"], dtype=float)
-    return Volume(out, affine, "seg.nrrd", {})
+    check_affine(affine, "segmentation", path.name)
+    return Volume(out, affine, "seg.nrrd", {"notes": notes})
 
 
 def _is_segmentation_header(header: dict) -> bool:
@@ -111,7 +130,7 @@ def read_mask(path: str | os.PathLike) -> Mask:
         if volume.format == "nrrd" and _is_segmentation_header(volume.header.get("nrrd_header", {})):
             volume = _segmentation_to_labels(path)
     labels = validate_labels(volume.array, path.name)
-    return Mask(labels=labels, affine=volume.affine, source=str(path), volume=volume)
+    return Mask(labels=labels, affine=volume.affine, source=str(path), volume=volume, notes=list(volume.header.get("notes", [])))
 
 
 def validate_labels(array: np.ndarray, name: str = "mask") -> np.ndarray:
@@ -123,6 +142,10 @@ def validate_labels(array: np.ndarray, name: str = "mask") -> np.ndarray:
     array = np.asarray(array)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if array.ndim == 3 and 0 in array.shape:
+        raise MaskError(
+            f"{name} has no voxels (shape {tuple(array.shape)})", "save a mask with at least one voxel along each axis"
+        )
     if array.ndim != 3:
         raise MaskError(
             f"{name} has {array.ndim} dimensions (shape {tuple(array.shape)}); a mask must be a 3-D label map",

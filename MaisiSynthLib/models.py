@@ -16,6 +16,7 @@ import logging
 import math
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,16 +69,21 @@ DEFAULT_INFERENCE = {
 # Config → networks
 
 
-def _resolve(value: Any, root: dict, path: str) -> Any:
+def _resolve(value: Any, root: dict, path: str, seen: tuple[str, ...] = ()) -> Any:
     if isinstance(value, dict):
-        return {k: _resolve(v, root, f"{path}.{k}") for k, v in value.items()}
+        return {k: _resolve(v, root, f"{path}.{k}", seen) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, root, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_resolve(v, root, f"{path}[{i}]", seen) for i, v in enumerate(value)]
     if isinstance(value, str) and value.startswith("@"):
         key = value[1:]
         if key not in root:
             raise ModelError(f"config entry {path} refers to '{value}', which the config does not define")
-        return _resolve(root[key], root, key)
+        if key in seen or len(seen) > 16:
+            raise ModelError(
+                f"config entry {path} refers to '{value}', which refers back to itself",
+                "give the entry a value instead of a reference",
+            )
+        return _resolve(root[key], root, key, (*seen, key))
     if isinstance(value, str) and value.startswith("$"):
         raise ModelError(
             f"config entry {path} is an expression ('{value[:40]}'); expressions are not evaluated",
@@ -98,6 +104,39 @@ def network_kwargs(config: dict, key: str) -> tuple[str, dict]:
             "use the official network definitions (MAISI autoencoder, diffusion UNet, ControlNet, RFlowScheduler)",
         )
     return target, definition
+
+
+# Bounds on a network definition, checked before anything is built: the official networks use at
+# most 512 channels over at most 4 levels; a config asking for far more would allocate gigabytes of
+# weights before failing (or never finish building).
+MAX_CHANNELS = 1024
+MAX_LEVELS = 6
+MAX_RES_BLOCKS = 8
+_CHANNEL_KEYS = ("num_channels", "channels", "conditioning_embedding_num_channels")
+
+
+def check_network_size(key: str, kwargs: dict) -> None:
+    """Refuse channel counts, levels and block counts far beyond the official networks."""
+    for name in _CHANNEL_KEYS:
+        if name in kwargs:
+            values = kwargs[name] if isinstance(kwargs[name], (list, tuple)) else [kwargs[name]]
+            if not values or len(values) > MAX_LEVELS or not all(isinstance(v, int) and 0 < v <= MAX_CHANNELS for v in values):
+                raise ModelError(
+                    f"config entry {key}.{name} is {str(values)[:80]}: at most {MAX_LEVELS} levels of 1 to {MAX_CHANNELS} channels",
+                    "use the official network definitions (at most 512 channels per level)",
+                )
+    blocks = kwargs.get("num_res_blocks")
+    if blocks is not None:
+        values = blocks if isinstance(blocks, (list, tuple)) else [blocks]
+        if not all(isinstance(v, int) and 0 <= v <= MAX_RES_BLOCKS for v in values):
+            raise ModelError(
+                f"config entry {key}.num_res_blocks is {str(blocks)[:80]}: at most {MAX_RES_BLOCKS} per level",
+                "use the official network definitions",
+            )
+    for name in ("in_channels", "out_channels", "latent_channels"):
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, int) and 0 < value <= 256):
+            raise ModelError(f"config entry {key}.{name} is {str(value)[:40]}", "use the official network definitions")
 
 
 def instantiate(target: str, kwargs: dict) -> Any:
@@ -123,6 +162,7 @@ def build_network(config: dict, key: str, device: torch.device | str = "cpu") ->
     refuses flash attention without CUDA; float16 norm outputs break the next float32 convolution).
     """
     target, kwargs = network_kwargs(config, key)
+    check_network_size(key, kwargs)
     if torch.device(device).type != "cuda":
         kwargs.update({k: False for k in _GPU_ONLY_SWITCHES if k in kwargs})
     return instantiate(target, kwargs).to(device).eval()
@@ -258,7 +298,9 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
 def load_checkpoint(path: Path) -> Any:
     """`torch.load(weights_only=True)`; a file that needs pickle code execution is refused."""
     try:
-        with torch.serialization.safe_globals(_SAFE_NUMPY):
+        # torch warns about pickle files before refusing them; the refusal below says it in one line
+        with torch.serialization.safe_globals(_SAFE_NUMPY), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))

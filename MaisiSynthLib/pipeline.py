@@ -24,10 +24,15 @@ from .grid import resolve_output_grid, spacing_of
 from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
+from .request import check_params
 from .sampling import SOLVERS, Conditioning, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
+    is_same_file,
+    same_file_key,
+    write_error,
     check_output_path,
+    check_name_length,
     check_writable,
     format_of,
     from_canonical,
@@ -65,15 +70,16 @@ class GenerateRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerateRequest":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise OptionError(
-                f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(sorted(known))}"
-            )
-        if "mask" not in data or "output" not in data:
-            raise OptionError("a generate request needs 'mask' and 'output'", "give both paths")
-        return cls(**data)
+        """A request from JSON-like data, every field type- and range-checked (`request.check_params`)."""
+        return cls(**check_params(data))
+
+    def params(self) -> dict:
+        """The fields as `check_params` takes them (paths as strings)."""
+        data = asdict(self)
+        for key in ("mask", "output", "model_dir", "preview", "label_output"):
+            if data[key] is not None:
+                data[key] = str(data[key])
+        return data
 
 
 @dataclass
@@ -113,6 +119,7 @@ def default_model_dir() -> Path:
 
 def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     """Validate the options and fill the model's defaults; returns the resolved settings."""
+    check_params(request.params())  # the same type and range rules as every other front door
     defaults = folder.inference
     steps = request.steps if request.steps is not None else int(defaults["num_inference_steps"])
     cfg = request.cfg_scale if request.cfg_scale is not None else float(defaults["cfg_guidance_scale"])
@@ -137,9 +144,11 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     if not 0 <= overlap < 1:
         raise OptionError(f"decode overlap must be in [0, 1), got {overlap}", "pass e.g. --decode-overlap 0.25")
     outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
-    if len(set(p.absolute() for p in outputs)) != len(outputs):
+    for path in outputs:
+        check_name_length(path)
+    if len({same_file_key(p) for p in outputs}) != len(outputs):
         raise OptionError("the output, preview and label paths must differ", "give each output its own file name")
-    if Path(request.mask).absolute() in {p.absolute() for p in outputs}:
+    if any(is_same_file(request.mask, p) for p in outputs):
         raise OptionError("an output path is the input mask itself", "write the outputs to new files")
     check_output_path(request.output)
     if request.label_output:
@@ -211,6 +220,7 @@ def generate(
 
     t = time.perf_counter()
     mask = read_mask(request.mask)
+    notes.extend(mask.notes)
     labels_c, affine_c = to_canonical(mask.labels, mask.affine)
     shape, affine = resolve_output_grid(labels_c.shape, affine_c, rules, request.output_size, request.spacing)
     spacing = spacing_of(affine)
@@ -285,14 +295,17 @@ def generate(
         affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
     like = mask.volume if format_of(request.output) == "nifti" else None
     paths = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
-    with atomic_paths(*paths) as temps:
-        save_volume(temps[0], hu_out, affine_out, like)
-        rest = iter(temps[1:])
-        if request.preview:
-            render_preview(hu, labels, spacing).save(next(rest), format="PNG")
-        if request.label_output:
-            labels_out, _ = from_canonical(labels, affine, mask.affine)
-            save_volume(next(rest), labels_out.astype(np.int16), affine_out, like)
+    try:
+        with atomic_paths(*paths) as temps:
+            save_volume(temps[0], hu_out, affine_out, like)
+            rest = iter(temps[1:])
+            if request.preview:
+                render_preview(hu, labels, spacing).save(next(rest), format="PNG")
+            if request.label_output:
+                labels_out, _ = from_canonical(labels, affine, mask.affine)
+                save_volume(next(rest), labels_out.astype(np.int16), affine_out, like)
+    except OSError as exc:
+        raise write_error(exc, Path(request.output).parent) from None
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 

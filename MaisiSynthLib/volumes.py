@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
-from .errors import MaskError, OptionError
+from .errors import GeometryError, MaskError, OptionError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NRRD_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr")
@@ -81,14 +81,111 @@ def nrrd_affine(header: dict) -> np.ndarray:
     return _SPACES[space] @ ijk_to_space
 
 
-def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
+# What a volume header may declare, checked before a voxel is read. 512 × 512 × 2048 voxels is far
+# beyond any CT mask; a header that declares more is refused rather than allocated. Deflate (gzip)
+# expands at most 1032:1, so compressed data shorter than 1/1032 of what the header declares cannot
+# hold it: such a file (a "zip bomb", or a damaged one) is refused before it is decompressed.
+MAX_VOXELS = 512 * 512 * 2048
+MAX_EXPANSION = 1032
+DETACHED_POLICIES = ("beside", "never")
+
+
+def _declared_size_error(what: str, path: Path, shape, itemsize: int, compressed: bool, data: Path) -> None:
+    voxels = int(np.prod([int(n) for n in shape], dtype=object))
+    shown = "x".join(str(int(n)) for n in shape)
+    if voxels > MAX_VOXELS:
+        raise MaskError(
+            f"{what} {path.name} declares {shown} voxels ({voxels / 1e6:.0f} million), more than the "
+            f"{MAX_VOXELS / 1e6:.0f} million this tool reads",
+            "crop or resample the volume (a CT mask is at most 512 x 512 x 2048 voxels)",
+        )
+    stored = data.stat().st_size
+    if voxels * itemsize > stored * (MAX_EXPANSION if compressed else 1) + 4096:
+        raise MaskError(
+            f"{what} {path.name} declares {shown} voxels ({voxels * itemsize / 1e6:.1f} MB) but holds only "
+            f"{stored} bytes of data: the header does not match the data",
+            "re-save the volume from the program that made it (the file is damaged or forged)",
+        )
+
+
+def _check_data_file(what: str, path: Path, header: dict, detached: str) -> Path:
+    """The file holding an NRRD's voxels: the file itself, or (local headers only) a regular file
+    beside it named by a `data file` field. Never a path elsewhere, a list or a name pattern."""
+    name = header.get("data file", header.get("datafile"))
+    if name is None:
+        return path
+    if detached == "never":
+        raise MaskError(
+            f"{what} {path.name} is a detached header: its voxels are in another file ({str(name)[:60]!r})",
+            "send a self-contained volume (.nii.gz, or .nrrd with its data inside)",
+        )
+    name = str(name).strip()
+    target = path.parent / name
+    if (
+        name.upper().startswith("LIST")
+        or "%" in name
+        or Path(name).name != name
+        or name in ("", ".", "..")
+        or "\\" in name
+        or target.is_symlink()
+        or not target.is_file()
+    ):
+        raise MaskError(
+            f"{what} {path.name} names its voxel data {name[:60]!r}, which is not a regular file in the same folder",
+            "keep the .nhdr and its data file side by side (plain file name), or save a single .nrrd / .nii.gz",
+        )
+    return target
+
+
+def check_volume_file(path: str | os.PathLike, what: str = "volume", detached: str = "beside") -> None:
+    """Refuse, from the header alone, a volume that declares more voxels than this tool reads, whose
+    data cannot hold what it declares, or that points at another file (`detached="never"`, for
+    uploads), or at anything but a regular file beside it (`"beside"`, for local files)."""
+    path = Path(path)
+    fmt = format_of(path)
+    try:
+        if fmt == "nifti":
+            img = nib.load(str(path))  # the header only; voxels stay on disk
+            shape, itemsize = img.shape, img.get_data_dtype().itemsize
+            _declared_size_error(what, path, shape, itemsize, str(path).lower().endswith(".gz"), path)
+        elif fmt in ("nrrd", "seg.nrrd"):
+            import nrrd
+
+            header = nrrd.read_header(str(path))
+            data = _check_data_file(what, path, header, detached)
+            encoding = str(header.get("encoding", "raw")).lower()
+            compressed = encoding in ("gzip", "gz", "bzip2", "bz2")
+            sizes = header.get("sizes")
+            if sizes is None:
+                raise ValueError("no sizes field")
+            _declared_size_error(what, path, list(sizes), 1, compressed, data)
+    except MaskError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any header failure means "not a readable volume"
+        kind = "NIfTI" if fmt == "nifti" else "NRRD"
+        raise MaskError(
+            f"cannot read {what} {path.name} as {kind}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+            f"check that the file is a valid {kind} image (not truncated, not another format renamed)",
+        ) from None
+
+
+def read_volume(path: str | os.PathLike, what: str = "volume", detached: str = "beside") -> Volume:
     """Read a NIfTI or plain NRRD volume; raise MaskError with the reason when that is impossible.
 
-    `what` names the file in messages ("mask", "reference CT").
+    `what` names the file in messages ("mask", "reference CT"); `detached` is the policy for NRRD
+    headers that keep their voxels in another file (`check_volume_file`).
     """
     path = Path(path)
     fmt = format_of(path)
     if not path.exists():
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:
+                raise MaskError(f"{what} {path} is a symbolic link that loops", "point it at a real file") from None
+            except OSError:
+                pass
+            raise MaskError(f"{what} {path} is a symbolic link to a missing file", "point it at a real file")
         raise MaskError(f"{what} file not found: {path}", "check the path (and the current folder)")
     if path.is_dir():
         raise MaskError(f"{what} {path} is a folder, not a file", "give the path of a .nii.gz or .nrrd file")
@@ -96,17 +193,22 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
         raise MaskError(
             f"{what} {path.name} is not in a supported format", "use NIfTI (.nii, .nii.gz) or NRRD (.nrrd, .seg.nrrd)"
         )
+    check_volume_file(path, what, detached)
     try:
         if fmt == "nifti":
             img = nib.load(str(path))
+            check_affine(img.affine, what, path.name)
             array = np.asanyarray(img.dataobj)
             header = {"nifti_header": img.header.copy()}
             return Volume(array, np.array(img.affine, dtype=float), "nifti", header)
         import nrrd
 
+        header = nrrd.read_header(str(path))
+        affine = nrrd_affine(header)
+        check_affine(affine, what, path.name)
         array, header = nrrd.read(str(path))
-        return Volume(array, nrrd_affine(header), fmt, {"nrrd_header": header})
-    except MaskError:
+        return Volume(array, affine, fmt, {"nrrd_header": header})
+    except (MaskError, GeometryError):
         raise
     except Exception as exc:  # every reader has its own exception types; all mean "not this format"
         kind = "NIfTI" if fmt == "nifti" else "NRRD"
@@ -114,6 +216,35 @@ def read_volume(path: str | os.PathLike, what: str = "volume") -> Volume:
             f"cannot read {what} {path.name} as {kind}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             f"check that the file is a valid {kind} image (not truncated, not another format renamed)",
         ) from None
+
+
+def check_affine(affine: np.ndarray, what: str, name: str) -> None:
+    """Refuse a voxel → world matrix that cannot place voxels: NaN, a zero-length or parallel axis."""
+    columns = np.asarray(affine, dtype=float)[:3, :3]
+    if not np.isfinite(np.asarray(affine, dtype=float)).all():
+        raise GeometryError(f"{what} {name} has NaN or infinite numbers in its geometry", "re-save it with a valid header")
+    norms = np.linalg.norm(columns, axis=0)
+    if (norms < 1e-6).any():
+        raise GeometryError(
+            f"{what} {name} has a zero voxel size along axis {int(np.argmin(norms))}", "re-save it with its real spacing"
+        )
+    if abs(np.linalg.det(columns / norms)) < 1e-3:
+        raise GeometryError(f"{what} {name} has parallel voxel axes", "re-save it with a valid orientation")
+
+
+def same_file_key(path: str | os.PathLike) -> str:
+    """A path with `..`, symlinks and (on Windows) case folded away, to compare file names."""
+    return os.path.normcase(os.path.realpath(os.fspath(path)))
+
+
+def is_same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two names reach the same file (also through hard links, when both exist)."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return same_file_key(a) == same_file_key(b)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,15 +289,40 @@ def check_output_path(path: str | os.PathLike, kinds: tuple[str, ...] = ("nifti"
     if fmt not in kinds:
         wanted = " or ".join({"nifti": "*.nii.gz, *.nii", "nrrd": "*.nrrd", "seg.nrrd": "*.seg.nrrd"}[k] for k in kinds)
         raise OptionError(f"cannot write {Path(path).name}: unsupported output format", f"name the output {wanted}")
+    check_name_length(path)
     check_writable(path)
     return fmt
+
+
+MAX_NAME_BYTES = 255  # the longest file name common file systems take
+
+
+def check_name_length(path: str | os.PathLike) -> None:
+    name = Path(path).name
+    if len(os.fsencode(name)) > MAX_NAME_BYTES:
+        raise OptionError(
+            f"the output name {name[:40]}... is {len(os.fsencode(name))} bytes, longer than file systems allow",
+            f"use a name of at most {MAX_NAME_BYTES} bytes",
+        )
+
+
+def write_error(exc: OSError, folder: Path) -> OptionError:
+    """A failed write as a user error: a full disk or a quota is not a bug."""
+    import errno
+
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return OptionError(f"no space left on the disk of {folder}", "free some space or write the output elsewhere")
+    return OptionError(
+        f"cannot write to {folder}: {exc.strerror or exc}", "choose an output folder you can write to"
+    )
 
 
 def _temp_beside(path: Path) -> Path:
     # Keep the real suffix last: writers pick the format (and gzip) from the file name.
     name = path.name.lower()
     suffix = "".join(path.suffixes[-2:]) if name.endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
+    # A short stem: the temporary name must fit the file system's limit whenever the final one does.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:48]}.", suffix=f".partial{suffix}", dir=path.parent)
     os.close(fd)
     return Path(tmp)
 

@@ -44,6 +44,7 @@ from typing import Callable
 
 from . import __version__
 from .errors import CancelledError, MaisiSynthError
+from .request import MAX_JSON_BYTES, RequestError, check_params, parse_json
 
 PROTOCOL_VERSION = 1
 Emit = Callable[[dict], None]
@@ -52,10 +53,6 @@ _TERMINAL = ("result", "error")
 log = logging.getLogger(__name__)
 
 
-class RequestError(MaisiSynthError):
-    """A request line that is not valid JSON, not a known request type, or has bad fields."""
-
-    kind = "bad-request"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,18 +113,9 @@ def _empty_cuda_cache() -> None:
 
 
 def _check_params(params: object) -> dict:
-    from .pipeline import GenerateRequest
-
     if not isinstance(params, dict):
         raise RequestError("'params' of a generate request must be a JSON object", 'send {"params": {...}}')
-    paths = ("mask", "output", "model_dir", "preview", "label_output")
-    for key in paths:
-        if key in params and params[key] is not None and not isinstance(params[key], str):
-            raise RequestError(f"'{key}' must be a path string, got {params[key]!r}", f"send '{key}' as a string")
-    try:
-        GenerateRequest.from_dict(params)
-    except TypeError as exc:
-        raise RequestError(f"bad generate params: {exc}", "see GenerateRequest for the fields") from None
+    check_params(params)  # refuse a bad field now, not when the request's turn comes
     return params
 
 
@@ -182,14 +170,11 @@ class Engine:
 
     # -- incoming -------------------------------------------------------------------------------------
 
-    def handle_line(self, line: str) -> None:
+    def handle_line(self, line: str | bytes) -> None:
         try:
-            message = json.loads(line)
-        except json.JSONDecodeError as exc:
-            self._error(
-                None,
-                RequestError(f"not a JSON line ({exc.msg} at column {exc.colno})", "send one JSON object per line"),
-            )
+            message = parse_json(line, "request line")
+        except RequestError as exc:
+            self._error(None, exc)
             return
         self.handle(message)
 
@@ -198,8 +183,11 @@ class Engine:
         try:
             if not isinstance(message, dict):
                 raise RequestError("a request must be a JSON object", 'send e.g. {"type": "ping"}')
-            if request_id is not None and not isinstance(request_id, (str, int)):
-                raise RequestError(f"'id' must be a string, got {request_id!r}", "send a string id")
+            if request_id is not None and (
+                not isinstance(request_id, (str, int)) or isinstance(request_id, bool) or len(str(request_id)) > 200
+            ):
+                request_id = None  # never echo a malformed id back
+                raise RequestError("'id' must be a string of at most 200 characters", "send a short string id")
             request_id = None if request_id is None else str(request_id)
             kind = message.get("type")
             if kind == "generate":
@@ -383,24 +371,19 @@ def serve_stdio(device: str = "auto", model_dir: str | None = None) -> int:
     emit({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), **device_info(device)})
     stdin = sys.stdin.buffer
     while True:
-        raw = stdin.readline()
+        raw = stdin.readline(MAX_JSON_BYTES + 1)
         if not raw:
             engine.shutdown()
             break
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            emit(
-                {
-                    "type": "error",
-                    "id": None,
-                    **RequestError("a request line is not UTF-8", "send UTF-8 JSON").to_dict(),
-                }
-            )
+        if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # skip the rest of an overlong line, unbuffered
+                raw = stdin.readline(MAX_JSON_BYTES)
+            too_long = RequestError(f"a request line is longer than {MAX_JSON_BYTES} bytes", "send shorter lines")
+            emit({"type": "error", "id": None, **too_long.to_dict()})
             continue
-        if not line:
+        if not raw.strip():
             continue
-        engine.handle_line(line)
+        engine.handle_line(raw.strip())
         if engine.stopping:
             break
     engine.join()

@@ -38,6 +38,14 @@ class DistContext:
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
+    def agree(self, value: object) -> object:
+        """Rank 0's `value` on every rank (a decision only the main process can make)."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def wrap(self, module: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
         """DistributedDataParallel around `module` when running under torchrun, else `module`."""
         if not self.distributed:

@@ -199,3 +199,30 @@ def test_torchrun_two_processes_write_the_same_bytes(masks, tiny_model, tmp_path
     assert (single / "dataset.json").read_text() == (sharded / "dataset.json").read_text()
     ranks = {e["rank"] for e in manifest(sharded)}
     assert ranks == {0, 1} and len(manifest(sharded)) == 6 and not list(sharded.glob("manifest.rank*"))
+
+
+def test_one_batch_per_output_folder_and_damaged_records_are_refused_before_any_work(masks, tiny_model, tmp_path):
+    from MaisiSynthLib.batch import OutputLock
+
+    out = tmp_path / "out"
+    holder = OutputLock(out)
+    assert holder.acquire()  # another batch is running on this folder
+    try:
+        result = batch(masks, out, tiny_model, "--seeds", "1")
+    finally:
+        holder.release()
+    assert result.returncode == 2 and "another batch is writing to" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (out / "manifest.jsonl").exists()
+
+    assert batch(masks, out, tiny_model, "--seeds", "1").returncode == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    (out / "manifest.jsonl").write_text("\n".join([lines[0], '{"case": 7, "garbled', *lines[1:]]) + "\n")
+    started = time.monotonic()
+    result = batch(masks, out, tiny_model, "--seeds", "2")
+    assert result.returncode == 2 and "manifest.jsonl line 2 is damaged" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not list(out.glob("imagesTr/*_s001*"))
+    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "label_map.json").write_text('{"layout": "nnunet", "labels": ')
+    result = batch(masks, out, tiny_model, "--seeds", "2")
+    assert result.returncode == 2 and "label_map.json is damaged" in result.stderr
+    assert not list(out.glob("imagesTr/*_s001*")) and time.monotonic() - started < 120

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+import json
+import pickle
 import shutil
 
 import nibabel as nib
@@ -124,8 +128,73 @@ def _bad_inputs(tmp_path, tiny_model):
     ae = torch.load(pickled / AUTOENCODER_FILE, weights_only=True)
     torch.save({"state": ae, "meta": Unpicklable()}, pickled / AUTOENCODER_FILE)
 
+    # Hostile or broken headers: a gzip "bomb" (a huge declared size in a few bytes), affines that
+    # cannot place voxels, a zero-size volume, a symlink that loops.
+    bomb_header = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), np.eye(4)).header
+    bomb_header.set_data_shape((1088, 1088, 1088))
+    bomb = tmp_path / "bomb.nii.gz"
+    bomb.write_bytes(gzip.compress(bomb_header.binaryblock + b"\0" * 4))
+    zero_column = ras_affine()
+    zero_column[:3, 1] = 0
+    nan_affine = ras_affine()
+    nan_affine[0, 3] = np.nan
+    parallel = ras_affine()
+    parallel[:3, 1] = parallel[:3, 0]
+    broken = {}
+    for name, affine in (("zero", zero_column), ("nan", nan_affine), ("parallel", parallel)):
+        # nibabel will not write such a header itself: write a good file, then patch its sform rows
+        data = bytearray(nib.Nifti1Image(torso_labels(64), ras_affine()).to_bytes())
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(data[:348])))
+        header["qform_code"], header["sform_code"] = 0, 1
+        header["srow_x"], header["srow_y"], header["srow_z"] = affine[0], affine[1], affine[2]
+        data[:348] = header.binaryblock
+        broken[name] = tmp_path / f"{name}.nii.gz"
+        broken[name].write_bytes(gzip.compress(bytes(data)))
+    zero_size = tmp_path / "zero.nrrd"
+    nrrd.write(str(zero_size), np.zeros((4, 0, 4), np.int16))
+    loop = tmp_path / "loop.nii.gz"
+    loop.symlink_to(loop)
+    self_reference = _model_copy(tmp_path / "d", tiny_model)
+    config = json.loads((self_reference / "config_network_rflow.json").read_text())
+    config["spatial_dims"] = "@spatial_dims"
+    (self_reference / "config_network_rflow.json").write_text(json.dumps(config))
+    huge = _model_copy(tmp_path / "e", tiny_model)
+    config = json.loads((huge / "config_network_rflow.json").read_text())
+    config["diffusion_unet_def"]["num_channels"] = [2048, 4096, 4096]
+    (huge / "config_network_rflow.json").write_text(json.dumps(config))
+    secret = tmp_path / "elsewhere" / "secret.raw"
+    secret.parent.mkdir()
+    secret.write_bytes(bytes(range(24)))
+    detached = tmp_path / "detached.nhdr"
+    detached.write_text(f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 3 4\nencoding: raw\ndata file: {secret}\n\n")
+    raw_pickle = _model_copy(tmp_path / "f", tiny_model)
+    (raw_pickle / AUTOENCODER_FILE).write_bytes(pickle.dumps({"weights": [1.0, 2.0]}))
+
     return {
         "missing file": (tmp_path / "absent.nii.gz", tiny_model, [], "mask file not found"),
+        "header declaring a huge volume": (bomb, tiny_model, [], "declares 1088x1088x1088 voxels"),
+        "affine with a zero axis": (broken["zero"], tiny_model, [], "zero voxel size along axis 1"),
+        "affine with NaN": (broken["nan"], tiny_model, [], "NaN or infinite"),
+        "affine with parallel axes": (broken["parallel"], tiny_model, [], "parallel voxel axes"),
+        "zero-size mask": (zero_size, tiny_model, [], "has no voxels"),
+        "symlink loop": (loop, tiny_model, [], "symbolic link that loops"),
+        "NaN spacing": (good, tiny_model, ["--spacing", "nan", "3", "3"], "'spacing' must be three numbers"),
+        "huge output grid": (
+            good,
+            tiny_model,
+            ["--output-size", "1024", "1024", "1024", "--spacing", "8", "8", "8"],
+            "1074 million voxels",
+        ),
+        "config entry referring to itself": (good, self_reference, [], "refers back to itself"),
+        "network far beyond the official size": (good, huge, [], "num_channels"),
+        "raw pickle checkpoint": (good, raw_pickle, [], "needs pickle code execution"),
+        "detached header naming a file elsewhere": (detached, tiny_model, [], "not a regular file in the same folder"),
+        "output is the input by another name": (
+            good,
+            tiny_model,
+            ["--output", str(tmp_path / "sub" / ".." / "good.nii.gz")],
+            "is the input mask itself",
+        ),
         "non-image file": (text, tiny_model, [], "cannot read mask notes.nii.gz"),
         "4-D volume": (four_d, tiny_model, [], "4 dimensions"),
         "float labels": (float_mask, tiny_model, [], "non-integer values"),
@@ -153,6 +222,19 @@ def _bad_inputs(tmp_path, tiny_model):
 
 BAD_CASES = [
     "missing file",
+    "header declaring a huge volume",
+    "affine with a zero axis",
+    "affine with NaN",
+    "affine with parallel axes",
+    "zero-size mask",
+    "symlink loop",
+    "NaN spacing",
+    "huge output grid",
+    "config entry referring to itself",
+    "network far beyond the official size",
+    "raw pickle checkpoint",
+    "detached header naming a file elsewhere",
+    "output is the input by another name",
     "non-image file",
     "4-D volume",
     "float labels",
@@ -196,3 +278,35 @@ def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_model, case
     assert result.stdout == ""
     assert list(out_dir.iterdir()) == []
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_long_legal_output_name_is_written(tmp_path, tiny_model):
+    """A 242-character name is legal on every file system; its temporary file must be too."""
+    mask = save_nifti(tmp_path / "m.nii.gz", torso_labels(64))
+    out = tmp_path / ("c" * 235 + ".nii.gz")
+    result = run_cli("generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(tiny_model), "--steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and len(out.name) == 242
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "m.nii.gz"])
+    too_long = tmp_path / ("c" * 250 + ".nii.gz")
+    result = run_cli("generate", "--mask", str(mask), "--output", str(too_long), "--model-dir", str(tiny_model))
+    assert result.returncode == 2 and "longer than file systems allow" in result.stderr
+
+
+def test_a_full_disk_is_a_user_error_not_a_bug(tmp_path, tiny_model, monkeypatch):
+    """A disk cannot be filled here, so the writer is made to fail as a full one does (ENOSPC)."""
+    import errno
+
+    from MaisiSynthLib import pipeline
+    from MaisiSynthLib.errors import OptionError
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_volume", full)
+    mask = save_nifti(tmp_path / "m.nii.gz", torso_labels(64))
+    request = pipeline.GenerateRequest(mask=mask, output=tmp_path / "ct.nii.gz", model_dir=tiny_model, steps=1)
+    with pytest.raises(OptionError, match="no space left") as caught:
+        pipeline.generate(request)
+    assert caught.value.kind == "bad-option" and "free some space" in caught.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz"]

@@ -60,6 +60,9 @@ def test_slicer_segmentation_maps_names_and_keeps_tumor_over_host(tmp_path):
     assert mask.labels[3, 3, 3] == L.BODY and mask.labels[0, 0, 0] == 0
     assert (mask.labels == L.HEPATIC_TUMOR).sum() == tumor.sum()
     np.testing.assert_allclose(mask.affine[:3, :3], np.diag([2.0, 2.0, 2.0]))  # LPS −2 → RAS +2
+    # the overlap is not resolved silently: a note says which segment won where
+    assert len(mask.notes) == 1 and "'Liver' and 'liver tumor' overlap in 27 voxels" in mask.notes[0]
+    assert "'liver tumor' (hepatic tumor) was kept" in mask.notes[0]
 
 
 def test_segmentation_with_unknown_segment_names_is_refused(tmp_path):

@@ -32,14 +32,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model, workdir, token: str | None = TOKEN):
+def start_server(model, workdir, token: str | None = TOKEN, *extra: str):
     port = free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", PYTHONUNBUFFERED="1")
     env.pop("MAISI_SYNTH_TOKEN", None)
     if token:
         env["MAISI_SYNTH_TOKEN"] = token
     cmd = [sys.executable, "-m", "MaisiSynthLib", "serve", "--port", str(port), "--model-dir", str(model)]
-    cmd += ["--device", "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB), "--workdir", str(workdir)]
+    cmd += ["--device", "cpu", "--max-upload-mb", str(MAX_UPLOAD_MB), "--workdir", str(workdir), *extra]
     process = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     client = RemoteClient(f"http://127.0.0.1:{port}", token=token)
     deadline = time.monotonic() + 120
@@ -67,6 +67,12 @@ def server(tiny_model, tmp_path_factory):
             process.kill()
 
 
+def run_folder(workdir):
+    """The folder this server run keeps its files in (a fresh one inside --workdir)."""
+    (folder,) = [p for p in workdir.iterdir() if p.is_dir()]
+    return folder
+
+
 @pytest.fixture(scope="module")
 def mask(tmp_path_factory):
     return save_nifti(tmp_path_factory.mktemp("serve-mask") / "mask.nii.gz", torso_labels())
@@ -79,6 +85,8 @@ def http(
     headers = dict(headers or {})
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
+    if method == "POST" and "Content-Type" not in headers:
+        headers["Content-Type"] = "application/octet-stream" if path.startswith("/v1/masks") else "application/json"
     req = urllib.request.Request(client.url + path, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -106,7 +114,8 @@ def test_two_requests_download_results_and_reuse_models(server, mask, tmp_path):
     assert np.array_equal(a.get_fdata(), b.get_fdata()) and a.shape == (64, 64, 64)
     assert [e["i"] for e in seen if e["type"] == "progress" and e.get("stage") == "sample"] == [0, 1, 2, 3]
     # the client deletes finished requests on the server; the upload went with its request
-    assert not list((workdir / "requests").iterdir()) and not list((workdir / "uploads").iterdir())
+    run = run_folder(workdir)
+    assert not list((run / "requests").iterdir()) and not list((run / "uploads").iterdir())
 
 
 def test_remote_output_equals_the_cli(server, mask, tiny_model, tmp_path):
@@ -140,7 +149,7 @@ def test_bad_requests_get_clear_errors(server, mask, tmp_path):
     end = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "x.nii.gz"), "model_dir": "/"}), 60)
     assert end["kind"] == "bad-request" and "model_dir" in end["message"]
     end = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "x.nii.gz"), "stepz": 3}), 60)
-    assert end["kind"] == "bad-option" and "stepz" in end["message"]
+    assert end["kind"] == "bad-request" and "stepz" in end["message"]
     garbage = tmp_path / "garbage.nii.gz"
     garbage.write_bytes(b"\x00" * 100)
     end = client.wait(client.generate({"mask": str(garbage), "output": str(tmp_path / "x.nii.gz")}), 60)
@@ -177,12 +186,12 @@ def test_oversized_uploads_are_refused(server):
         client.url + "/v1/masks?name=big.nii.gz",
         data=chunks(),
         method="POST",
-        headers={"Authorization": f"Bearer {TOKEN}"},
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"},
     )
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(req, timeout=30)
     assert info.value.code == 413
-    assert not list((workdir / "uploads").iterdir())
+    assert not list((run_folder(workdir) / "uploads").iterdir())
 
 
 def test_a_non_loopback_bind_needs_a_token(tiny_model):

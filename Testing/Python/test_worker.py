@@ -114,9 +114,9 @@ def test_bad_requests_get_error_replies_and_the_worker_stays(worker, mask, tiny_
         worker.on_event = None
     errors = [e for e in got if e["type"] == "error"]
     by_id = {e["id"]: e for e in errors}
-    assert any(e["id"] is None and "not a JSON line" in e["message"] for e in errors)
+    assert any(e["id"] is None and "is not JSON" in e["message"] for e in errors)
     assert by_id["x1"]["kind"] == "bad-request" and "explode" in by_id["x1"]["message"]
-    assert by_id["x2"]["kind"] == "bad-option" and "output" in by_id["x2"]["message"]
+    assert by_id["x2"]["kind"] == "bad-request" and "output" in by_id["x2"]["message"]
     assert by_id["x3"]["kind"] == "bad-request" and "never-sent" in by_id["x3"]["message"]
     assert end["type"] == "error" and end["kind"] == "bad-mask" and end["hint"]
     assert not (tmp_path / "out.nii.gz").exists()
@@ -164,3 +164,36 @@ def test_cancel_kills_the_process_tree_when_the_worker_does_not_answer(mask, tin
     assert end["type"] == "error" and end["kind"] == "cancelled" and "killed" in end["message"]
     assert time.monotonic() - started < 60 and not client.alive and client.returncode == -signal.SIGKILL
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_hostile_lines_get_one_error_each_and_the_worker_stays(worker, mask, tiny_model, tmp_path):
+    got: list[dict] = []
+    worker.on_event = got.append
+    try:
+        worker.send_raw('{"type": "ping", "id": ' + "9" * 5000 + "}")
+        worker.send_raw("[" * 100000)
+        worker.send_raw('{"type": "ping", "id": "' + "x" * (1 << 21) + '"}')  # over the 1 MiB line limit
+        worker.send_raw(json.dumps({"type": "generate", "id": "t1", "params": {**params(mask, "o.nii.gz", tiny_model), "solver": ["euler"]}}))
+        worker.send_raw(json.dumps({"type": "generate", "id": "t2", "params": {**params(mask, "o.nii.gz", tiny_model), "spacing": "333"}}))
+        worker.send_raw(json.dumps({"type": "generate", "id": "t3", "params": {**params(mask, "o.nii.gz", tiny_model), "controlnet": "no"}}))
+        # the output names the input mask another way: refused, the mask is untouched
+        before = mask.read_bytes()
+        sneaky = mask.parent / "sub" / ".." / mask.name
+        rid = worker.generate(params(mask, sneaky, tiny_model))
+        end = worker.wait(rid, 60)
+        pong = worker.ping()
+        deadline = time.monotonic() + 30
+        while not any(e.get("id") == pong for e in got) and time.monotonic() < deadline:
+            worker.poll()
+            time.sleep(0.05)
+    finally:
+        worker.on_event = None
+    errors = [e for e in got if e["type"] == "error"]
+    anonymous = [e["message"] for e in errors if e["id"] is None]
+    assert any("digits" in m for m in anonymous) and any("nests" in m for m in anonymous)
+    assert any("longer than" in m for m in anonymous)
+    by_id = {e["id"]: e for e in errors}
+    assert "solver" in by_id["t1"]["message"] and "spacing" in by_id["t2"]["message"]
+    assert "controlnet" in by_id["t3"]["message"] and by_id["t3"]["kind"] == "bad-request"
+    assert end["type"] == "error" and "input mask itself" in end["message"] and mask.read_bytes() == before
+    assert any(e["type"] == "pong" and e["id"] == pong for e in got) and worker.alive
