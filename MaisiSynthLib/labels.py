@@ -84,7 +84,8 @@ _ALIASES: dict[str, int] = {
 
 @lru_cache(maxsize=None)
 def _data(name: str) -> dict:
-    with resources.files("MaisiSynthLib.data").joinpath(name).open("r", encoding="utf-8") as f:
+    # `data` is a plain folder (no __init__): resources of the package itself work on Python 3.9 too
+    with resources.files("MaisiSynthLib").joinpath("data", name).open("r", encoding="utf-8") as f:
         return json.load(f)
 
 

@@ -47,9 +47,11 @@ ALLOWED_TARGETS = {
 RFLOW_TARGETS = {t for t in ALLOWED_TARGETS if t.endswith("RFlowScheduler")}
 
 # Official checkpoints may carry numpy scalars (epoch, loss); these types only rebuild numbers.
+# numpy 2 calls its core `_core`, numpy 1 `core`: both are in the range the package admits.
+_NUMPY_CORE = getattr(np, "_core", None) or np.core
 _SAFE_NUMPY = [
-    np._core.multiarray.scalar,
-    np._core.multiarray._reconstruct,
+    _NUMPY_CORE.multiarray.scalar,
+    _NUMPY_CORE.multiarray._reconstruct,
     np.ndarray,
     np.dtype,
     *{type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int32, np.int64, np.bool_)},

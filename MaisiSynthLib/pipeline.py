@@ -7,7 +7,6 @@ checked before any network is loaded, and outputs are written only at the very e
 
 from __future__ import annotations
 
-import resource
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -160,6 +159,43 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     return {"steps": steps, "cfg": float(cfg), "window": tuple(int(w) for w in window), "overlap": float(overlap)}
 
 
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory in MB (POSIX `resource`, Windows process counters)."""
+    try:
+        import resource  # POSIX only
+
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    except ImportError:
+        pass
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class Counters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (name, ctypes.c_size_t)
+                for name in (
+                    "PeakWorkingSetSize",
+                    "WorkingSetSize",
+                    "QuotaPeakPagedPoolUsage",
+                    "QuotaPagedPoolUsage",
+                    "QuotaPeakNonPagedPoolUsage",
+                    "QuotaNonPagedPoolUsage",
+                    "PagefileUsage",
+                    "PeakPagefileUsage",
+                )
+            ]
+
+        counters = Counters()
+        counters.cb = ctypes.sizeof(Counters)
+        process = ctypes.windll.kernel32.GetCurrentProcess()
+        if ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb):
+            return round(counters.PeakWorkingSetSize / 2**20, 1)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
+
+
 def _cancel_check(cancel) -> Callable[[], bool]:
     if cancel is None:
         return lambda: False
@@ -309,7 +345,7 @@ def generate(
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
-    peak = {"process_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    peak = {"process_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return GenerateResult(

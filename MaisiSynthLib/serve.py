@@ -31,6 +31,8 @@ Event streams wait asynchronously, so open streams never hold the threads other 
 paths (work folder, model folder) never appear in a response.
 """
 
+from __future__ import annotations
+
 import asyncio
 import hmac
 import ipaddress

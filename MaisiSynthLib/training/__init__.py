@@ -7,6 +7,8 @@ All three write into one official-format model folder (`<output_dir>/model`), wh
 loads as it is.
 """
 
+from __future__ import annotations
+
 STAGES = ("vae", "unet", "controlnet")
 
 
