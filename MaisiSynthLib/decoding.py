@@ -84,3 +84,15 @@ def to_hu(image: torch.Tensor | np.ndarray, labels: np.ndarray) -> np.ndarray:
     hu = np.clip(image, 0.0, 1.0) * (HU_MAX - HU_MIN) + HU_MIN
     hu[labels == 0] = HU_MIN
     return np.rint(hu).astype(np.int16)
+
+
+def resample_intensities(
+    hu: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int], target_affine: np.ndarray
+) -> np.ndarray:
+    """Trilinear resampling of an int16 HU volume onto another grid (outside the source: -1000)."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    image = nib.Nifti1Image(hu.astype(np.float32), affine)
+    out = resample_from_to(image, (tuple(shape), target_affine), order=1, mode="constant", cval=HU_MIN)
+    return np.rint(np.clip(np.asanyarray(out.dataobj), HU_MIN, HU_MAX)).astype(np.int16)

@@ -181,3 +181,63 @@ def resolve_output_grid(
     if new_shape == tuple(shape) and np.allclose(new_spacing, in_spacing, rtol=0, atol=1e-6):
         return tuple(shape), np.array(affine, dtype=float)
     return new_shape, grid_affine(affine, shape, new_shape, new_spacing)
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Where a CT is generated and how it returns to the mask's grid.
+
+    `back` is "none" (generated on the output grid itself), "crop" (the mask's grid padded with
+    background to sizes the model takes; `crop` cuts the CT back) or "resample" (the mask's spacing
+    is outside the model's range: generated on the nearest grid the model takes, then resampled onto
+    the mask's grid).
+    """
+
+    shape: tuple[int, int, int]  # the grid the model generates on (canonical, RAS-ordered)
+    affine: np.ndarray
+    back: str = "none"
+    crop: tuple[slice, slice, slice] | None = None
+
+
+def _spacing_allowed(spacing: tuple[float, ...], rules: GridRules) -> bool:
+    lo, hi = rules.spacing_xy_mm
+    zlo, zhi = rules.spacing_z_mm
+    sx, sy, sz = spacing
+    return lo - 1e-6 <= sx <= hi + 1e-6 and lo - 1e-6 <= sy <= hi + 1e-6 and zlo - 1e-6 <= sz <= zhi + 1e-6
+
+
+def plan_output_grid(
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    rules: GridRules,
+    output_size: tuple[int, int, int] | str | None = None,
+    spacing: tuple[float, float, float] | None = None,
+) -> GridPlan:
+    """The grid to generate on for a canonical mask grid and the user's --output-size / --spacing.
+
+    An explicit size or spacing is taken as the output grid (`resolve_output_grid`). Without either,
+    the CT comes back on the mask's own grid: a size the model does not take is padded with
+    background and cropped back (voxel-aligned with the mask), and a spacing outside the model's
+    range is generated on the nearest grid the model takes and resampled back.
+    """
+    if output_size is not None or spacing is not None:
+        new_shape, new_affine = resolve_output_grid(shape, affine, rules, output_size, spacing)
+        return GridPlan(tuple(new_shape), new_affine)
+    in_spacing = spacing_of(affine)
+    if not all(math.isfinite(s) and s > 0 for s in in_spacing):
+        raise GeometryError(f"the mask's spacing {in_spacing} is not three positive numbers", "re-save the mask")
+    if not _spacing_allowed(in_spacing, rules):
+        new_shape, new_spacing = auto_size(shape, in_spacing, rules)
+        check_grid(new_shape, new_spacing, rules)
+        return GridPlan(tuple(new_shape), grid_affine(affine, shape, new_shape, new_spacing), "resample")
+    m = rules.size_multiple
+    padded = tuple(max(m, rules.min_size, int(math.ceil(n / m)) * m) for n in shape)
+    if padded == tuple(shape):
+        check_grid(shape, in_spacing, rules)
+        return GridPlan(tuple(shape), np.array(affine, dtype=float))
+    check_grid(padded, in_spacing, rules)
+    before = [(p - n) // 2 for p, n in zip(padded, shape)]
+    padded_affine = np.array(affine, dtype=float)
+    padded_affine[:3, 3] = affine[:3, 3] - affine[:3, :3] @ np.array(before, dtype=float)
+    crop = tuple(slice(b, b + n) for b, n in zip(before, shape))
+    return GridPlan(padded, padded_affine, "crop", crop)

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from . import labels as L
-from .decoding import decode_latent, to_hu
+from .decoding import HU_MIN, decode_latent, resample_intensities, to_hu
 from .errors import CancelledError, ModelError, OptionError
-from .grid import resolve_output_grid, spacing_of
+from .grid import plan_output_grid, spacing_of
 from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
@@ -258,9 +258,24 @@ def generate(
     mask = read_mask(request.mask)
     notes.extend(mask.notes)
     labels_c, affine_c = to_canonical(mask.labels, mask.affine)
-    shape, affine = resolve_output_grid(labels_c.shape, affine_c, rules, request.output_size, request.spacing)
+    plan = plan_output_grid(labels_c.shape, affine_c, rules, request.output_size, request.spacing)
+    shape, affine = plan.shape, plan.affine
     spacing = spacing_of(affine)
-    labels = resample_labels(labels_c, affine_c, shape, affine)
+    if plan.back == "crop":
+        labels = np.zeros(shape, dtype=labels_c.dtype)  # background around the mask
+        labels[plan.crop] = labels_c
+        notes.append(
+            f"the mask's grid {'x'.join(map(str, labels_c.shape))} was padded with background to "
+            f"{'x'.join(map(str, shape))} (sizes this model takes) and the CT cropped back to the mask's grid"
+        )
+    else:
+        labels = resample_labels(labels_c, affine_c, shape, affine)
+    if plan.back == "resample":
+        notes.append(
+            f"the mask's spacing {' x '.join(f'{v:.3g}' for v in spacing_of(affine_c))} mm is outside this model's "
+            f"range: the CT was generated on {'x'.join(map(str, shape))} voxels of "
+            f"{' x '.join(f'{v:.3g}' for v in spacing)} mm and resampled onto the mask's grid"
+        )
     gone = lost_labels(labels_c, labels)
     if gone:
         notes.append(
@@ -320,6 +335,14 @@ def generate(
     )
     hu = to_hu(image, labels)
     del image
+    if plan.back != "none":  # back onto the mask's own grid
+        labels_mask, _ = ensure_body(labels_c, spacing_of(affine_c))
+        if plan.back == "crop":
+            hu = hu[plan.crop]
+        else:
+            hu = resample_intensities(hu, affine, labels_c.shape, affine_c)
+        hu = np.where(labels_mask > 0, hu, HU_MIN).astype(hu.dtype)
+        labels, affine, spacing = labels_mask, affine_c, spacing_of(affine_c)
     timings["decode"] = time.perf_counter() - t
     check_cancel()
 

@@ -200,7 +200,7 @@ def _bad_inputs(tmp_path, tiny_model):
         "float labels": (float_mask, tiny_model, [], "non-integer values"),
         "unknown label ids": (unknown_mask, tiny_model, [], "150 that are not MAISI labels"),
         "empty mask": (empty, tiny_model, [], "empty"),
-        "spacing out of range": (coarse, tiny_model, [], "in-plane spacing 10"),
+        "spacing out of range": (coarse, tiny_model, ["--spacing", "10", "10", "3"], "in-plane spacing 10"),
         "FOV out of range": (small_fov, tiny_model, [], "field of view 48 x 48 mm"),
         "output size not allowed": (
             good,
@@ -310,3 +310,29 @@ def test_a_full_disk_is_a_user_error_not_a_bug(tmp_path, tiny_model, monkeypatch
         pipeline.generate(request)
     assert caught.value.kind == "bad-option" and "free some space" in caught.value.hint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.nii.gz"]
+
+
+def test_a_mask_off_the_models_grid_comes_back_on_its_own_grid(tmp_path, tiny_model):
+    """Mask in, CT out on the same grid: a size the model does not take is padded and cropped back,
+    a spacing outside its range is generated on the nearest grid it takes and resampled back."""
+    odd = torso_labels(64)[:61, 3:, :50]  # 61 x 61 x 50 voxels of 3 mm
+    fine = np.repeat(np.repeat(torso_labels(32), 2, axis=0), 2, axis=1)  # 64 x 64 x 32 voxels of 0.3 mm in-plane
+    cases = {
+        "odd": (odd, ras_affine((3.0, 3.0, 3.0), (-90.0, -81.0, -75.0)), "padded with background"),
+        "fine": (fine, ras_affine((0.3, 0.3, 6.0), (-9.6, -9.6, -96.0)), "outside this model's range"),
+    }
+    tiny_rules = {"grid": {"spacing_xy_mm": [0.5, 8.0], "spacing_z_mm": [0.5, 8.0], "min_fov_xy_mm": 16}}
+    model = _model_copy(tmp_path / "m", tiny_model)
+    (model / "maisi_synth.json").write_text(json.dumps(tiny_rules))
+    for name, (labels, affine, note) in cases.items():
+        mask = save_nifti(tmp_path / f"{name}.nii.gz", labels.astype(np.int16), affine)
+        out = tmp_path / f"{name}_ct.nii.gz"
+        result = run_cli(
+            "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(model), "--steps", "1"
+        )
+        assert result.returncode == 0, result.stderr
+        assert note in result.stderr + result.stdout
+        ct = nib.load(str(out))
+        assert ct.shape == labels.shape and np.array_equal(ct.affine, nib.load(str(mask)).affine)
+        data = np.asanyarray(ct.dataobj)
+        assert (data[labels == 0] == -1000).all() and np.ptp(data[labels > 0]) > 0
