@@ -31,8 +31,9 @@ Event streams wait asynchronously, so open streams never hold the threads other 
 paths (work folder, model folder) never appear in a response.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time
+# and must find `Request`, which is imported inside create_app (FastAPI is an optional extra).
+# Hence Optional[...] instead of `X | None`, which Python 3.9 cannot evaluate.
 import asyncio
 import hmac
 import ipaddress
@@ -45,6 +46,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Optional
 
 from .errors import MaisiSynthError, OptionError
 from .request import RequestError, parse_json
@@ -95,7 +97,7 @@ class _RequestLog:
         self.folder = folder
         self.events: list[dict] = []
         self.files: dict[str, Path] = {}
-        self.mask: Path | None = None
+        self.mask: Optional[Path] = None
         self.done = False
 
 
@@ -105,7 +107,7 @@ class Hub:
     def __init__(self, workdir: Path, defaults: dict) -> None:
         self.workdir = workdir
         self.requests: dict[str, _RequestLog] = {}
-        self.uploads: dict[str, tuple[Path, float]] = {}  # mask id → (file, monotonic time of upload)
+        self.uploads: dict = {}  # mask id → (file, monotonic time of upload)
         self.changed = threading.Condition()
         self.engine = Engine(self.emit, defaults)
         model_dir = str(defaults.get("model_dir") or "")
@@ -157,7 +159,7 @@ class Hub:
 
 def create_app(
     hub: Hub,
-    token: str | None,
+    token: Optional[str],
     max_upload_bytes: int,
     on_shutdown=None,
     loopback: bool = True,
@@ -390,11 +392,11 @@ def create_app(
 def run_server(
     host: str = "127.0.0.1",
     port: int = 8765,
-    token: str | None = None,
-    model_dir: str | None = None,
+    token: Optional[str] = None,
+    model_dir: Optional[str] = None,
     device: str = "auto",
     max_upload_bytes: int = 512 * 2**20,
-    workdir: str | None = None,
+    workdir: Optional[str] = None,
     upload_timeout: float = UPLOAD_IDLE_SECONDS,
     upload_ttl: float = UPLOAD_TTL_SECONDS,
 ) -> int:
