@@ -1,29 +1,50 @@
 #!/usr/bin/env bash
 # Reproduce the embedded demo model (Resources/models/demo) from scratch on the CPU.
 # Writes phantoms and the run state under runs/demo/; the weights land in Resources/models/demo/.
-# Wall times go to runs/demo/timing.txt (see Resources/models/demo/TRAINING.md for ours).
+# Every stage is resumable: rerun this script with --resume after an interruption (each training
+# command continues from its last checkpoint). Wall times go to runs/demo/timing.txt (ours are in
+# Resources/models/demo/TRAINING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 PY=.venv/bin/python
 CONFIG=Resources/models/demo/train.json
 MODEL=Resources/models/demo
-mkdir -p runs/demo
-stamp() { echo "$1 $(date +%s)" >> runs/demo/timing.txt; }
-: > runs/demo/timing.txt
+RUN=runs/demo
+mkdir -p "$RUN"
+stamp() { echo "$1 $(date +%s)" >> "$RUN/timing.txt"; }
 stamp start
-# 32 training phantoms (all five tumor types each) at the demo grid: 128×128×64 voxels, 3×3×5 mm.
-$PY -m MaisiSynthLib phantoms --count 32 --out runs/demo/phantoms/train --size 128 128 64 --spacing 3 3 5 --seed 0
+
+# Training phantoms (README "Training"): whole torsos on the demo grid, plus fields of view as users
+# bring them (any craniocaudal position, spacing ±15 %, chest-only), with random tumor sets.
+D="$RUN/phantoms/train"
+if [ "$(ls "$D" 2>/dev/null | wc -l)" != 256 ]; then
+    P="$PY -m MaisiSynthLib phantoms --out $D"
+    $P --count 48 --size 128 128 64 --spacing 3 3 5 --seed 0 --prefix torso
+    $P --count 24 --size 128 128 64 --spacing 3 3 5 --seed 1 --fov varied --tumors random --prefix var64_
+    $P --count 24 --size 128 128 48 --spacing 3 3 5 --seed 2 --fov varied --tumors random --prefix var48_
+    $P --count 16 --size 128 128 32 --spacing 3 3 5 --seed 3 --fov varied --tumors random --prefix var32_
+    $P --count 16 --size 128 128 48 --spacing 3 3 5 --seed 4 --fov chest --tumors random --prefix chest48_
+fi
 stamp phantoms
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --quiet "$@"
-stamp vae
-# The decoder alone on whole 128×128×64 volumes: GroupNorm statistics of 48³ patches differ from
-# those of the whole volume the demo decodes, which shifts soft-tissue HU by ~40 (see TRAINING.md).
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir runs/demo/decoder --base-model-dir "$MODEL" \
-    --set model_dir=. --set vae.decoder_only=true --set "vae.patch_size=[128,128,64]" --set vae.batch_size=1 \
-    --set vae.steps=150 --set vae.lr=2e-4 --set vae.warmup_steps=10 --set vae.log_every=10 \
+
+# 1. VAE on random 64x64x32 patches (the first half of a 4000-step schedule), then the whole VAE on
+#    full-width 128x128x32 slabs and on whole volumes: GroupNorm statistics of a small patch and of a
+#    whole volume differ, and the decoder must be calibrated on what it will decode (TRAINING.md).
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --stop-after 2000 --quiet "$@"
+stamp vae_patches
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_slab" --base-model-dir "$MODEL" \
+    --set model_dir=. --set seed=1 --set "vae.patch_size=[128,128,32]" --set vae.batch_size=1 \
+    --set vae.steps=300 --set vae.lr=2e-4 --set vae.warmup_steps=20 --set vae.log_every=20 \
     --set vae.checkpoint_every=50 --quiet "$@"
-stamp vae_decoder
+stamp vae_slabs
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_whole" --base-model-dir "$MODEL" \
+    --set model_dir=. --set seed=2 --set vae.patch_size=null --set vae.batch_size=1 --set vae.steps=300 \
+    --set vae.lr=1e-4 --set vae.warmup_steps=10 --set vae.bone_weight=5 --set vae.tumor_weight=5 \
+    --set vae.log_every=10 --set vae.checkpoint_every=50 --quiet "$@"
+stamp vae_whole
+
+# 2. The diffusion UNet and 3. the ControlNet, on the posterior means of the final VAE.
 for stage in unet controlnet; do
     $PY -m MaisiSynthLib train "$stage" --config "$CONFIG" --quiet "$@"
     stamp "$stage"

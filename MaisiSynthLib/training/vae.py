@@ -156,6 +156,7 @@ class VaeStage(Stage):
 
     def loss(self, model: torch.nn.Module, step: int):
         x, eps, weights = self.batch(step)
+        eps = eps * float(self.cfg["posterior_noise"])
         recon, z_mu, z_sigma = model(x, eps)
         l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
         kl = kl_loss(z_mu, z_sigma)

@@ -379,3 +379,35 @@ def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_an
     plain = ControlNetStage(config, DistContext())
     plain.prepare()
     assert torch.equal(plain.condition(0, 0, 0)[0], original)
+
+
+def test_bf16_on_the_cpu_and_a_noise_free_posterior(workspace, tmp_path):
+    """`cpu_bf16` trains under bfloat16 autocast (finite, close to float32, not equal to it);
+    `posterior_noise: 0` trains the decoder on μ itself: the step's loss is that of decode(μ)."""
+    from MaisiSynthLib.training.distributed import DistContext
+    from MaisiSynthLib.training.vae import VaeStage
+
+    runs = {}
+    for name, settings in {"fp32": {}, "bf16": {"cpu_bf16": True}}.items():
+        config = _config(tmp_path, vae={"steps": 2, "patch_size": [32, 32, 32], **settings})
+        config.update(cases=str(workspace / "cases"), output_dir=name, base_model_dir=str(workspace / "run" / "model"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(config))
+        train("vae", str(tmp_path / f"{name}.json"), progress=False)
+        runs[name] = read_log(tmp_path / name / "logs" / "vae.csv")
+    assert all(np.isfinite(r["loss"]) for r in runs["bf16"])
+    first = runs["fp32"][0]["l1"]
+    assert runs["bf16"][0]["l1"] != first and abs(runs["bf16"][0]["l1"] - first) < 0.05 * first + 1e-3
+
+    for noise in (0.0, 1.0):
+        config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / f"n{noise}"))
+        config.update(network=tiny_config(), base_model_dir=str(workspace / "run" / "model"))
+        config["vae"].update(patch_size=[32, 32, 32], posterior_noise=noise)
+        stage = VaeStage(config, DistContext())
+        stage.prepare()
+        x, _, weights = stage.batch(0)
+        autoencoder = stage.trainable().autoencoder.eval()
+        with torch.no_grad():
+            _, metrics = stage.loss(stage.trainable(), 0)
+            z_mu, _ = autoencoder.encode(x)
+            expected = float(((autoencoder.decode(z_mu) - x).abs() * weights).sum() / weights.sum())
+        assert (metrics["l1"] == pytest.approx(expected, rel=1e-5)) == (noise == 0.0), (noise, metrics["l1"], expected)
