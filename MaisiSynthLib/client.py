@@ -136,8 +136,48 @@ def kill_tree(pid: int) -> None:
         pass
 
 
+# Variables an embedding application's launcher (3D Slicer's among them) sets for its own Python;
+# handed to another interpreter they make it load the wrong standard library ("SRE module mismatch").
+LAUNCHER_PYTHON_VARIABLES = (
+    "PYTHONHOME",
+    "PYTHONPATH",
+    "PYTHONNOUSERSITE",
+    "PYTHONSTARTUP",
+    "PYTHONEXECUTABLE",
+    "PYTHONPLATLIBDIR",
+    "PYTHONSAFEPATH",
+)
+
+
+def worker_environment(python: str, base: dict | None = None, extra: dict | None = None) -> dict:
+    """The environment to start the worker with: `base` (default: this process's), cleaned of the
+    launcher's Python variables when `python` is not this process's own interpreter, plus `extra`,
+    plus the folder that holds this MaisiSynthLib (so a Python without an installed copy finds it)."""
+    env = dict(os.environ if base is None else base)
+    if not same_interpreter(python):
+        for name in LAUNCHER_PYTHON_VARIABLES:
+            env.pop(name, None)
+    env.update(extra or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def same_interpreter(python: str) -> bool:
+    try:
+        return os.path.samefile(python, sys.executable)
+    except OSError:
+        return os.path.normcase(os.path.abspath(python)) == os.path.normcase(os.path.abspath(sys.executable))
+
+
 class WorkerClient(_EventClient):
-    """Starts `python -m MaisiSynthLib worker` and talks JSON lines with it."""
+    """Starts `python -m MaisiSynthLib worker` and talks JSON lines with it.
+
+    `python`: the interpreter (default: this one; `~` is expanded). `base_env`: the environment to
+    start from (default: this process's); inside 3D Slicer, pass `slicer.util.startupEnvironment()`
+    for a Python other than Slicer's. `env`: variables to set on top.
+    """
 
     def __init__(
         self,
@@ -148,10 +188,12 @@ class WorkerClient(_EventClient):
         on_event: Callback | None = None,
         stderr_lines: int = 40,
         cancel_timeout: float = 15.0,
+        base_env: dict | None = None,
     ) -> None:
         super().__init__(on_event)
-        self.python = python or sys.executable
+        self.python = os.path.expanduser(python) if python else sys.executable
         self.env = env
+        self.base_env = base_env
         self.worker_args = list(worker_args or [])
         self.cwd = cwd
         self.cancel_timeout = cancel_timeout
@@ -166,15 +208,11 @@ class WorkerClient(_EventClient):
 
     def start(self, timeout: float = 300.0) -> dict:
         """Start the worker and wait for its `ready` event (importing torch takes a few seconds)."""
-        env = dict(os.environ)
-        env.update(self.env or {})
-        env["PYTHONUNBUFFERED"] = "1"
-        # The worker must import this MaisiSynthLib even when the chosen Python has no installed copy.
-        package_root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env = worker_environment(self.python, self.base_env, self.env)
         kwargs: dict = {}
         if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+            # its own process group (for taskkill /T), and no console window popping up over Slicer
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
         else:
             kwargs["start_new_session"] = True  # its own process group: kill_tree reaches its children
         try:

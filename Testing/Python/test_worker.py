@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -197,3 +198,37 @@ def test_hostile_lines_get_one_error_each_and_the_worker_stays(worker, mask, tin
     assert "controlnet" in by_id["t3"]["message"] and by_id["t3"]["kind"] == "bad-request"
     assert end["type"] == "error" and "input mask itself" in end["message"] and mask.read_bytes() == before
     assert any(e["type"] == "pong" and e["id"] == pong for e in got) and worker.alive
+
+
+def test_a_worker_starts_from_a_launcher_polluted_environment(tmp_path):
+    """Slicer's launcher sets PYTHONHOME/PYTHONPATH for its own Python. Here a Python 3.12 process
+    plays Slicer (its PYTHONHOME set, as the launcher does) and starts the worker with this test's
+    Python 3.11 (the recommended external worker): the worker must come up, not abort."""
+    import shutil
+    import subprocess as sp
+
+    slicer_python = None
+    for version in ("3.12", "3.9"):
+        found = sp.run(["pyenv", "which", "python"], capture_output=True, text=True, env={**os.environ, "PYENV_VERSION": version})
+        if found.returncode == 0 and found.stdout.strip():
+            slicer_python = found.stdout.strip()
+            break
+    if slicer_python is None and shutil.which("python3.12"):
+        slicer_python = shutil.which("python3.12")
+    if slicer_python is None:
+        pytest.skip("no second Python to play Slicer's")
+    prefix = sp.run([slicer_python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()
+    repo = str(Path(__file__).resolve().parents[2])
+    script = tmp_path / "slicer_like.py"
+    script.write_text(
+        "import sys\n"
+        "from MaisiSynthLib.client import WorkerClient\n"
+        "c = WorkerClient(python=sys.argv[1], env={'CUDA_VISIBLE_DEVICES': '-1'}, worker_args=['--device', 'cpu'])\n"
+        "ready = c.start(timeout=180)\n"
+        "print('READY', ready['python'])\n"
+        "c.shutdown()\n"
+    )
+    env = {**os.environ, "PYTHONHOME": prefix, "PYTHONPATH": repo, "PYTHONNOUSERSITE": "1"}
+    result = sp.run([slicer_python, str(script), sys.executable], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"READY {sys.version.split()[0]}" in result.stdout
