@@ -62,6 +62,9 @@ DEFAULTS: dict[str, Any] = {
         # Scale of the posterior sample's noise in training (z = μ + s·σ·ε): 1 is the official VAE; 0
         # trains the decoder on μ itself, the latent the diffusion stages learn and generate.
         "posterior_noise": 1.0,
+        # Extra L1 terms through HU windows, [[lo, hi, weight], ...], e.g. [[-200, 200, 1]] for soft
+        # tissue contrast (see training.vae.window_l1); none by default (the official loss).
+        "windows": [],
         "perceptual_weight": 0.0,  # needs LPIPS weights (a download); off by default
         "adversarial_weight": 0.0,
         "adversarial_start": 0,

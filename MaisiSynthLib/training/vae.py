@@ -51,6 +51,23 @@ class _VaeStep(torch.nn.Module):
         return self.autoencoder.decode(z), z_mu, z_sigma
 
 
+def window_l1(recon: torch.Tensor, x: torch.Tensor, windows) -> torch.Tensor | None:
+    """Σ weight · L1 between the two images seen through HU windows [(lo, hi, weight), ...].
+
+    Images are scaled to [0, 1] over [-1000, 1000] HU, so 50 HU of soft-tissue contrast is 2.5 % of
+    the range and an L1 on that scale barely sees it; through a [-200, 200] window it is 12.5 %.
+    Outside its window a term saturates and adds nothing.
+    """
+    if not windows:
+        return None
+    total = None
+    for lo, hi, weight in windows:
+        a, b = (lo + 1000.0) / 2000.0, (hi + 1000.0) / 2000.0  # the window in [0, 1] image units
+        term = (torch.clamp((recon - a) / (b - a), 0, 1) - torch.clamp((x - a) / (b - a), 0, 1)).abs().mean()
+        total = float(weight) * term if total is None else total + float(weight) * term
+    return total
+
+
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(μ, σ²) ‖ N(0, 1)) summed over latent voxels, averaged over the batch (MONAI/official form)."""
     z_mu, z_sigma = z_mu.float(), z_sigma.float()
@@ -161,8 +178,12 @@ class VaeStage(Stage):
         l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + float(self.cfg["kl_weight"]) * kl
+        windowed = window_l1(recon.float(), x, self.cfg["windows"])
+        if windowed is not None:
+            loss = loss + windowed
         metrics = {
             "l1": float(l1.detach()),
+            "windowed_l1": float(windowed.detach()) if windowed is not None else 0.0,
             "kl": float(kl.detach()),
             # the posterior's noise next to its signal: σ̄ / std(μ) is the noise share of a sample
             "sigma_mean": float(z_sigma.detach().float().mean()),

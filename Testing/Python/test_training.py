@@ -411,3 +411,18 @@ def test_bf16_on_the_cpu_and_a_noise_free_posterior(workspace, tmp_path):
             z_mu, _ = autoencoder.encode(x)
             expected = float(((autoencoder.decode(z_mu) - x).abs() * weights).sum() / weights.sum())
         assert (metrics["l1"] == pytest.approx(expected, rel=1e-5)) == (noise == 0.0), (noise, metrics["l1"], expected)
+
+
+def test_window_l1_sees_soft_tissue_contrast_the_plain_l1_hardly_does():
+    from MaisiSynthLib.training.vae import window_l1
+
+    to_unit = lambda hu: (torch.tensor(hu, dtype=torch.float32) + 1000.0) / 2000.0  # noqa: E731
+    real = to_unit([40.0, 40.0, -900.0, 600.0])
+    recon = to_unit([80.0, 40.0, -850.0, 600.0])  # 40 HU too bright in soft tissue, 50 HU in lung
+    plain = float((recon - real).abs().mean())
+    soft = float(window_l1(recon, real, [[-200, 200, 1.0]]))
+    assert plain == pytest.approx((40 + 50) / 2000 / 4, rel=1e-4)
+    assert soft == pytest.approx(40 / 400 / 4, rel=1e-4)  # the lung error is outside the window: not counted
+    both = float(window_l1(recon, real, [[-200, 200, 1.0], [-1000, 0, 0.5]]))
+    assert both == pytest.approx(soft + 0.5 * (50 / 1000 / 4), rel=1e-4)
+    assert window_l1(recon, real, []) is None
