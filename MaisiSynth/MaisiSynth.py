@@ -342,7 +342,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             return scene.remove_tumor(slicer.mrmlScene, segmentation, segmentId, grid)
         finally:
             if temporary:
-                slicer.mrmlScene.RemoveNode(grid)
+                scene.discard(slicer.mrmlScene, grid)
 
     def insertTumor(self, segmentation, reference, tumor, centreRas, diameterMm):
         from MaisiSynthLib import scene
@@ -352,17 +352,14 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             return scene.insert_tumor(slicer.mrmlScene, segmentation, grid, tumor, centreRas, diameterMm)
         finally:
             if temporary:
-                slicer.mrmlScene.RemoveNode(grid)
+                scene.discard(slicer.mrmlScene, grid)
 
     @staticmethod
     def lesionCentre(pointNode):
-        """The first control point of a markup, else the crosshair position."""
-        if pointNode is not None and pointNode.GetNumberOfControlPoints() > 0:
-            return pointNode.GetNthControlPointPositionWorld(0)
-        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        position = [0.0, 0.0, 0.0]
-        crosshair.GetCursorPositionRAS(position)
-        return position
+        """The first control point of a markup, else the crosshair (not the last mouse position)."""
+        from MaisiSynthLib import scene
+
+        return scene.lesion_centre(slicer.mrmlScene, pointNode)
 
     # -- the worker -----------------------------------------------------------------------------------
 
@@ -394,7 +391,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             mask = scene.write_label_input(slicer.mrmlScene, segmentation, grid, folder / "mask.nrrd")
         finally:
             if temporary:
-                slicer.mrmlScene.RemoveNode(grid)
+                scene.discard(slicer.mrmlScene, grid)
         params = options.worker_params(str(mask), str(folder / "synthetic.nrrd"))
         client = self._client(options)
         inputName = (reference or segmentation).GetName()
@@ -438,20 +435,10 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
     def showSideBySide(self, reference, synthetic, segmentation):
         if synthetic is None:
             return
-        layoutManager = slicer.app.layoutManager()
-        layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        left, right = (layoutManager.sliceWidget(name).mrmlSliceCompositeNode() for name in ("Red", "Yellow"))
-        left.SetBackgroundVolumeID(reference.GetID() if reference else synthetic.GetID())
-        left.SetForegroundVolumeID(synthetic.GetID() if reference else None)
-        right.SetBackgroundVolumeID(synthetic.GetID())
-        right.SetForegroundVolumeID(None)
-        for composite in (left, right):
-            composite.SetLinkedControl(True)
-            composite.SetHotLinkedControl(True)
-        if segmentation is not None and segmentation.GetDisplayNode() is not None:
-            display = segmentation.GetDisplayNode()
-            display.SetVisibility2DFill(False)  # outline only, on both views
-            display.SetVisibility2DOutline(True)
+        from MaisiSynthLib import scene
+
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+        scene.compare_side_by_side(slicer.mrmlScene, reference, synthetic, segmentation)
         slicer.util.resetSliceViews()
 
     def setFade(self, reference, synthetic, value):

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import labels as L
-from .errors import MaskError
+from .errors import MaskError, OptionError
 
 LABEL_TAG = "MaisiSynth.label"
 
@@ -83,6 +83,41 @@ def set_volume_array(volume_node, array: np.ndarray, affine: np.ndarray) -> None
             matrix.SetElement(r, c, float(affine[r, c]))
     volume_node.SetIJKToRASMatrix(matrix)
     volume_node.SetAndObserveImageData(image)
+
+
+def discard(scene, node) -> None:
+    """Remove a temporary node and what was made for it: its display and storage nodes, and its
+    colour table when no other node uses that table (segment exports create one per label map)."""
+    if node is None or scene.GetNodeByID(node.GetID()) is None:
+        return
+    dependents = []
+    for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+        display = node.GetNthDisplayNode(i)
+        if display is not None:
+            dependents.append(display)
+            color = display.GetColorNode() if hasattr(display, "GetColorNode") else None
+            if color is not None and not color.GetSingletonTag() and _users_of(scene, color) <= {display.GetID()}:
+                dependents.append(color)
+    storage = node.GetStorageNode() if hasattr(node, "GetStorageNode") else None
+    if storage is not None:
+        dependents.append(storage)
+    scene.RemoveNode(node)
+    for dependent in dependents:
+        if scene.GetNodeByID(dependent.GetID()) is not None:
+            scene.RemoveNode(dependent)
+
+
+def _users_of(scene, target) -> set[str]:
+    """IDs of the nodes that reference `target`."""
+    users = set()
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        for r in range(node.GetNumberOfNodeReferenceRoles()):
+            role = node.GetNthNodeReferenceRole(r)
+            for k in range(node.GetNumberOfNodeReferences(role)):
+                if node.GetNthNodeReferenceID(role, k) == target.GetID():
+                    users.add(node.GetID())
+    return users
 
 
 def _labelmap_node(scene, array: np.ndarray, affine: np.ndarray, name: str):
@@ -210,7 +245,7 @@ def export_labels(scene, segmentation_node, reference_volume) -> tuple[np.ndarra
         order = array_from_volume(node)
         affine = ijk_to_ras(node)
     finally:
-        scene.RemoveNode(node)
+        discard(scene, node)
     lookup = np.zeros(len(mapping) + 1, dtype=np.int16)
     lookup[1:] = [s.label for s in mapping]
     return lookup[order], affine
@@ -228,7 +263,7 @@ def import_labels(scene, labels: np.ndarray, affine: np.ndarray, name: str = "MA
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(node, segmentation_node):
             raise MaskError("Slicer could not import the label map", "check the label file")
     finally:
-        scene.RemoveNode(node)
+        discard(scene, node)
     segmentation = segmentation_node.GetSegmentation()
     for i in range(segmentation.GetNumberOfSegments()):
         segment = segmentation.GetNthSegment(i)
@@ -263,7 +298,7 @@ def _write_segment(scene, segmentation_node, reference, segment_id: str, mask: n
             image, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
         )
     finally:
-        scene.RemoveNode(node)
+        discard(scene, node)
 
 
 def _segment_for(segmentation_node, label: int) -> str | None:
@@ -367,7 +402,7 @@ def write_label_input(scene, segmentation_node, reference_volume, path: str | os
     try:
         return write_nrrd(scene, node, path)
     finally:
-        scene.RemoveNode(node)
+        discard(scene, node)
 
 
 def window_level_of(volume_node) -> tuple[float, float] | None:
@@ -435,7 +470,7 @@ def reference_grid(scene, segmentation_node):
         segmentation_node, node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
     )
     if not ok or node.GetImageData() is None:
-        scene.RemoveNode(node)
+        discard(scene, node)
         raise MaskError("the segmentation has no geometry to generate on", "select a reference CT")
     return node
 
@@ -457,3 +492,67 @@ def place_in_study(scene, node, reference_volume) -> None:
         hierarchy.SetItemParent(item, parent)
     else:  # the app's subject-hierarchy plugins add items for new nodes; bare MRML does not
         hierarchy.CreateItem(parent, node)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Views: where a lesion goes, and the synthetic CT beside its reference
+
+
+def crosshair_ras(scene) -> list[float]:
+    """The crosshair position (RAS mm): where the user last placed it with Shift or a click, and it
+    stays there when the mouse leaves the view (unlike the cursor position)."""
+    node = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+    if node is None:
+        raise OptionError("the scene has no crosshair", "place a markup point for the lesion centre")
+    return [float(v) for v in node.GetCrosshairRAS()]
+
+
+def lesion_centre(scene, point_node=None) -> list[float]:
+    """The first control point of a markup, else the crosshair."""
+    if point_node is not None and point_node.GetNumberOfControlPoints() > 0:
+        position = [0.0, 0.0, 0.0]
+        point_node.GetNthControlPointPositionWorld(0, position)
+        return [float(v) for v in position]
+    return crosshair_ras(scene)
+
+
+def _view_nodes(scene, layout_name: str):
+    slice_node = composite = None
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if node.IsA("vtkMRMLSliceNode") and node.GetLayoutName() == layout_name:
+            slice_node = node
+        elif node.IsA("vtkMRMLSliceCompositeNode") and node.GetLayoutName() == layout_name:
+            composite = node
+    if slice_node is None or composite is None:
+        raise OptionError(f"the scene has no {layout_name} slice view", "use a layout with the Red and Yellow views")
+    return slice_node, composite
+
+
+def compare_side_by_side(scene, reference, synthetic, segmentation=None) -> None:
+    """Side-by-side layout: the reference (synthetic faded over it) in Red, the synthetic in Yellow,
+    both axial (a layout's default orientation applies only to views it creates, so Yellow may still
+    be sagittal from before) and linked, the mask as an outline on both."""
+    slicer = _slicer()
+
+    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+    if layout is not None:
+        layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
+    views = [_view_nodes(scene, name) for name in ("Red", "Yellow")]
+    for slice_node, _ in views:
+        if not slice_node.SetOrientation("Axial"):
+            slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+            slice_node.AddSliceOrientationPreset("Axial", scene.GetDefaultNodeByClass("vtkMRMLSliceNode").GetSliceOrientationPreset("Axial"))
+            slice_node.SetOrientation("Axial")
+    (_, left), (_, right) = views
+    left.SetBackgroundVolumeID(reference.GetID() if reference is not None else synthetic.GetID())
+    left.SetForegroundVolumeID(synthetic.GetID() if reference is not None else None)
+    right.SetBackgroundVolumeID(synthetic.GetID())
+    right.SetForegroundVolumeID(None)
+    for composite in (left, right):
+        composite.SetLinkedControl(True)
+        composite.SetHotLinkedControl(True)
+    if segmentation is not None and segmentation.GetDisplayNode() is not None:
+        display = segmentation.GetDisplayNode()
+        display.SetVisibility2DFill(False)  # outline only, on both views
+        display.SetVisibility2DOutline(True)

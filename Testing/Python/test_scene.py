@@ -191,3 +191,67 @@ def test_terminology_entries_map_segments(scene, reference):
     segment.SetTag(segment.GetTerminologyEntryTagName(), f"{context}~{anatomy}~SCT^10200004^Liver~^^~~^^~^^")
     mapping = {s.name: (s.label, s.source) for s in S.segment_labels(node)}
     assert mapping == {"Segment_1": (5, "terminology"), "Segment_2": (1, "terminology")}
+
+
+def _app_views(scene):
+    """The MRML nodes Slicer's application creates for its views (layout, Red/Yellow, crosshair);
+    Yellow starts sagittal, as in the default layout."""
+    layout = slicer.vtkMRMLLayoutNode()
+    scene.AddNode(layout)
+    for name in ("Red", "Yellow"):
+        view = slicer.vtkMRMLSliceNode()
+        view.SetLayoutName(name)
+        view.SetSingletonTag(name)
+        scene.AddNode(view)
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        composite.SetLayoutName(name)
+        composite.SetSingletonTag(name)
+        scene.AddNode(composite)
+    crosshair = slicer.vtkMRMLCrosshairNode()
+    scene.AddNode(crosshair)
+    return layout, crosshair
+
+
+def _census(scene) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in range(scene.GetNumberOfNodes()):
+        name = scene.GetNthNode(i).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    counts.pop("vtkMRMLSubjectHierarchyNode", None)  # the scene's singleton, made on first use
+    return counts
+
+
+def test_export_compare_and_insert_leave_only_what_the_user_asked_for(scene, reference, tmp_path):
+    layout, crosshair = _app_views(scene)
+    seg = painted(scene, reference, [("liver", LIVER), ("right lung upper lobe", LUNG)])
+    seg.CreateDefaultDisplayNodes()
+    before = _census(scene)
+    S.export_labels(scene, seg, reference)
+    S.write_label_input(scene, seg, reference, tmp_path / "mask.nrrd")
+    assert _census(scene) == before  # no label maps, display nodes or colour tables left behind
+
+    # the lesion goes to the crosshair (where the user put it), not to the last mouse position
+    centre = S.ijk_to_ras(reference) @ np.array([30, 32, 12, 1.0])
+    crosshair.SetCrosshairRAS(*centre[:3])
+    crosshair.SetCursorPositionRAS([0.0, 0.0, 0.0])
+    placed = S.lesion_centre(scene)
+    np.testing.assert_allclose(placed, centre[:3])
+    S.insert_tumor(scene, seg, reference, L.LUNG_TUMOR, placed, 8.0)
+    labels, _ = S.export_labels(scene, seg, reference)
+    assert labels[30, 32, 12] == L.LUNG_TUMOR
+    added = {k: v - before.get(k, 0) for k, v in _census(scene).items() if v != before.get(k, 0)}
+    assert added == {}  # the lesion is a segment of the user's segmentation, nothing else
+
+    synthetic = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
+    S.set_volume_array(synthetic, np.zeros(SHAPE, np.int16), AFFINE)
+    yellow = scene.GetNodeByID("vtkMRMLSliceNodeYellow")
+    with_compare = _census(scene)
+    S.compare_side_by_side(scene, reference, synthetic, seg)
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    for name in ("Red", "Yellow"):
+        assert scene.GetNodeByID(f"vtkMRMLSliceNode{name}").GetOrientation() == "Axial"
+        composite = scene.GetNodeByID(f"vtkMRMLSliceCompositeNode{name}")
+        assert composite.GetLinkedControl() and composite.GetHotLinkedControl()
+    assert scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed").GetBackgroundVolumeID() == reference.GetID()
+    assert scene.GetNodeByID("vtkMRMLSliceCompositeNodeYellow").GetBackgroundVolumeID() == synthetic.GetID()
+    assert yellow.GetOrientation() == "Axial" and _census(scene) == with_compare
