@@ -441,21 +441,37 @@ def result_name(input_name: str, seed: int) -> str:
     return f"{input_name} synthetic (seed {seed})"
 
 
+def _write_node(scene, node, path: Path) -> None:
+    """Write a volume node with Slicer's own storage (the format from the file name)."""
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(1)
+        if not storage.WriteData(node):
+            raise MaskError(f"Slicer could not write {path.name}", "check that the folder is writable")
+    finally:
+        scene.RemoveNode(storage)
+
+
 def export_pair(scene, ct_volume, segmentation_node, folder: str | os.PathLike, stem: str) -> tuple[Path, Path]:
     """Write `<stem>_image.nii.gz` (the synthetic CT) and `<stem>_label.nii.gz` (its MAISI mask on the
-    CT's grid) for training-data use; both or neither."""
-    from .volumes import atomic_paths, save_volume
+    CT's grid) for training-data use; both or neither. Written by Slicer's storage nodes: nothing
+    here needs a package Slicer does not ship."""
+    from .volumes import atomic_paths
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    ct = array_from_volume(ct_volume)
     labels, affine = export_labels(scene, segmentation_node, ct_volume)
     if not np.allclose(affine, ijk_to_ras(ct_volume), atol=1e-4):
         raise MaskError("the label map does not share the CT's grid", "export from the reference grid")
     image_path, label_path = folder / f"{stem}_image.nii.gz", folder / f"{stem}_label.nii.gz"
-    with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
-        save_volume(image_tmp, ct.astype(np.int16), affine)
-        save_volume(label_tmp, labels.astype(np.int16), affine)
+    label_node = _labelmap_node(scene, labels, affine, "maisi export label")
+    try:
+        with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
+            _write_node(scene, ct_volume, image_tmp)
+            _write_node(scene, label_node, label_tmp)
+    finally:
+        discard(scene, label_node)
     return image_path, label_path
 
 

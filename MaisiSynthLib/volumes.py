@@ -3,6 +3,9 @@
 Geometry travels with the data: every array read here carries its voxel → RAS-millimetre affine, and
 every file written here gets the affine it is given. NRRD files store LPS coordinates; conversion to
 and from RAS happens only in this module.
+
+nibabel and pynrrd are imported where they are used: 3D Slicer ships neither, and its process uses
+only the atomic-file helpers here (scene.py writes volumes with Slicer's own storage nodes).
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import nibabel as nib
 import numpy as np
-from nibabel import orientations
 
 from .errors import GeometryError, MaskError, OptionError
 
@@ -145,6 +146,8 @@ def check_volume_file(path: str | os.PathLike, what: str = "volume", detached: s
     fmt = format_of(path)
     try:
         if fmt == "nifti":
+            import nibabel as nib
+
             img = nib.load(str(path))  # the header only; voxels stay on disk
             shape, itemsize = img.shape, img.get_data_dtype().itemsize
             _declared_size_error(what, path, shape, itemsize, str(path).lower().endswith(".gz"), path)
@@ -196,6 +199,8 @@ def read_volume(path: str | os.PathLike, what: str = "volume", detached: str = "
     check_volume_file(path, what, detached)
     try:
         if fmt == "nifti":
+            import nibabel as nib
+
             img = nib.load(str(path))
             check_affine(img.affine, what, path.name)
             array = np.asanyarray(img.dataobj)
@@ -253,6 +258,8 @@ def is_same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Permute/flip axes so that the array is RAS-ordered; returns (array, affine)."""
+    import nibabel as nib
+
     img = nib.Nifti1Image(np.asarray(array), affine)
     canonical = nib.as_closest_canonical(img)
     return np.asanyarray(canonical.dataobj), np.array(canonical.affine, dtype=float)
@@ -262,6 +269,9 @@ def from_canonical(
     array: np.ndarray, canonical_affine: np.ndarray, target_affine: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bring a RAS-ordered array back to the axis order/directions of `target_affine`."""
+    import nibabel as nib
+    from nibabel import orientations
+
     back = orientations.ornt_transform(
         orientations.io_orientation(canonical_affine), orientations.io_orientation(target_affine)
     )
@@ -383,6 +393,8 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     """
     fmt = format_of(path)
     if fmt == "nifti":
+        import nibabel as nib
+
         header = None
         if like is not None and "nifti_header" in like.header:
             header = like.header["nifti_header"].copy()
