@@ -1,0 +1,107 @@
+"""The code that runs inside 3D Slicer, on the Pythons Slicer ships and as Windows sees it.
+
+Slicer 5.8 bundles Python 3.9, Slicer 5.10 and 5.12 Python 3.12, with NumPy and SciPy but neither
+torch, MONAI nor nibabel. Without a Slicer app here, the module's engine side is run the way Slicer
+runs it: a fresh virtual environment of each Python with only NumPy and SciPy, importing what the
+module imports and exercising the label and tumor logic; and the worker is started with the POSIX-only
+modules (`resource`, `fcntl`) made unavailable, as on Windows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import save_nifti, torso_labels
+
+from MaisiSynthLib.client import WorkerClient
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = REPO / ".compat-venvs"  # built once per machine (CI builds it on every clean clone)
+
+IN_SLICER = r"""
+import sys
+for blocked in ("torch", "monai", "nibabel", "nrrd", "resource", "fcntl"):
+    sys.modules[blocked] = None  # not in Slicer's Python (the last two: not on Windows)
+import numpy as np
+from MaisiSynthLib import client, errors, gui_options, gui_progress, labels as L, lesions, masks, request, scene
+assert L.id_for_name("liver tumor") == L.HEPATIC_TUMOR and L.id_for_name("lung_upper_lobe_left") == 28
+labels = np.zeros((40, 40, 40), np.int16)
+labels[5:35, 5:35, 5:35] = 200
+labels[10:30, 10:30, 10:30] = 1
+labels[18:22, 18:22, 18:22] = L.HEPATIC_TUMOR
+free = masks.remove_tumors(labels)
+assert (free[18:22, 18:22, 18:22] == 1).all() and not (free == L.HEPATIC_TUMOR).any()
+inserted = lesions.insert_tumor(free, L.HEPATIC_TUMOR, (20.0, 20.0, 20.0), 12.0, (2.0, 2.0, 2.0))
+assert (inserted == L.HEPATIC_TUMOR).sum() > 50 and ((inserted == L.HEPATIC_TUMOR) <= (free == 1)).all()
+assert masks.coarsen_labels(labels)[20, 20, 20] == L.HEPATIC_TUMOR
+request.check_params({"mask": "m.nrrd", "output": "o.nrrd", "steps": 30, "seed": 1})
+assert "PYTHONHOME" not in client.worker_environment("/not/this/python", {"PYTHONHOME": "/slicer"})
+print("OK", sys.version_info[:2])
+"""
+
+
+def _python(version: str) -> str | None:
+    found = subprocess.run(
+        ["pyenv", "which", "python"], capture_output=True, text=True, env={**os.environ, "PYENV_VERSION": version}
+    )
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else None
+
+
+def _slicer_like_python(version: str) -> Path:
+    """A venv of `version` with only what Slicer's Python has that we use (NumPy, SciPy)."""
+    base = _python(version)
+    if base is None:
+        pytest.skip(f"Python {version} is not installed (pyenv)")
+    venv = CACHE / version
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        subprocess.run([base, "-m", "venv", str(venv)], check=True)
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "numpy", "scipy"],
+            capture_output=True,
+            text=True,
+        )
+        if install.returncode != 0:
+            pytest.skip(f"cannot install NumPy/SciPy for Python {version}: {install.stderr[-300:]}")
+    return python
+
+
+@pytest.mark.parametrize("version", ["3.9", "3.12"])
+def test_the_in_slicer_code_runs_on_slicers_pythons_without_torch_or_nibabel(version):
+    python = _slicer_like_python(version)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run([str(python), "-c", IN_SLICER], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("OK")
+    # every module compiles on that Python (the ones with torch are imported in the worker only)
+    files = [str(p) for p in (REPO / "MaisiSynthLib").rglob("*.py")] + [str(REPO / "MaisiSynth" / "MaisiSynth.py")]
+    compiled = subprocess.run([str(python), "-m", "py_compile", *files], capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr
+
+
+def test_the_worker_generates_without_posix_only_modules(tmp_path, tiny_model):
+    """`resource` and `fcntl` do not exist on Windows: the worker must start and generate without them."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['resource'] = None\nsys.modules['fcntl'] = None\n")
+    mask = save_nifti(tmp_path / "mask.nii.gz", torso_labels())
+    client = WorkerClient(
+        env={"CUDA_VISIBLE_DEVICES": "-1", "PYTHONPATH": str(blocker)}, worker_args=["--device", "cpu"]
+    )
+    client.start()
+    try:
+        end = client.wait(
+            client.generate({"mask": str(mask), "output": str(tmp_path / "ct.nii.gz"), "model_dir": str(tiny_model), "steps": 2}),
+            180,
+        )
+    finally:
+        client.shutdown()
+    assert end["type"] == "result", json.dumps(end)[:500]
+    assert (tmp_path / "ct.nii.gz").exists() and "process_rss_mb" in end["peak_memory"]
+    assert sys.platform == "win32" or client.returncode == 0
