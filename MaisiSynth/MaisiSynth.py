@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ctk
 import qt
 import slicer
 import vtk
@@ -33,6 +34,32 @@ for _candidate in (_HERE, _HERE.parent):
         break
 
 POLL_MS = 100
+
+
+class _UserAction:
+    """`with _UserAction("Cannot ..."):` shows a failure once (the engine's one-line message for user
+    errors, the traceback in the log for bugs) and does not re-raise, so the code after the block
+    (refreshing the mapping table, resetting buttons) always runs. `ok` says whether it succeeded."""
+
+    def __init__(self, message):
+        self.message = message
+        self.ok = False
+
+    def __enter__(self):
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        qt.QApplication.restoreOverrideCursor()
+        self.ok = error is None
+        if error is not None:
+            from MaisiSynthLib.gui_options import failure_text
+
+            text, bug = failure_text(self.message, error)
+            if bug:
+                logging.error("MaisiSynth: %s", self.message, exc_info=(kind, error, traceback))
+            slicer.util.errorDisplay(text)
+        return True  # handled: never re-raised into Qt
 
 
 class MaisiSynth(ScriptedLoadableModule):
@@ -70,6 +97,11 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = MaisiSynthLogic()
 
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        # the module's own selectors drive the editor; two sets of selectors would drift apart
+        self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
+        self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
+        self.ui.modelDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs  # a model is a folder, not a file
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         for label, _, _ in GRID_PRESETS:
             self.ui.gridPresetComboBox.addItem(label)
         self.ui.solverComboBox.addItems(list(SOLVERS))
@@ -99,6 +131,25 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.start()
         self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
 
+    def enter(self):
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
+        # the module's own selectors drive the editor; two sets of selectors would drift apart
+        self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
+        self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
+        self.ui.modelDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs  # a model is a folder, not a file
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+
+    def exit(self):
+        # an effect left active would keep painting in the views after the user left the module
+        self.ui.segmentEditorWidget.setActiveEffect(None)
+        self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        self.logic.shutdown()
+        self.requestId = None
+        self.ui.generateButton.text = "Generate"
+
     def cleanup(self):
         self.removeObservers()
         if self.timer is not None:
@@ -110,17 +161,30 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentationChanged(self, node):
         self.ui.segmentEditorWidget.setSegmentationNode(node)
-        self.removeObservers()
-        if node is not None:
-            for event in (
-                slicer.vtkSegmentation.SegmentAdded,
-                slicer.vtkSegmentation.SegmentRemoved,
-                slicer.vtkSegmentation.SegmentModified,
-            ):
-                self.addObserver(node.GetSegmentation(), event, lambda *args: self.updateMapping())
+        self.onReferenceChanged(self.ui.referenceVolumeSelector.currentNode())
+        events = (
+            slicer.vtkSegmentation.SegmentAdded,
+            slicer.vtkSegmentation.SegmentRemoved,
+            slicer.vtkSegmentation.SegmentModified,
+        )
+        previous = getattr(self, "observedSegmentation", None)
+        if previous is not None:  # only the segment observers: the scene-close observer stays
+            for event in events:
+                self.removeObserver(previous, event, self.onSegmentsChanged)
+        self.observedSegmentation = node.GetSegmentation() if node is not None else None
+        if self.observedSegmentation is not None:
+            for event in events:
+                self.addObserver(self.observedSegmentation, event, self.onSegmentsChanged)
+        self.updateMapping()
+
+    def onSegmentsChanged(self, caller=None, event=None):
         self.updateMapping()
 
     def onReferenceChanged(self, node):
+        segmentation = self.ui.segmentationSelector.currentNode()
+        if node is None and segmentation is not None:
+            # Painting needs a source volume; without a reference CT, a blank one on the mask's grid.
+            node = self.logic.canvasVolume(segmentation)
         self.ui.segmentEditorWidget.setSourceVolumeNode(node)
 
     def updateMapping(self):
@@ -162,7 +226,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         item = self.ui.mappingTable.item(row, column)
         text = item.text().strip()
         label = int(text.split()[0]) if text.split() and text.split()[0].isdigit() else L.id_for_name(text)
-        with slicer.util.tryWithErrorDisplay("Cannot set this label.", waitCursor=True):
+        with _UserAction("Cannot set this label."):
             if label is None:
                 raise ValueError(f"'{text}' is not a MAISI id or structure name (see 'maisi-synth labels')")
             scene.set_segment_label(self.ui.segmentationSelector.currentNode(), item.data(qt.Qt.UserRole), label)
@@ -174,14 +238,14 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.ui.tumorSegmentComboBox.currentData
 
     def onSwapTumor(self):
-        with slicer.util.tryWithErrorDisplay("Cannot change the tumor type.", waitCursor=True):
+        with _UserAction("Cannot change the tumor type."):
             self.logic.swapTumor(
                 self.ui.segmentationSelector.currentNode(), self._selectedTumor(), self.ui.tumorTypeComboBox.currentData
             )
         self.updateMapping()
 
     def onRemoveTumor(self):
-        with slicer.util.tryWithErrorDisplay("Cannot remove the tumor.", waitCursor=True):
+        with _UserAction("Cannot remove the tumor."):
             self.logic.removeTumor(
                 self.ui.segmentationSelector.currentNode(),
                 self._selectedTumor(),
@@ -190,7 +254,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateMapping()
 
     def onInsertTumor(self):
-        with slicer.util.tryWithErrorDisplay("Cannot insert the lesion.", waitCursor=True):
+        with _UserAction("Cannot insert the lesion."):
             self.logic.insertTumor(
                 self.ui.segmentationSelector.currentNode(),
                 self.ui.referenceVolumeSelector.currentNode(),
@@ -232,25 +296,32 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.setValue("MaisiSynth/python", options.python)
         settings.setValue("MaisiSynth/modelDir", options.model_dir)
         settings.setValue("MaisiSynth/serverUrl", options.server_url)
-        with slicer.util.tryWithErrorDisplay("Cannot start the generation.", waitCursor=True):
-            self.ui.logTextEdit.clear()
+        self.ui.logTextEdit.clear()
+        with _UserAction("Cannot start the generation.") as action:
             self.requestId = self.logic.generate(
                 self.ui.segmentationSelector.currentNode(),
                 self.ui.referenceVolumeSelector.currentNode(),
                 options,
                 self.onEvent,
             )
-            ready = self.logic.client.ready or {}
-            self.ui.logTextEdit.appendPlainText(
-                f"worker: {ready.get('device_name', '?')} ({ready.get('device', '?')}), torch {ready.get('torch', '?')}, "
-                f"CUDA {ready.get('cuda') or 'none'}, MONAI {ready.get('monai', '?')}"
-            )
-            self.ui.generateButton.text = "Cancel"
-            self.ui.progressBar.value = 0
+        if not action.ok:
+            return
+        self.workerReported = False
+        self.ui.generateButton.text = "Cancel"
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Starting the worker…" if self.logic.session.starting else "Queued…"
 
     def onEvent(self, event):
         from MaisiSynthLib.gui_progress import describe
 
+        client = self.logic.client
+        if client is not None and not getattr(self, "workerReported", True):
+            ready = client.ready or {}
+            self.ui.logTextEdit.appendPlainText(
+                f"worker: {ready.get('device_name', '?')} ({ready.get('device', '?')}), torch {ready.get('torch', '?')}, "
+                f"CUDA {ready.get('cuda') or 'none'}, MONAI {ready.get('monai', '?')}"
+            )
+            self.workerReported = True
         kind = event.get("type")
         if kind == "progress":
             percent, text = describe(event)
@@ -290,7 +361,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.setFade(self.ui.referenceVolumeSelector.currentNode(), self.ui.resultSelector.currentNode(), value)
 
     def onExport(self):
-        with slicer.util.tryWithErrorDisplay("Cannot export.", waitCursor=True):
+        with _UserAction("Cannot export."):
             image, label = self.logic.exportPair(
                 self.ui.resultSelector.currentNode(),
                 self.ui.segmentationSelector.currentNode(),
@@ -304,19 +375,29 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.client = None
-        self.clientKey = None
+        from MaisiSynthLib.client import ClientSession
+
+        self.session = ClientSession()
         self.requests = {}  # request id → (temp folder, input name, reference node id, seed)
 
     # -- scene edits ----------------------------------------------------------------------------------
 
     @staticmethod
     def segmentEditorNode():
-        node = slicer.mrmlScene.GetSingletonNode("SegmentEditor", "vtkMRMLSegmentEditorNode")
-        if node is None:  # the Segment Editor module's node, shared with it
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
-            node.SetSingletonTag("SegmentEditor")
+        """This module's own Segment Editor parameter node: sharing the Segment Editor module's would
+        switch that module's segmentation and effect whenever this one changes them."""
+        node = slicer.mrmlScene.GetSingletonNode("MaisiSynth", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "MaisiSynth segment editor")
+            node.SetSingletonTag("MaisiSynth")
         return node
+
+    @staticmethod
+    def canvasVolume(segmentation):
+        """A blank scalar volume on the segmentation's grid, for the Segment Editor to paint on."""
+        from MaisiSynthLib import scene
+
+        return scene.canvas_volume(slicer.mrmlScene, segmentation)
 
     def _reference(self, segmentation, reference):
         from MaisiSynthLib import scene
@@ -363,23 +444,20 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     # -- the worker -----------------------------------------------------------------------------------
 
-    def _client(self, options):
-        from MaisiSynthLib.client import RemoteClient, WorkerClient
+    def _clientFactory(self, options):
+        """(key, factory) of the worker or server `options` ask for; started by the session in the
+        background. A Python other than Slicer's gets Slicer's startup environment, not the launcher's."""
+        from MaisiSynthLib.client import RemoteClient, WorkerClient, same_interpreter
 
-        key = (
-            (options.server_url, options.token) if options.server_url else (options.python_executable(), options.device)
-        )
-        if self.client is not None and self.clientKey == key and getattr(self.client, "alive", True):
-            return self.client
-        self.shutdown()
         if options.server_url:
-            client = RemoteClient(options.server_url, token=options.token or None)
-        else:
-            client = WorkerClient(python=options.python_executable(), env=options.worker_env())
-        client.start()
-        logging.info(f"MaisiSynth worker ready: {client.ready}")
-        self.client, self.clientKey = client, key
-        return client
+            key = ("remote", options.server_url, options.token)
+            return key, lambda: RemoteClient(options.server_url, token=options.token or None)
+        python = options.python_executable()
+        base = None
+        if not same_interpreter(python) and hasattr(slicer.util, "startupEnvironment"):
+            base = slicer.util.startupEnvironment()
+        key = ("local", python, options.device)
+        return key, lambda: WorkerClient(python=python, env=options.worker_env(), base_env=base)
 
     def generate(self, segmentation, reference, options, onEvent):
         """Export the mask on the reference grid, send it to the worker; returns the request id."""
@@ -393,27 +471,25 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             if temporary:
                 scene.discard(slicer.mrmlScene, grid)
         params = options.worker_params(str(mask), str(folder / "synthetic.nrrd"))
-        client = self._client(options)
+        key, factory = self._clientFactory(options)
         inputName = (reference or segmentation).GetName()
-        requestId = client.generate(params, callback=onEvent)
+        requestId = self.session.request(key, factory, params, onEvent)  # returns at once; see poll()
         self.requests[requestId] = (folder, inputName, reference.GetID() if reference else None, options.seed)
         return requestId
 
+    @property
+    def client(self):
+        return self.session.client if self.session.ready else None
+
     def poll(self):
-        if self.client is not None:
-            self.client.poll()
+        self.session.poll()
 
     def cancel(self, requestId):
-        if self.client is not None:
-            self.client.cancel(requestId)
+        self.session.cancel(requestId)
 
     def shutdown(self):
-        if self.client is not None:
-            try:
-                self.client.shutdown()
-            except Exception:  # a remote server may already be gone
-                logging.debug("MaisiSynth: worker shutdown failed", exc_info=True)
-        self.client = None
+        """Stop the local worker this module started; a remote server is left running (it may be shared)."""
+        self.session.close()
 
     def loadResult(self, event):
         from MaisiSynthLib import scene
@@ -468,17 +544,15 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         self.test_generate_from_example()
 
     def test_generate_from_example(self):
-        import numpy as np
-
         from MaisiSynthLib import scene
         from MaisiSynthLib.gui_options import GenerateOptions
-        from MaisiSynthLib.volumes import read_volume
 
         example = _HERE.parent / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
         if not example.exists():  # installed extension layout
             example = _HERE / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
-        mask = read_volume(example)
-        segmentation = scene.import_labels(slicer.mrmlScene, np.asarray(mask.array), mask.affine, "example")
+        labelmap = slicer.util.loadLabelVolume(str(example))  # Slicer's reader: no nibabel in Slicer
+        mask = scene.array_from_volume(labelmap)
+        segmentation = scene.import_labels(slicer.mrmlScene, mask, scene.ijk_to_ras(labelmap), "example")
         self.delayDisplay("Generating (CPU, 3 steps)")
         logic = MaisiSynthLogic()
         events = []
@@ -490,7 +564,7 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         end = events[-1]
         self.assertEqual(end["type"], "result", end)
         volume = logic.loadResult(end)
-        self.assertEqual(volume.GetImageData().GetDimensions(), tuple(mask.array.shape))
+        self.assertEqual(volume.GetImageData().GetDimensions(), tuple(mask.shape))
         values = scene.array_from_volume(volume)
         self.assertTrue(values.min() >= -1000 and values.max() <= 1000)
         self.assertTrue(requestId)

@@ -527,3 +527,101 @@ class RemoteError(Exception):
             "hint": self.detail.get("hint", ""),
             "status": self.status,
         }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The GUI's session: start in the background, queue what comes meanwhile
+
+
+class ClientSession:
+    """One worker (or server) connection for a GUI, which must never wait for it.
+
+    `request(key, make_client, params, callback)` returns at once: when `key` (the worker Python and
+    device, or the server URL) differs from the running client's, the old one is closed and a new
+    one is made and started on a background thread; requests made before it is ready are queued and
+    sent by `poll()` once it is (or answered with a `worker-died` error if it could not start).
+    `close()` stops a local worker this session started, never a remote server: other users may share it.
+    """
+
+    def __init__(self) -> None:
+        self.client: _EventClient | None = None
+        self.key: object = None
+        self._thread: threading.Thread | None = None
+        self._start_error: str | None = None
+        self._queued: list[tuple[str, dict, Callback | None]] = []
+        self._late: list[tuple[Callback | None, dict]] = []  # events for requests that never reached a client
+
+    @property
+    def ready(self) -> bool:
+        return self.client is not None and self._thread is None and self.client.ready is not None
+
+    @property
+    def starting(self) -> bool:
+        return self._thread is not None
+
+    def request(self, key: object, make_client: Callable[[], _EventClient], params: dict, callback: Callback | None = None) -> str:
+        request_id = uuid.uuid4().hex[:12]
+        alive = self.client is not None and getattr(self.client, "alive", True)
+        if key != self.key or not (alive or self.starting):
+            self.close()
+            self.key, self.client = key, make_client()
+            self._start_error = None
+            self._thread = threading.Thread(target=self._start, args=(self.client,), daemon=True, name="maisi-synth-start")
+            self._thread.start()
+        if self.ready:
+            self.client.generate(params, callback, request_id)
+        else:
+            self._queued.append((request_id, params, callback))
+        return request_id
+
+    def _start(self, client: _EventClient) -> None:
+        try:
+            client.start()
+        except Exception as exc:  # noqa: BLE001 - reported to every queued request
+            self._start_error = str(exc) or type(exc).__name__
+
+    def poll(self) -> None:
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None
+            queued, self._queued = self._queued, []
+            for request_id, params, callback in queued:
+                if self._start_error is None:
+                    self.client.generate(params, callback, request_id)
+                else:
+                    event = {
+                        "type": "error",
+                        "id": request_id,
+                        "kind": "worker-died",
+                        "message": f"the worker could not start: {self._start_error}",
+                        "hint": "check the worker Python (torch and MONAI installed?) or the server address",
+                    }
+                    self._late.append((callback, event))
+        late, self._late = self._late, []
+        for callback, event in late:
+            if callback is not None:
+                callback(event)
+        if self.client is not None and self._thread is None:
+            self.client.poll()
+
+    def cancel(self, request_id: str) -> None:
+        for item in list(self._queued):
+            if item[0] == request_id:
+                self._queued.remove(item)
+                self._late.append((item[2], {"type": "error", "id": request_id, "kind": "cancelled", "message": "cancelled by the user", "hint": ""}))
+                return
+        if self.client is not None and self._thread is None:
+            self.client.cancel(request_id)
+
+    def close(self) -> None:
+        client, self.client, self.key = self.client, None, None
+        if self._thread is not None:
+            self._thread.join(1.0)  # a starting worker is stopped below once it exists
+            self._thread = None
+        for request_id, _, callback in self._queued:
+            self._late.append((callback, {"type": "error", "id": request_id, "kind": "cancelled", "message": "the worker was closed", "hint": ""}))
+        self._queued = []
+        if isinstance(client, WorkerClient):
+            try:
+                client.shutdown()
+            except Exception:  # noqa: BLE001 - closing must not fail
+                client.kill()

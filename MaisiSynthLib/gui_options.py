@@ -115,3 +115,15 @@ def error_text(event: dict) -> str:
     message = event.get("message") or "the generation failed"
     hint = _GUI_HINTS.get(event.get("kind", ""), event.get("hint") or "")
     return f"{message}\n\nFix: {hint}" if hint else message
+
+
+def failure_text(action: str, error: BaseException) -> tuple[str, bool]:
+    """(dialog text, is a bug) for an exception raised by a GUI action: a user error shows its one
+    line (problem and fix); anything else is a bug, shown briefly and logged with its traceback."""
+    from .errors import MaisiSynthError
+
+    if isinstance(error, MaisiSynthError):
+        return f"{action}\n\n{error.one_line()}", False
+    if isinstance(error, ValueError):
+        return f"{action}\n\n{error}", False
+    return f"{action}\n\n{type(error).__name__}: {error} (details in the Python console)", True

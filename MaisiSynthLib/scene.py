@@ -572,3 +572,26 @@ def compare_side_by_side(scene, reference, synthetic, segmentation=None) -> None
         display = segmentation.GetDisplayNode()
         display.SetVisibility2DFill(False)  # outline only, on both views
         display.SetVisibility2DOutline(True)
+
+
+def canvas_volume(scene, segmentation_node, name: str = "MaisiSynth canvas"):
+    """A blank scalar volume (-1000 HU) on the segmentation's own geometry, reused while that geometry
+    holds: the Segment Editor paints only with a source volume, and a mask loaded alone has none."""
+    grid = reference_grid(scene, segmentation_node)
+    try:
+        shape, affine = array_from_volume(grid).shape, ijk_to_ras(grid)
+    finally:
+        discard(scene, grid)
+    existing = scene.GetFirstNodeByName(name)
+    if (
+        existing is not None
+        and existing.IsA("vtkMRMLScalarVolumeNode")
+        and existing.GetImageData() is not None
+        and array_from_volume(existing).shape == shape
+        and np.allclose(ijk_to_ras(existing), affine, atol=1e-4)
+    ):
+        return existing
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    set_volume_array(node, np.full(shape, -1000, np.int16), affine)
+    node.CreateDefaultDisplayNodes()
+    return node

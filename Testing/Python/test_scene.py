@@ -255,3 +255,13 @@ def test_export_compare_and_insert_leave_only_what_the_user_asked_for(scene, ref
     assert scene.GetNodeByID("vtkMRMLSliceCompositeNodeRed").GetBackgroundVolumeID() == reference.GetID()
     assert scene.GetNodeByID("vtkMRMLSliceCompositeNodeYellow").GetBackgroundVolumeID() == synthetic.GetID()
     assert yellow.GetOrientation() == "Axial" and _census(scene) == with_compare
+
+
+def test_a_mask_alone_gets_one_canvas_to_paint_on(scene, reference):
+    seg = painted(scene, reference, [("liver", LIVER)])
+    canvas = S.canvas_volume(scene, seg)
+    assert canvas.IsA("vtkMRMLScalarVolumeNode") and S.array_from_volume(canvas).shape == SHAPE
+    np.testing.assert_allclose(S.ijk_to_ras(canvas), AFFINE, atol=1e-4)
+    assert (S.array_from_volume(canvas) == -1000).all()
+    count = scene.GetNumberOfNodes()
+    assert S.canvas_volume(scene, seg) is canvas and scene.GetNumberOfNodes() == count  # reused, nothing left over

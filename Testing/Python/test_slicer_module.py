@@ -84,7 +84,7 @@ STUBS = textwrap.dedent("""
 
     class Blocker:  # torch and MONAI must not be needed to load the module
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "monai"):
+            if name.split(".")[0] in ("torch", "monai", "nibabel"):
                 raise ImportError(f"{name} is blocked for this check")
 
     sys.meta_path.insert(0, Blocker())
@@ -98,7 +98,7 @@ STUBS = textwrap.dedent("""
     util.VTKObservationMixin = type("VTKObservationMixin", (), {"__init__": lambda self: None})
     slicer.ScriptedLoadableModule, slicer.util = slm, util
     sys.modules.update({"slicer": slicer, "slicer.ScriptedLoadableModule": slm, "slicer.util": util,
-                        "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk")})
+                        "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "ctk": types.ModuleType("ctk")})
 
     import importlib.util
     spec = importlib.util.spec_from_file_location("MaisiSynth", sys.argv[1])
@@ -126,7 +126,7 @@ def test_the_module_file_stays_thin():
     source = MODULE.read_text()
     # a budget, not a law: widget wiring + glue; the 1,900-line module files of other extensions are
     # what this keeps us from
-    assert len(source.splitlines()) < 550
+    assert len(source.splitlines()) < 600
     # numbers and label work belong to MaisiSynthLib
     assert "import numpy" not in source.split("class MaisiSynthTest")[0]
     assert "import torch" not in source

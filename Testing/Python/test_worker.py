@@ -232,3 +232,44 @@ def test_a_worker_starts_from_a_launcher_polluted_environment(tmp_path):
     result = sp.run([slicer_python, str(script), sys.executable], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"READY {sys.version.split()[0]}" in result.stdout
+
+
+def test_a_gui_session_never_waits_for_the_worker(tiny_model, mask, tmp_path):
+    """The GUI's request returns at once while the worker starts; queued requests go out when it is
+    ready; a worker that cannot start answers every queued request; closing stops only local workers."""
+    from MaisiSynthLib.client import ClientSession, RemoteClient
+
+    session = ClientSession()
+    events: list[dict] = []
+    make = lambda: WorkerClient(env=CPU, worker_args=["--device", "cpu"])  # noqa: E731
+    started = time.monotonic()
+    rid = session.request(("local", "cpu"), make, params(mask, tmp_path / "a.nii.gz", tiny_model), events.append)
+    assert time.monotonic() - started < 1.0 and session.starting and not session.ready
+    deadline = time.monotonic() + 180
+    while not any(e.get("type") in ("result", "error") for e in events):
+        assert time.monotonic() < deadline
+        session.poll()
+        time.sleep(0.05)
+    assert events[-1]["type"] == "result" and events[-1]["id"] == rid and session.ready
+    worker = session.client
+    session.close()
+    assert worker.wait_exit(30) == 0
+
+    broken = ClientSession()
+    failed: list[dict] = []
+    rid = broken.request(("local", "nope"), lambda: WorkerClient(python=str(tmp_path / "no-python")), {}, failed.append)
+    deadline = time.monotonic() + 30
+    while not failed:
+        assert time.monotonic() < deadline
+        broken.poll()
+        time.sleep(0.05)
+    assert failed[0]["id"] == rid and failed[0]["kind"] == "worker-died" and "could not start" in failed[0]["message"]
+
+    remote = ClientSession()
+    shut = []
+    class Server(RemoteClient):  # a shared server must not be stopped by one of its users
+        def shutdown(self, timeout: float = 20.0) -> None:
+            shut.append(True)
+    remote.client, remote.key = Server("http://127.0.0.1:9"), ("remote", "x")
+    remote.close()
+    assert not shut
