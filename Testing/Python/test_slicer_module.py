@@ -77,6 +77,9 @@ def test_top_level_cmake_and_s4ext_describe_the_extension():
         if line and not line.startswith("#") and " " in line
     )
     assert s4ext["category"] == "Segmentation" and s4ext["scm"] == "git" and s4ext["iconurl"].endswith("MaisiSynth.png")
+    # the extension brings the PyTorch extension (its installer picks the CUDA build); the self-test runs in CTest
+    assert 'set(EXTENSION_DEPENDS "PyTorch")' in top and s4ext["depends"] == "PyTorch"
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in CMAKE.read_text()
 
 
 STUBS = textwrap.dedent("""
