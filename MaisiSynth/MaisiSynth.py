@@ -124,6 +124,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sideBySideButton.connect("clicked(bool)", self.onSideBySide)
         self.ui.fadeSlider.connect("valueChanged(double)", self.onFade)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
 
         self.timer = qt.QTimer()
         self.timer.setInterval(POLL_MS)
@@ -312,40 +313,48 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Starting the worker…" if self.logic.session.starting else "Queued…"
 
     def onEvent(self, event):
-        from MaisiSynthLib.gui_progress import describe
+        from MaisiSynthLib import gui_progress
 
         client = self.logic.client
         if client is not None and not getattr(self, "workerReported", True):
-            ready = client.ready or {}
-            self.ui.logTextEdit.appendPlainText(
-                f"worker: {ready.get('device_name', '?')} ({ready.get('device', '?')}), torch {ready.get('torch', '?')}, "
-                f"CUDA {ready.get('cuda') or 'none'}, MONAI {ready.get('monai', '?')}"
-            )
+            self.ui.logTextEdit.appendPlainText(gui_progress.worker_line(client.ready or {}))
             self.workerReported = True
         kind = event.get("type")
         if kind == "progress":
-            percent, text = describe(event)
-            self.ui.progressBar.value = percent
-            self.ui.statusLabel.text = text
+            self.ui.progressBar.value, self.ui.statusLabel.text = gui_progress.describe(event)
         elif kind == "log":
             self.ui.logTextEdit.appendPlainText(f"[{event.get('level', 'info')}] {event.get('message', '')}")
         elif kind in ("result", "error"):
             self.requestId = None
             self.ui.generateButton.text = "Generate"
+            self.ui.progressBar.value, self.ui.statusLabel.text = gui_progress.final_status(event)
             if kind == "result":
-                volume = self.logic.loadResult(event)
-                self.ui.resultSelector.setCurrentNode(volume)
-                self.ui.progressBar.value = 100
-                self.ui.statusLabel.text = f"Done in {event['timings']['total']:.1f} s ({event['device']})"
+                self.ui.resultSelector.setCurrentNode(self.logic.loadResult(event))
                 self.onSideBySide()
-            elif event.get("kind") == "cancelled":
-                self.ui.progressBar.value = 0
-                self.ui.statusLabel.text = "Cancelled; nothing was written."
-            else:
-                self.ui.statusLabel.text = "Failed."
+            elif event.get("kind") != "cancelled":
                 from MaisiSynthLib.gui_options import error_text
 
                 slicer.util.errorDisplay(error_text(event))
+
+    # -- dependencies -------------------------------------------------------------------------------
+
+    def onCheckDependencies(self):
+        from MaisiSynthLib import dependencies
+
+        python = self.options().python_executable()
+        with _UserAction("Cannot check the worker Python.") as action:
+            report = dependencies.probe(python, env=self.logic.workerBaseEnvironment(python))
+        if not action.ok:
+            return
+        self.ui.logTextEdit.appendPlainText(dependencies.summary(report))
+        lacking = dependencies.missing(report) if "error" not in report else []
+        if not lacking:
+            return
+        if self.options().python:  # an external Python: the user installs there
+            slicer.util.infoDisplay("Install the missing packages with:\n\n" + dependencies.install_hint(python, lacking))
+        elif slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
+            self.logic.installIntoSlicer(lacking)
+            self.ui.logTextEdit.appendPlainText(dependencies.summary(dependencies.probe(python)))
 
     # -- result ---------------------------------------------------------------------------------------
 
@@ -444,18 +453,37 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     # -- the worker -----------------------------------------------------------------------------------
 
+    @staticmethod
+    def workerBaseEnvironment(python):
+        from MaisiSynthLib.client import same_interpreter
+
+        if not same_interpreter(python) and hasattr(slicer.util, "startupEnvironment"):
+            return slicer.util.startupEnvironment()
+        return None
+
+    @staticmethod
+    def installIntoSlicer(requirements):
+        """torch through the PyTorch extension's PyTorch Utils (the build for this GPU), the rest with pip."""
+        with _UserAction("Cannot install the packages."):
+            if "torch" in requirements:
+                import PyTorchUtils
+
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                    raise ValueError("PyTorch was not installed (see the PyTorch Utils module)")
+            rest = [r for r in requirements if r != "torch"]
+            if rest:
+                slicer.util.pip_install(" ".join(f'"{r}"' for r in rest))
+
     def _clientFactory(self, options):
         """(key, factory) of the worker or server `options` ask for; started by the session in the
         background. A Python other than Slicer's gets Slicer's startup environment, not the launcher's."""
-        from MaisiSynthLib.client import RemoteClient, WorkerClient, same_interpreter
+        from MaisiSynthLib.client import RemoteClient, WorkerClient
 
         if options.server_url:
             key = ("remote", options.server_url, options.token)
             return key, lambda: RemoteClient(options.server_url, token=options.token or None)
         python = options.python_executable()
-        base = None
-        if not same_interpreter(python) and hasattr(slicer.util, "startupEnvironment"):
-            base = slicer.util.startupEnvironment()
+        base = self.workerBaseEnvironment(python)
         key = ("local", python, options.device)
         return key, lambda: WorkerClient(python=python, env=options.worker_env(), base_env=base)
 
@@ -494,17 +522,9 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
     def loadResult(self, event):
         from MaisiSynthLib import scene
 
-        folder, inputName, referenceId, seed = self.requests.pop(event["id"])
+        _, inputName, referenceId, seed = self.requests.pop(event["id"])
         reference = slicer.mrmlScene.GetNodeByID(referenceId) if referenceId else None
-        volume = scene.load_result(slicer.mrmlScene, event["output"], scene.result_name(inputName, seed), reference)
-        scene.place_in_study(slicer.mrmlScene, volume, reference)
-        storage = volume.GetStorageNode()  # the temp file goes; saving the scene writes a new one
-        volume.SetAndObserveStorageNodeID(None)
-        slicer.mrmlScene.RemoveNode(storage)
-        for path in folder.iterdir():
-            path.unlink()
-        folder.rmdir()
-        return volume
+        return scene.adopt_result(slicer.mrmlScene, event["output"], scene.result_name(inputName, seed), reference)
 
     # -- views ----------------------------------------------------------------------------------------
 

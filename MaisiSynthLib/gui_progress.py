@@ -31,3 +31,20 @@ def describe(event: dict) -> tuple[int, str]:
     if elapsed is not None:
         text += f" · {float(elapsed):.0f} s"
     return int(round(percent)), text
+
+
+def worker_line(ready: dict) -> str:
+    """The log line that says which worker runs the request (device, torch, CUDA, MONAI)."""
+    return (
+        f"worker: {ready.get('device_name', '?')} ({ready.get('device', '?')}), torch {ready.get('torch', '?')}, "
+        f"CUDA {ready.get('cuda') or 'none'}, MONAI {ready.get('monai', '?')}"
+    )
+
+
+def final_status(event: dict) -> tuple[int, str]:
+    """(bar position, status text) once a request has ended with `result` or `error`."""
+    if event.get("type") == "result":
+        return 100, f"Done in {event['timings']['total']:.1f} s ({event['device']})"
+    if event.get("kind") == "cancelled":
+        return 0, "Cancelled; nothing was written."
+    return 0, "Failed."

@@ -595,3 +595,19 @@ def canvas_volume(scene, segmentation_node, name: str = "MaisiSynth canvas"):
     set_volume_array(node, np.full(shape, -1000, np.int16), affine)
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def adopt_result(scene, path: str | os.PathLike, name: str, reference_volume=None):
+    """Load a worker's output as a volume beside the reference and forget its temporary file (and
+    folder): the scene keeps the data, and saving the scene writes it anew."""
+    path = Path(path)
+    volume = load_result(scene, path, name, reference_volume)
+    place_in_study(scene, volume, reference_volume)
+    storage = volume.GetStorageNode()
+    volume.SetAndObserveStorageNodeID(None)
+    if storage is not None:
+        scene.RemoveNode(storage)
+    for leftover in path.parent.iterdir():
+        leftover.unlink()
+    path.parent.rmdir()
+    return volume

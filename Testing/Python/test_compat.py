@@ -105,3 +105,21 @@ def test_the_worker_generates_without_posix_only_modules(tmp_path, tiny_model):
     assert end["type"] == "result", json.dumps(end)[:500]
     assert (tmp_path / "ct.nii.gz").exists() and "process_rss_mb" in end["peak_memory"]
     assert sys.platform == "win32" or client.returncode == 0
+
+
+def test_the_dependency_check_names_what_the_worker_python_lacks(tmp_path):
+    from MaisiSynthLib import dependencies
+
+    full = dependencies.probe(sys.executable)
+    assert full["packages"]["torch"] and full["packages"]["monai"] and dependencies.missing(full) == []
+    assert "everything the worker needs" in dependencies.summary(full) and "CPU-only torch" in dependencies.summary(full)
+    bare = _python("3.12") or _python("3.9")
+    if bare is None:
+        pytest.skip("no second Python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    report = dependencies.probe(bare, env=env)
+    lacking = dependencies.missing(report)
+    assert lacking[0] == "torch" and "monai>=1.5" in lacking  # torch first: it decides the CUDA build
+    hint = dependencies.install_hint(bare, lacking)
+    assert hint.splitlines()[0].startswith(f'"{bare}" -m pip install torch') and '"monai>=1.5"' in hint
+    assert "error" in dependencies.probe(str(tmp_path / "no-python"))
