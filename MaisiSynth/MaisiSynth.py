@@ -570,7 +570,7 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         example = _HERE.parent / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
         if not example.exists():  # installed extension layout
             example = _HERE / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
-        labelmap = slicer.util.loadLabelVolume(str(example))  # Slicer's reader: no nibabel in Slicer
+        labelmap = slicer.util.loadLabelVolume(str(example))  # Slicer's own reader (Slicer ships no NIfTI package)
         mask = scene.array_from_volume(labelmap)
         segmentation = scene.import_labels(slicer.mrmlScene, mask, scene.ijk_to_ras(labelmap), "example")
         self.delayDisplay("Generating (CPU, 3 steps)")

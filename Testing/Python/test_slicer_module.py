@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -195,3 +196,28 @@ def test_error_dialogs_speak_of_the_module_controls():
     assert "--output-size" not in text
     mask = {"type": "error", "kind": "bad-mask", "message": "label 250 is not a MAISI id", "hint": "relabel it"}
     assert error_text(mask) == "label 250 is not a MAISI id\n\nFix: relabel it"
+
+
+def test_the_module_follows_slicers_rules_for_editors_dialogs_and_paths():
+    """What can be checked without the app (the Qt side runs only in Slicer, see the self-test)."""
+    source = MODULE.read_text()
+    # its own Segment Editor parameter node, an effect deactivated on leaving the module
+    assert 'GetSingletonNode("MaisiSynth", "vtkMRMLSegmentEditorNode")' in source
+    assert "def enter(self)" in source and "def exit(self)" in source and "setActiveEffect(None)" in source
+    # a handled error is shown once and not re-raised (tryWithErrorDisplay re-raises)
+    assert "tryWithErrorDisplay" not in source
+    # the lesion goes to the crosshair; the worker of a foreign Python gets Slicer's startup environment
+    assert "GetCursorPositionRAS" not in source and "startupEnvironment" in source
+    # the model folder picker picks folders
+    for widget in ET.parse(UI).iter("widget"):
+        if widget.get("name") == "modelDirPathLineEdit":
+            filters = [p.findtext("set") for p in widget.iter("property") if p.get("name") == "filters"]
+            assert filters == ["ctkPathLineEdit::Dirs"]
+    # nothing in Slicer's process reads volumes with nibabel
+    assert "read_volume" not in source and "import nibabel" not in source
+
+
+def test_worker_python_paths_may_start_with_a_tilde():
+    from MaisiSynthLib.client import WorkerClient
+
+    assert WorkerClient(python="~/envs/maisi/bin/python").python == os.path.expanduser("~/envs/maisi/bin/python")
