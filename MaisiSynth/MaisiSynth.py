@@ -37,9 +37,8 @@ POLL_MS = 100
 
 
 class _UserAction:
-    """`with _UserAction("Cannot ..."):` shows a failure once (the engine's one-line message for user
-    errors, the traceback in the log for bugs) and does not re-raise, so the code after the block
-    (refreshing the mapping table, resetting buttons) always runs. `ok` says whether it succeeded."""
+    """Shows a failure once (a user error's one line; a bug's traceback goes to the log) and does not
+    re-raise, so the code after the block always runs; `ok` says whether the block succeeded."""
 
     def __init__(self, message):
         self.message = message
@@ -215,10 +214,21 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if unmapped
             else ""
         )
+        self.updateGenerateButton(unmapped)
         self.ui.tumorSegmentComboBox.clear()
         for row in rows:
             if row.is_tumor:
                 self.ui.tumorSegmentComboBox.addItem(row.name, row.segment_id)
+
+    def updateGenerateButton(self, unmapped=()):
+        """Generate only with a segmentation whose segments all map to MAISI labels (Cancel while running)."""
+        if self.requestId is not None:
+            self.ui.generateButton.enabled = True
+            return
+        missing = "Select a segmentation." if self.ui.segmentationSelector.currentNode() is None else ""
+        missing = missing or (f"Map these segments first: {', '.join(unmapped)}" if unmapped else "")
+        self.ui.generateButton.enabled = not missing
+        self.ui.generateButton.toolTip = missing or "Generate a synthetic CT from this segmentation"
 
     def onMappingEdited(self, row, column):
         from MaisiSynthLib import labels as L
@@ -393,8 +403,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def segmentEditorNode():
-        """This module's own Segment Editor parameter node: sharing the Segment Editor module's would
-        switch that module's segmentation and effect whenever this one changes them."""
+        """Its own Segment Editor node: sharing the Segment Editor module's would switch that module's state."""
         node = slicer.mrmlScene.GetSingletonNode("MaisiSynth", "vtkMRMLSegmentEditorNode")
         if node is None:
             node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode", "MaisiSynth segment editor")
@@ -403,7 +412,6 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def canvasVolume(segmentation):
-        """A blank scalar volume on the segmentation's grid, for the Segment Editor to paint on."""
         from MaisiSynthLib import scene
 
         return scene.canvas_volume(slicer.mrmlScene, segmentation)
