@@ -147,8 +147,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller=None, event=None):
         self.logic.shutdown()
-        self.requestId = None
-        self.ui.generateButton.text = "Generate"
+        self.requestId, self.ui.generateButton.text = None, "Generate"
 
     def cleanup(self):
         self.removeObservers()
@@ -225,7 +224,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.requestId is not None:
             self.ui.generateButton.enabled = True
             return
-        missing = "Select a segmentation." if self.ui.segmentationSelector.currentNode() is None else ""
+        missing = "" if self.ui.segmentationSelector.currentNode() else "Select a segmentation."
         missing = missing or (f"Map these segments first: {', '.join(unmapped)}" if unmapped else "")
         self.ui.generateButton.enabled = not missing
         self.ui.generateButton.toolTip = missing or "Generate a synthetic CT from this segmentation"
