@@ -23,6 +23,7 @@ def test_demo_model_is_the_default_and_small_enough_to_ship():
     assert sum(p.stat().st_size for p in folder.weight_files()) <= 40 * 2**20
     assert sorted(p.name for p in EXAMPLES.glob("example_*.nii.gz")) == [
         "example_bone_lesion.nii.gz",
+        "example_chest_coarse.nii.gz",
         "example_colon_cancer.nii.gz",
         "example_hepatic_tumor.nii.gz",
         "example_lung_tumor.nii.gz",

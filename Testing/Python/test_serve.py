@@ -133,7 +133,9 @@ def test_cancel_over_http_leaves_no_file(server, mask, tmp_path):
     rid = client.generate({"mask": str(mask), "output": str(out), "steps": 400})
     end, seen = act_at_step(client, rid, 2, lambda: client.cancel(rid))
     assert end["type"] == "error" and end["kind"] == "cancelled"
-    assert max(sample_steps(seen)) <= 3
+    # events reach the client over HTTP a little late, so a few more fast steps may run; a request
+    # that ignored the cancel would run all 400 and end with a result
+    assert max(sample_steps(seen)) < 40
     assert not out.exists() and not list(tmp_path.iterdir())
     again = client.wait(client.generate({"mask": str(mask), "output": str(tmp_path / "n.nii.gz"), "steps": 2}), 180)
     assert again["type"] == "result" and (tmp_path / "n.nii.gz").exists()
