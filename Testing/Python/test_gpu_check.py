@@ -49,7 +49,15 @@ def smoke(tmp_path_factory):
     # bf16 autocast: the CPU's reduced-precision path, so the correctness comparison compares
     # something (fp16, flash attention and float16 norms exist only on GPUs).
     return run_check(
-        tmp_path_factory.mktemp("gpu_check"), "--sizes", "32", "--steps", "2", "--timed-steps", "1", "--precision", "bf16"
+        tmp_path_factory.mktemp("gpu_check"),
+        "--sizes",
+        "32",
+        "--steps",
+        "2",
+        "--timed-steps",
+        "1",
+        "--precision",
+        "bf16",
     )
 
 
@@ -67,6 +75,8 @@ def test_fast_path_matches_float32_within_the_stated_bound(smoke):
     _, report = smoke
     c = report["correctness"]
     assert c["fast"]["precision"] == "bf16" and c["reference"]["precision"] == "fp32"
+    # the reference's switches are read back from the modules inside the reference mode
+    assert not (c["reference"]["flash_attention"] or c["reference"]["norm_float16"] or c["reference"]["tf32"])
     assert c["fast_image"]["nonfinite"] == 0 and c["reference_image"]["nonfinite"] == 0
     assert 0 < c["rel_mean"] <= c["bound_rel_mean"] == 0.1  # bf16 really changed something, a little
     assert 0 < c["hu_mean_abs"] <= c["hu_max_abs"] <= 2000
