@@ -664,9 +664,7 @@ class _Throttle:
 
     def flush(self, done: int) -> None:
         done = min(done, self.size)
-        self.report(
-            "download", file=self.name, done=done, size=self.size, bytes=self.before + done, total=self.total
-        )
+        self.report("download", file=self.name, done=done, size=self.size, bytes=self.before + done, total=self.total)
 
 
 def _fetch(hub, url: str, part: Path, size: int, headers: dict, on_bytes, cancelled) -> None:

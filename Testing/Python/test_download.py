@@ -341,8 +341,10 @@ def test_the_worker_downloads_in_the_background_with_progress_cancel_and_resume(
         kept = part.stat().st_size  # one chunk, unless the cancel reached the worker after the next one
         assert model_home.read_manifest(folder) is None and kept >= CHUNK and kept % CHUNK == 0
         steps = [e for e in seen if e["type"] == "progress" and e["stage"] == "download"]
-        assert steps and steps[-1]["bytes"] >= len(hub_files[AE]) + CHUNK and steps[-1]["total"] == sum(
-            len(hub_files[p]) for p, _ in HUB_FILES
+        assert (
+            steps
+            and steps[-1]["bytes"] >= len(hub_files[AE]) + CHUNK
+            and steps[-1]["total"] == sum(len(hub_files[p]) for p, _ in HUB_FILES)
         )
 
         again: list[dict] = []
