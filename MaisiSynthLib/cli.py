@@ -702,7 +702,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
+        if args.command == "download":  # a download keeps what it fetched
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+        else:
+            print("interrupted; no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

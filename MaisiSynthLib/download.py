@@ -314,6 +314,10 @@ class _Sink:
         self._on_bytes(self._raw.tell())
         return written
 
+    @property
+    def name(self) -> str:  # huggingface_hub < 1.0 hands the file's name to hf_transfer when enabled
+        return self._raw.name
+
     def tell(self) -> int:
         return self._raw.tell()
 
