@@ -373,3 +373,11 @@ def test_a_download_asked_of_a_remote_server_is_refused_by_the_session():
     session.poll()
     assert [(e["type"], e["kind"]) for e in events] == [("error", "bad-request")]
     assert "local worker" in events[0]["hint"]
+
+
+def test_without_huggingface_hub_the_fix_is_to_install_the_extra(home, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['huggingface_hub'] = None\n")
+    result = cli("http://127.0.0.1:9", home, "download", PYTHONPATH=f"{blocker}{os.pathsep}{REPO}")
+    assert_one_line_error(result, "needs the huggingface_hub package", "maisi-synth[download]")
