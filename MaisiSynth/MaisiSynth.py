@@ -71,7 +71,7 @@ class MaisiSynth(ScriptedLoadableModule):
         parent.helpText = (
             "Turn a segmentation into a synthetic CT with MAISI-v2 (rectified-flow latent diffusion + ControlNet). "
             "Edit the mask, swap, remove or insert tumors, press Generate. The embedded demo model was trained on "
-            "phantoms; point 'Model folder' at the official NV-Generate-CT weights for real work."
+            "phantoms; press 'Get official weights' (NV-Generate-CT) for real work."
         )
         parent.acknowledgementText = "Built on MONAI's MAISI networks; MAISI-v2, arXiv 2508.05772."
 
@@ -81,7 +81,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self.requestId = None
+        self.requestId = self.downloadId = None
         self.timer = None
 
     def setup(self):
@@ -124,11 +124,11 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fadeSlider.connect("valueChanged(double)", self.onFade)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.downloadButton.connect("clicked(bool)", self.onDownloadOrCancel)
 
         self.timer = qt.QTimer()
-        self.timer.setInterval(POLL_MS)
         self.timer.connect("timeout()", self.logic.poll)
-        self.timer.start()
+        self.timer.start(POLL_MS)
         self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
 
     def enter(self):
@@ -146,8 +146,9 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
 
     def onSceneStartClose(self, caller=None, event=None):
-        self.logic.shutdown()
+        self.logic.shutdown()  # a download stops too; the next one continues where it stopped
         self.requestId, self.ui.generateButton.text = None, "Generate"
+        self.downloadId, self.ui.downloadButton.text = None, "Get official weights"
 
     def cleanup(self):
         self.removeObservers()
@@ -247,27 +248,27 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _selectedTumor(self):
         return self.ui.tumorSegmentComboBox.currentData
 
+    def _segmentationNode(self):
+        return self.ui.segmentationSelector.currentNode()
+
+    def _referenceNode(self):
+        return self.ui.referenceVolumeSelector.currentNode()
+
     def onSwapTumor(self):
         with _UserAction("Cannot change the tumor type."):
-            self.logic.swapTumor(
-                self.ui.segmentationSelector.currentNode(), self._selectedTumor(), self.ui.tumorTypeComboBox.currentData
-            )
+            self.logic.swapTumor(self._segmentationNode(), self._selectedTumor(), self.ui.tumorTypeComboBox.currentData)
         self.updateMapping()
 
     def onRemoveTumor(self):
         with _UserAction("Cannot remove the tumor."):
-            self.logic.removeTumor(
-                self.ui.segmentationSelector.currentNode(),
-                self._selectedTumor(),
-                self.ui.referenceVolumeSelector.currentNode(),
-            )
+            self.logic.removeTumor(self._segmentationNode(), self._selectedTumor(), self._referenceNode())
         self.updateMapping()
 
     def onInsertTumor(self):
         with _UserAction("Cannot insert the lesion."):
             self.logic.insertTumor(
-                self.ui.segmentationSelector.currentNode(),
-                self.ui.referenceVolumeSelector.currentNode(),
+                self._segmentationNode(),
+                self._referenceNode(),
                 self.ui.tumorTypeComboBox.currentData,
                 self.logic.lesionCentre(self.ui.lesionPointSelector.currentNode()),
                 self.ui.lesionDiameterSpinBox.value,
@@ -302,18 +303,12 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if problems:
             slicer.util.errorDisplay("Cannot generate yet:\n\n• " + "\n• ".join(problems))
             return
-        settings = qt.QSettings()
-        settings.setValue("MaisiSynth/python", options.python)
-        settings.setValue("MaisiSynth/modelDir", options.model_dir)
-        settings.setValue("MaisiSynth/serverUrl", options.server_url)
+        saved = {"python": options.python, "modelDir": options.model_dir, "serverUrl": options.server_url}
+        for key, value in saved.items():
+            qt.QSettings().setValue(f"MaisiSynth/{key}", value)
         self.ui.logTextEdit.clear()
         with _UserAction("Cannot start the generation.") as action:
-            self.requestId = self.logic.generate(
-                self.ui.segmentationSelector.currentNode(),
-                self.ui.referenceVolumeSelector.currentNode(),
-                options,
-                self.onEvent,
-            )
+            self.requestId = self.logic.generate(self._segmentationNode(), self._referenceNode(), options, self.onEvent)
         if not action.ok:
             return
         self.workerReported = False
@@ -322,7 +317,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = "Starting the worker…" if self.logic.session.starting else "Queued…"
 
     def onEvent(self, event):
-        from MaisiSynthLib import gui_progress
+        from MaisiSynthLib import gui_options, gui_progress
 
         client = self.logic.client
         if client is not None and not getattr(self, "workerReported", True):
@@ -334,16 +329,36 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind == "log":
             self.ui.logTextEdit.appendPlainText(f"[{event.get('level', 'info')}] {event.get('message', '')}")
         elif kind in ("result", "error"):
-            self.requestId = None
-            self.ui.generateButton.text = "Generate"
+            self.requestId, self.ui.generateButton.text = None, "Generate"
             self.ui.progressBar.value, self.ui.statusLabel.text = gui_progress.final_status(event)
             if kind == "result":
                 self.ui.resultSelector.setCurrentNode(self.logic.loadResult(event))
                 self.onSideBySide()
             elif event.get("kind") != "cancelled":
-                from MaisiSynthLib.gui_options import error_text
+                slicer.util.errorDisplay(gui_options.error_text(event))
 
-                slicer.util.errorDisplay(error_text(event))
+    # -- official weights ---------------------------------------------------------------------------
+
+    def onDownloadOrCancel(self):
+        if self.downloadId is not None:
+            return self.logic.cancel(self.downloadId)
+        with _UserAction("Cannot start the download.") as action:
+            self.downloadId = self.logic.download(self.options(), self.ui.hfTokenLineEdit.text, self.onDownloadEvent)
+        self.ui.downloadButton.text = "Cancel download" if action.ok else self.ui.downloadButton.text
+
+    def onDownloadEvent(self, event):
+        from MaisiSynthLib import gui_options, gui_progress
+
+        kind = event.get("type")
+        if kind in ("progress", "result", "error"):
+            self.ui.downloadProgressBar.value, self.ui.downloadStatusLabel.text = gui_progress.download_status(event)
+        if kind in ("result", "error"):
+            self.downloadId, self.ui.downloadButton.text = None, "Get official weights"
+        if kind == "result":  # from now on Generate uses these weights
+            self.ui.modelDirPathLineEdit.currentPath = event["model_dir"]
+            qt.QSettings().setValue("MaisiSynth/modelDir", event["model_dir"])
+        elif kind == "error" and event.get("kind") != "cancelled":
+            slicer.util.errorDisplay(gui_options.error_text(event))
 
     # -- dependencies -------------------------------------------------------------------------------
 
@@ -357,34 +372,26 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.logTextEdit.appendPlainText(dependencies.summary(report))
         lacking = dependencies.missing(report) if "error" not in report else []
-        if not lacking:
-            return
-        if self.options().python:  # an external Python: the user installs there
+        if lacking and self.options().python:  # an external Python: the user installs there
             slicer.util.infoDisplay("Install the missing packages with:\n\n" + dependencies.install_hint(python, lacking))
-        elif slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
+        elif lacking and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
             self.logic.installIntoSlicer(lacking)
             self.ui.logTextEdit.appendPlainText(dependencies.summary(dependencies.probe(python)))
 
     # -- result ---------------------------------------------------------------------------------------
 
     def onSideBySide(self):
-        self.logic.showSideBySide(
-            self.ui.referenceVolumeSelector.currentNode(),
-            self.ui.resultSelector.currentNode(),
-            self.ui.segmentationSelector.currentNode(),
-        )
+        result = self.ui.resultSelector.currentNode()
+        self.logic.showSideBySide(self._referenceNode(), result, self._segmentationNode())
         self.onFade(self.ui.fadeSlider.value)
 
     def onFade(self, value):
-        self.logic.setFade(self.ui.referenceVolumeSelector.currentNode(), self.ui.resultSelector.currentNode(), value)
+        self.logic.setFade(self._referenceNode(), self.ui.resultSelector.currentNode(), value)
 
     def onExport(self):
         with _UserAction("Cannot export."):
-            image, label = self.logic.exportPair(
-                self.ui.resultSelector.currentNode(),
-                self.ui.segmentationSelector.currentNode(),
-                self.ui.exportDirPathLineEdit.currentPath,
-            )
+            node, folder = self.ui.resultSelector.currentNode(), self.ui.exportDirPathLineEdit.currentPath
+            image, label = self.logic.exportPair(node, self._segmentationNode(), folder)
             self.ui.logTextEdit.appendPlainText(f"exported {image} and {label}")
 
 
@@ -481,19 +488,6 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             if rest:
                 slicer.util.pip_install(" ".join(f'"{r}"' for r in rest))
 
-    def _clientFactory(self, options):
-        """(key, factory) of the worker or server `options` ask for; started by the session in the
-        background. A Python other than Slicer's gets Slicer's startup environment, not the launcher's."""
-        from MaisiSynthLib.client import RemoteClient, WorkerClient
-
-        if options.server_url:
-            key = ("remote", options.server_url, options.token)
-            return key, lambda: RemoteClient(options.server_url, token=options.token or None)
-        python = options.python_executable()
-        base = self.workerBaseEnvironment(python)
-        key = ("local", python, options.device)
-        return key, lambda: WorkerClient(python=python, env=options.worker_env(), base_env=base)
-
     def generate(self, segmentation, reference, options, onEvent):
         """Export the mask on the reference grid, send it to the worker; returns the request id."""
         from MaisiSynthLib import scene
@@ -506,11 +500,17 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
             if temporary:
                 scene.discard(slicer.mrmlScene, grid)
         params = options.worker_params(str(mask), str(folder / "synthetic.nrrd"))
-        key, factory = self._clientFactory(options)
+        key, factory = options.client_factory(self.workerBaseEnvironment(options.python_executable()))
         inputName = (reference or segmentation).GetName()
         requestId = self.session.request(key, factory, params, onEvent)  # returns at once; see poll()
         self.requests[requestId] = (folder, inputName, reference.GetID() if reference else None, options.seed)
         return requestId
+
+    def download(self, options, hfToken, onEvent):
+        """The official weights, fetched by the local worker in the background; returns the request id."""
+        local, params = options.download_request(hfToken)
+        key, factory = local.client_factory(self.workerBaseEnvironment(local.python_executable()))
+        return self.session.request(key, factory, params, onEvent, kind="download")
 
     @property
     def client(self):

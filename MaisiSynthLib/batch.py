@@ -409,7 +409,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     """Run (or resume) a batch; returns counts. Under torchrun each rank runs its share."""
     import torch
 
-    from .pipeline import default_model_dir
+    from .model_home import choose_model_dir
     from .training.distributed import setup, teardown
     from .worker import ModelCache
 
@@ -421,8 +421,8 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     masks = find_masks(settings.masks)
     jobs = plan(masks, range(settings.seed_start, settings.seed_start + settings.seeds))
     out = Path(settings.out)
-    model_dir = Path(settings.model_dir) if settings.model_dir else default_model_dir()
-    provenance = _model_provenance(model_dir)
+    choice = choose_model_dir(settings.model_dir)
+    provenance = _model_provenance(choice.path)
 
     ctx = setup(settings.device)
     threads = settings.threads or (1 if ctx.device.type == "cpu" else torch.get_num_threads())
@@ -509,6 +509,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
         "failed": sum(e["status"] != "ok" for e in entries.values()),
         "ran_here": len(todo),
         "failed_here": failed,
+        "model": choice.describe(),
     }
 
 

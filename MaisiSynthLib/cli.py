@@ -54,7 +54,11 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
     p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
     p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
-    p.add_argument("--model-dir", help="model folder (default: the embedded demo model, or $MAISI_SYNTH_MODEL_DIR)")
+    p.add_argument(
+        "--model-dir",
+        help="model folder (default: $MAISI_SYNTH_MODEL_DIR, else the weights of `maisi-synth download`, "
+        "else the embedded demo model)",
+    )
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(
@@ -138,6 +142,7 @@ def _run_generate(args) -> int:
             print(f"wrote {result.preview}")
         if result.label_output:
             print(f"wrote {result.label_output}")
+        print(f"model: {result.model}")
         print(
             f"generation took {t['encode-mask'] + t['sample'] + t['decode']:.1f} s "
             f"(sampling {t['sample']:.1f} s for {result.steps} {result.solver} steps, decoding {t['decode']:.1f} s; "
@@ -154,7 +159,7 @@ def _add_info(sub) -> None:
     p = sub.add_parser(
         "info", help="describe a model folder", description="Print a model's config, sizes and memory needs."
     )
-    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--model-dir", help="model folder (default: the downloaded official weights, else the demo model)")
     p.add_argument("--output-size", nargs=3, type=int, metavar="N", help="output size for the memory estimate")
     p.add_argument("--cfg", action="store_true", help="estimate memory with tumor CFG (doubles the batch)")
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
@@ -164,10 +169,11 @@ def _add_info(sub) -> None:
 
 def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool = False) -> dict:
     """A model folder's description, without loading its weights."""
+    from .model_home import choose_model_dir
     from .models import _param_estimate, compression_of, estimate_memory, locate_model_folder, network_kwargs
-    from .pipeline import default_model_dir
 
-    folder = locate_model_folder(model_dir or default_model_dir())
+    choice = choose_model_dir(model_dir)
+    folder = locate_model_folder(choice.path)
     config = folder.config
     networks = {}
     for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def"):
@@ -186,6 +192,8 @@ def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool =
     return {
         "name": folder.name,
         "folder": str(folder.root),
+        "model": choice.describe(),
+        "source": choice.source,
         "layout": "official" if folder.config_path.parent.name == "configs" else "flat",
         "config": str(folder.config_path),
         "weights": {p.name: round(p.stat().st_size / 2**20, 2) for p in folder.weight_files()},
@@ -213,6 +221,7 @@ def _run_info(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"model        {info['name']}  ({info['layout']} layout, {info['folder']})")
+    print(f"using        {info['model']}")
     if info["description"]:
         print(f"             {info['description']}")
     print(f"config       {info['config']}")
@@ -400,7 +409,7 @@ def _add_evaluate(sub) -> None:
         description="Generate a CT from every held-out label map and compare it with the real image "
         "(organ HU, tumor conspicuity, ROI sensitivity, slice Fréchet distance).",
     )
-    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--model-dir", help="model folder (default: the downloaded official weights, else the demo model)")
     p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
     p.add_argument("--steps", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -436,11 +445,88 @@ def _run_evaluate(args) -> int:
     out = Path(args.json_out) if args.json_out else (cases if cases.is_dir() else cases.parent) / "evaluation.json"
     write_json(summary, out)
     print(format_table(summary))
+    print(f"model: {summary['settings']['using']}")
     print(f"wrote {out}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------------
+# download
+
+
+def _add_download(sub) -> None:
+    from .model_home import OFFICIAL_REPO, official_model_dir
+
+    p = sub.add_parser(
+        "download",
+        help=f"fetch the official MAISI-v2 weights ({OFFICIAL_REPO}) into a model folder",
+        description=f"Download the official MAISI-v2 rflow-ct weights ({OFFICIAL_REPO} on the Hugging Face Hub) "
+        "into a model folder: by default the per-user folder that generate, info, batch, evaluate, the worker, the "
+        "server and the Slicer module use when no --model-dir is given. An interrupted download resumes, every "
+        "file's size and SHA-256 is checked, and running it again verifies and repairs the folder. "
+        "Needs huggingface_hub: pip install 'maisi-synth[download]'.",
+    )
+    p.add_argument("--dest", help=f"model folder to write (default: {official_model_dir()}, see $MAISI_SYNTH_HOME)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit of the hub repository (default: main)")
+    p.add_argument(
+        "--token",
+        help="Hugging Face token, for a gated repository (default: $HF_TOKEN or the login of `hf auth login`; "
+        "prefer those: a command-line argument is visible to other users of the machine)",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_download)
+
+
+def _run_download(args) -> int:
+    from tqdm import tqdm
+
+    from .download import download
+
+    bar = None
+
+    def progress(event: dict) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if event["stage"] == "download":
+            if bar is None and event["done"] == 0:
+                return  # no bar before the first byte: a refusal then prints its one line and nothing else
+            if bar is None:
+                bar = tqdm(
+                    total=event["total"], unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
+                )
+            bar.set_description(event["file"], refresh=False)
+            bar.n = event["bytes"]
+            bar.refresh()
+        elif event["stage"] == "verify":
+            tqdm.write(f"verifying {event['file']}", file=sys.stderr)
+
+    try:
+        result = download(args.dest, args.revision, args.token or None, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+
+    def size(n: int) -> str:
+        return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+    print(f"official weights {result.repo} at revision {result.commit[:12]} ({result.revision}) in {result.model_dir}")
+    repaired = f"; replaced {', '.join(result.repaired)}" if result.repaired else ""
+    print(
+        f"{len(result.files)} files, {size(result.total_bytes)}, all verified; "
+        f"downloaded now: {size(result.downloaded_bytes)}{repaired}"
+    )
+    if not result.default_location:
+        print(f"use them with --model-dir {result.model_dir}")
+    elif os.environ.get("MAISI_SYNTH_MODEL_DIR"):
+        print("note: $MAISI_SYNTH_MODEL_DIR is set and is used before these weights; unset it to use them")
+    else:
+        print("generate, info, batch, evaluate, the worker, the server and the Slicer module use them from now on")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -454,7 +540,7 @@ def _add_worker(sub) -> None:
         description="Keep models loaded and serve generate requests as JSON lines (see MaisiSynthLib/worker.py).",
     )
     p.add_argument("--device", default="auto", help="default device of the requests: auto, cpu or cuda[:N]")
-    p.add_argument("--model-dir", help="default model folder of the requests (default: the embedded demo model)")
+    p.add_argument("--model-dir", help="default model folder of the requests (default: as `generate`)")
     p.set_defaults(run=_run_worker)
 
 
@@ -473,7 +559,7 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--model-dir", help="the model folder every request uses (default: the embedded demo model)")
+    p.add_argument("--model-dir", help="the model folder every request uses (default: as `generate`)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--token-file", help="file holding the token clients must send (else $MAISI_SYNTH_TOKEN)")
     p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest mask upload accepted (default 512)")
@@ -542,7 +628,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
-    p.add_argument("--model-dir", help="model folder (default: the embedded demo model)")
+    p.add_argument("--model-dir", help="model folder (default: the downloaded official weights, else the demo model)")
     p.add_argument("--steps", type=int)
     p.add_argument("--solver", default="euler", choices=["euler", "heun"])
     p.add_argument("--cfg-scale", type=float)
@@ -579,6 +665,7 @@ def _run_batch(args) -> int:
             f"{counts['done']} of {counts['pairs']} pairs done, {counts['failed']} failed "
             f"({counts['ran_here']} generated now); manifest: {Path(args.out) / 'manifest.jsonl'}"
         )
+        print(f"model: {counts['model']}")
     return 0 if counts["failed"] == 0 else 1
 
 
@@ -595,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_worker(sub)
     _add_serve(sub)
     _add_batch(sub)
+    _add_download(sub)
     return parser
 
 
@@ -614,7 +702,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
+        if args.command == "download":  # a download keeps what it fetched
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+        else:
+            print("interrupted; no output written", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -277,10 +277,17 @@ class WorkerClient(_EventClient):
     # -- requests -------------------------------------------------------------------------------------
 
     def generate(self, params: dict, callback: Callback | None = None, request_id: str | None = None) -> str:
+        return self._submit("generate", params, callback, request_id)
+
+    def download(self, params: dict, callback: Callback | None = None, request_id: str | None = None) -> str:
+        """The official weights into a model folder (params: dest, revision, token; all optional)."""
+        return self._submit("download", params, callback, request_id)
+
+    def _submit(self, kind: str, params: dict, callback: Callback | None, request_id: str | None) -> str:
         request_id = request_id or uuid.uuid4().hex[:12]
         self._register(request_id, callback)
         try:
-            self._send({"type": "generate", "id": request_id, "params": params})
+            self._send({"type": kind, "id": request_id, "params": params})
         except WorkerError as exc:
             self._push({"type": "error", "id": request_id, "kind": "worker-died", "message": str(exc), "hint": ""})
         return request_id
@@ -541,6 +548,7 @@ class ClientSession:
     one is made and started on a background thread; requests made before it is ready are queued and
     sent by `poll()` once it is (or answered with a `worker-died` error if it could not start).
     `close()` stops a local worker this session started, never a remote server: other users may share it.
+    `kind` is the client method a request calls: "generate", or "download" (local workers only).
     """
 
     def __init__(self) -> None:
@@ -548,7 +556,7 @@ class ClientSession:
         self.key: object = None
         self._thread: threading.Thread | None = None
         self._start_error: str | None = None
-        self._queued: list[tuple[str, dict, Callback | None]] = []
+        self._queued: list[tuple[str, dict, Callback | None, str]] = []
         self._late: list[tuple[Callback | None, dict]] = []  # events for requests that never reached a client
 
     @property
@@ -559,7 +567,14 @@ class ClientSession:
     def starting(self) -> bool:
         return self._thread is not None
 
-    def request(self, key: object, make_client: Callable[[], _EventClient], params: dict, callback: Callback | None = None) -> str:
+    def request(
+        self,
+        key: object,
+        make_client: Callable[[], _EventClient],
+        params: dict,
+        callback: Callback | None = None,
+        kind: str = "generate",
+    ) -> str:
         request_id = uuid.uuid4().hex[:12]
         alive = self.client is not None and getattr(self.client, "alive", True)
         if key != self.key or not (alive or self.starting):
@@ -569,10 +584,24 @@ class ClientSession:
             self._thread = threading.Thread(target=self._start, args=(self.client,), daemon=True, name="maisi-synth-start")
             self._thread.start()
         if self.ready:
-            self.client.generate(params, callback, request_id)
+            self._send(kind, request_id, params, callback)
         else:
-            self._queued.append((request_id, params, callback))
+            self._queued.append((request_id, params, callback, kind))
         return request_id
+
+    def _send(self, kind: str, request_id: str, params: dict, callback: Callback | None) -> None:
+        method = getattr(self.client, kind, None)
+        if method is None:  # e.g. a download asked of a remote server
+            event = {
+                "type": "error",
+                "id": request_id,
+                "kind": "bad-request",
+                "message": f"{type(self.client).__name__} cannot run a {kind} request",
+                "hint": "run it with a local worker (clear Remote server)",
+            }
+            self._late.append((callback, event))
+            return
+        method(params, callback, request_id)
 
     def _start(self, client: _EventClient) -> None:
         try:
@@ -584,9 +613,9 @@ class ClientSession:
         if self._thread is not None and not self._thread.is_alive():
             self._thread = None
             queued, self._queued = self._queued, []
-            for request_id, params, callback in queued:
+            for request_id, params, callback, kind in queued:
                 if self._start_error is None:
-                    self.client.generate(params, callback, request_id)
+                    self._send(kind, request_id, params, callback)
                 else:
                     event = {
                         "type": "error",
@@ -617,7 +646,7 @@ class ClientSession:
         if self._thread is not None:
             self._thread.join(1.0)  # a starting worker is stopped below once it exists
             self._thread = None
-        for request_id, _, callback in self._queued:
+        for request_id, _, callback, _ in self._queued:
             self._late.append((callback, {"type": "error", "id": request_id, "kind": "cancelled", "message": "the worker was closed", "hint": ""}))
         self._queued = []
         if isinstance(client, WorkerClient):

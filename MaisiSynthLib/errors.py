@@ -58,3 +58,14 @@ class CancelledError(MaisiSynthError):
 
     def __init__(self, message: str = "cancelled by the user", hint: str = "") -> None:
         super().__init__(message, hint)
+
+
+class DownloadError(MaisiSynthError):
+    """Fetching the official weights failed; `kind` says why (no-network, token-needed, bad-token,
+    no-access, bad-revision, disk-full, folder-in-use, corrupt-file, hub-error, missing-package)."""
+
+    kind = "download-failed"
+
+    def __init__(self, kind: str, message: str, hint: str = "") -> None:
+        super().__init__(message, hint)
+        self.kind = kind

@@ -180,9 +180,11 @@ def evaluate(
     import time
 
     from .models import load_models, locate_model_folder
-    from .pipeline import GenerateRequest, default_model_dir, generate
+    from .model_home import choose_model_dir
+    from .pipeline import GenerateRequest, generate
 
-    folder = locate_model_folder(model_dir or default_model_dir())
+    choice = choose_model_dir(model_dir)
+    folder = locate_model_folder(choice.path)
     models = load_models(folder, device)
     pairs = find_pairs(cases)
     work = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="maisi-eval-"))
@@ -234,6 +236,7 @@ def evaluate(
     summary["settings"] = {
         "model": folder.name,
         "model_dir": str(folder.root),
+        "using": choice.describe(),
         "cases": str(cases),
         "steps": steps,
         "seed": seed,

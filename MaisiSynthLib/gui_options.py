@@ -32,7 +32,7 @@ class GenerateOptions:
     cfg_scale: float = 0.0
     solver: str = "euler"
     device: str = "auto"
-    model_dir: str = ""  # empty: the embedded demo model
+    model_dir: str = ""  # empty: the downloaded official weights, else the embedded demo model
     python: str = ""  # empty: Slicer's own Python
     server_url: str = ""  # set: use a remote `maisi-synth serve`
     token: str = ""
@@ -86,6 +86,25 @@ class GenerateOptions:
                 params["model_dir"] = self.model_dir
         return params
 
+    def client_factory(self, base_env: dict | None = None) -> tuple:
+        """(session key, factory) of the worker or server these options ask for (`client.ClientSession`
+        starts it in the background). `base_env`: the environment a Python other than Slicer's starts
+        from (Slicer's startup environment, not the launcher's)."""
+        from .client import RemoteClient, WorkerClient
+
+        if self.server_url:
+            url, token = self.server_url, self.token or None
+            return ("remote", url, self.token), lambda: RemoteClient(url, token=token)
+        python, env = self.python_executable(), self.worker_env()
+        return ("local", python, self.device), lambda: WorkerClient(python=python, env=env, base_env=base_env)
+
+    def download_request(self, hf_token: str = "") -> tuple[GenerateOptions, dict]:
+        """(options of the local worker that downloads, its `download` params): a download always runs
+        in the local worker (a remote server's weights are the server's business); an empty token
+        field leaves the worker's $HF_TOKEN or hub login to huggingface_hub."""
+        local = GenerateOptions(**{**self.__dict__, "server_url": "", "token": ""})
+        return local, ({"token": hf_token.strip()} if hf_token.strip() else {})
+
     def worker_env(self) -> dict:
         """Environment for a local worker: `device cpu` also hides GPUs from CUDA."""
         return {"CUDA_VISIBLE_DEVICES": "-1"} if self.device == "cpu" else {}
@@ -107,6 +126,16 @@ _GUI_HINTS = {
     "bad-geometry": "choose the output grid 'Nearest allowed size (auto)' or another preset under Generation",
     "out-of-memory": "choose a smaller output grid preset, or use a remote GPU server (Generation → Remote server)",
     "worker-died": "check 'Worker Python' has torch and MONAI (see the log box and README → Use in 3D Slicer)",
+    # downloads of the official weights: the command line's options are the module's fields here
+    "missing-package": "install huggingface_hub into the worker Python: in Slicer's Python console "
+    "slicer.util.pip_install('huggingface_hub'), for an external Worker Python <python> -m pip install huggingface_hub",
+    "token-needed": "accept the license at https://huggingface.co/nvidia/NV-Generate-CT, create a read token at "
+    "https://huggingface.co/settings/tokens and paste it into 'HF token'",
+    "bad-token": "create a new read token at https://huggingface.co/settings/tokens and paste it into 'HF token'",
+    "no-network": "check the internet connection (behind a proxy: set HTTPS_PROXY before starting Slicer), then "
+    "press 'Get official weights' again: finished files are kept",
+    "disk-full": "free some space (the weights take about 2.5 GB), then press 'Get official weights' again",
+    "folder-in-use": "wait for the other download to finish, or move the folder named above out of the way",
 }
 
 

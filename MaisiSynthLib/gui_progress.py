@@ -48,3 +48,28 @@ def final_status(event: dict) -> tuple[int, str]:
     if event.get("kind") == "cancelled":
         return 0, "Cancelled; nothing was written."
     return 0, "Failed."
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def download_status(event: dict) -> tuple[int, str]:
+    """(bar position, status text) of any event of a `download` request (progress, result or error)."""
+    kind = event.get("type")
+    if kind == "result":
+        commit = str(event.get("commit"))[:12]
+        return 100, f"Official weights ready in {event.get('model_dir', '?')} (revision {commit})"
+    if kind == "error":
+        if event.get("kind") == "cancelled":
+            return 0, "Download cancelled; the next one continues where this one stopped."
+        return 0, "Download failed."
+    stage, total = event.get("stage", ""), int(event.get("total") or 0)
+    percent = int(100 * min(int(event.get("bytes") or 0), total) / total) if total else 0
+    if stage == "download":
+        return percent, f"Downloading {event.get('file', '')}: {_size(event.get('bytes') or 0)} of {_size(total)}"
+    if stage == "verify":
+        return percent, f"Verifying {event.get('file', '')}…"
+    if stage == "install":
+        return 100, "Installing…"
+    return 0, "Asking the Hugging Face Hub…"

@@ -26,15 +26,16 @@ import torch
 
 from .errors import ModelError, OptionError
 from .grid import GridRules
+from .model_home import (  # noqa: F401 - the file names live where torch-free code can read them
+    AUTOENCODER_FILE,
+    CONFIG_NAME,
+    CONTROLNET_FILE,
+    INFER_CONFIG_NAME,
+    SETTINGS_NAME,
+    UNET_FILE,
+)
 
 log = logging.getLogger(__name__)
-
-CONFIG_NAME = "config_network_rflow.json"
-INFER_CONFIG_NAME = "config_infer.json"
-SETTINGS_NAME = "maisi_synth.json"
-AUTOENCODER_FILE = "autoencoder_v1.pt"
-UNET_FILE = "diff_unet_3d_rflow-ct.pt"
-CONTROLNET_FILE = "controlnet_3d_rflow-ct.pt"
 
 _MAISI = "monai.apps.generation.maisi.networks"
 ALLOWED_TARGETS = {

@@ -21,6 +21,7 @@ from .decoding import HU_MIN, decode_latent, resample_intensities, to_hu
 from .errors import CancelledError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
 from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
+from .model_home import choose_model_dir
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
 from .request import check_params
@@ -98,6 +99,7 @@ class GenerateResult:
     peak_memory: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     latent: torch.Tensor | None = None
+    model: str = ""  # which model made it, in words (model_home.ModelChoice.describe)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -108,12 +110,9 @@ class GenerateResult:
 
 
 def default_model_dir() -> Path:
-    """The demo model shipped in the repository (or the folder named by $MAISI_SYNTH_MODEL_DIR)."""
-    import os
-
-    if os.environ.get("MAISI_SYNTH_MODEL_DIR"):
-        return Path(os.environ["MAISI_SYNTH_MODEL_DIR"])
-    return Path(__file__).resolve().parent.parent / "Resources" / "models" / "demo"
+    """The model folder of a request that names none: $MAISI_SYNTH_MODEL_DIR, else the downloaded
+    official weights once complete, else the embedded demo model (`model_home.choose_model_dir`)."""
+    return choose_model_dir().path
 
 
 def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
@@ -241,11 +240,13 @@ def generate(
     if provider is not None:
         models = None
     if models is None:
-        folder = locate_model_folder(request.model_dir or default_model_dir(), require_controlnet=request.controlnet)
+        choice = choose_model_dir(request.model_dir)
+        folder = locate_model_folder(choice.path, require_controlnet=request.controlnet)
         device = resolve_device(request.device)
         resolve_precision(request.precision, device)
     else:
         folder = models.folder
+        choice = choose_model_dir(folder.root)
         device = models.device
         if request.controlnet and models.controlnet is None:
             raise ModelError(
@@ -387,4 +388,5 @@ def generate(
         peak_memory=peak,
         notes=notes,
         latent=latent.cpu() if keep_latent else None,
+        model=choice.describe(),
     )

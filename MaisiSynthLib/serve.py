@@ -411,10 +411,11 @@ def run_server(
         import uvicorn
     except ImportError:
         raise OptionError("serving over HTTP needs FastAPI and uvicorn", "pip install 'maisi-synth[serve]'") from None
+    from .model_home import choose_model_dir
     from .models import locate_model_folder
-    from .pipeline import default_model_dir
 
-    model_dir = str(locate_model_folder(model_dir or default_model_dir()).root)  # fail now, not per request
+    choice = choose_model_dir(model_dir)
+    model_dir = str(locate_model_folder(choice.path).root)  # fail now, not per request
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     # A fresh folder per run, also inside a given --workdir: a reused one may hold an earlier run's
@@ -440,7 +441,7 @@ def run_server(
     )
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
     print(
-        f"serving {model_dir} on http://{host}:{port} ({'token required' if token else 'no token'})",
+        f"serving {choice.describe()} on http://{host}:{port} ({'token required' if token else 'no token'})",
         file=sys.stderr,
         flush=True,
     )

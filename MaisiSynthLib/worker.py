@@ -8,6 +8,8 @@ even C libraries print to stderr).
 Requests (`id` is any string the caller chooses, echoed in every event about the request):
 
     {"type": "generate", "id": "r1", "params": {...}}   params: the fields of GenerateRequest
+    {"type": "download", "id": "d1", "params": {"dest": null, "revision": "main", "token": null}}
+                                                        the official weights (download.py); all optional
     {"type": "cancel", "id": "c1", "target": "r1"}
     {"type": "ping", "id": "p1"}
     {"type": "shutdown"}
@@ -15,17 +17,20 @@ Requests (`id` is any string the caller chooses, echoed in every event about the
 Events:
 
     ready     once at start: pid, device, device name, memory, torch / CUDA / MONAI versions
-    progress  id, stage (load, encode-mask, sample, decode, write), elapsed s; sample adds i, total
+    progress  id, stage (load, encode-mask, sample, decode, write), elapsed s; sample adds i, total;
+              a download's stages are resolve, verify, download (file, done, size, bytes, total), install
     log       id (or null), level, message
-    result    id, output paths, seed, steps, shape, spacing, timings per stage, peak memory, and
-              "models": "loaded" or "reused"
+    result    id, output paths, seed, steps, shape, spacing, timings per stage, peak memory, the
+              model used in words ("model"), and "models": "loaded" or "reused"; a download's result
+              has model_dir, repo, revision, commit, files, sizes (never the token)
     error     id (or null), kind, message, hint; kinds: the engine's user errors (bad-mask, ...),
               cancelled, bad-request, out-of-memory, internal
     pong      id, busy (the running request id or null), queued
     bye       after shutdown (or end of stdin), just before the process exits with code 0
 
 Requests run one at a time in arrival order; cancel and ping are answered at once, also while a
-request runs. A cancelled request stops within one sampling step and writes nothing.
+request runs. A cancelled request stops within one sampling step and writes nothing; a cancelled
+download stops within one chunk and keeps what it fetched for the next one.
 """
 
 from __future__ import annotations
@@ -190,8 +195,8 @@ class Engine:
                 raise RequestError("'id' must be a string of at most 200 characters", "send a short string id")
             request_id = None if request_id is None else str(request_id)
             kind = message.get("type")
-            if kind == "generate":
-                self.submit(request_id, message.get("params"))
+            if kind in ("generate", "download"):
+                self.submit(request_id, message.get("params"), kind)
             elif kind == "cancel":
                 self.cancel(request_id, message.get("target"))
             elif kind == "ping":
@@ -201,21 +206,28 @@ class Engine:
             elif kind == "shutdown":
                 self.shutdown()
             else:
-                raise RequestError(f"unknown request type {kind!r}", "use one of generate, cancel, ping, shutdown")
+                raise RequestError(
+                    f"unknown request type {kind!r}", "use one of generate, download, cancel, ping, shutdown"
+                )
         except MaisiSynthError as exc:
             self._error(request_id, exc)
 
-    def submit(self, request_id: str | None, params: object) -> None:
+    def submit(self, request_id: str | None, params: object, kind: str = "generate") -> None:
         if not request_id:
-            raise RequestError("a generate request needs an 'id'", "send an id, e.g. a UUID, to match the events")
-        params = _check_params(params)
+            raise RequestError(f"a {kind} request needs an 'id'", "send an id, e.g. a UUID, to match the events")
+        if kind == "download":
+            from .download import check_download_params
+
+            params = check_download_params(params)
+        else:
+            params = {**self.defaults, **_check_params(params)}
         with self._lock:
             if request_id in self._cancel:
                 raise RequestError(f"request id '{request_id}' is already queued or running", "use a new id")
             if self._stopping.is_set():
                 raise RequestError("the worker is shutting down", "start a new worker")
             self._cancel[request_id] = threading.Event()
-        self._jobs.put((request_id, {**self.defaults, **params}))
+        self._jobs.put((request_id, kind, params))
 
     def cancel(self, request_id: str | None, target: object) -> None:
         with self._lock:
@@ -250,14 +262,14 @@ class Engine:
             job = self._jobs.get()
             if job is None:
                 break
-            request_id, params = job
+            request_id, kind, params = job
             with self._lock:
                 flag = self._cancel[request_id]
                 self._running = request_id
             try:
                 if flag.is_set():
                     raise CancelledError()
-                self._generate(request_id, params, flag)
+                (self._download if kind == "download" else self._generate)(request_id, params, flag)
             except CancelledError as exc:
                 self._error(request_id, exc)
             except MaisiSynthError as exc:
@@ -290,6 +302,7 @@ class Engine:
             self.emit({"type": "progress", "id": request_id, **event})
 
         result = generate(request, models=provide, progress=progress, cancel=flag)
+        self._log(request_id, "info", f"model: {result.model}")
         for note in result.notes:
             self._log(request_id, "warning", note)
         self.emit(
@@ -300,6 +313,19 @@ class Engine:
                 "models": "reused" if self.cache.last_reused else "loaded",
             }
         )
+
+    def _download(self, request_id: str, params: dict, flag: threading.Event) -> None:
+        """The official weights into a model folder; the token stays in this call, no event carries it."""
+        from .download import download
+
+        def progress(event: dict) -> None:
+            self.emit({"type": "progress", "id": request_id, **event})
+
+        result = download(
+            params.get("dest"), params.get("revision"), params.get("token"), progress=progress, cancel=flag
+        )
+        self._log(request_id, "info", f"official weights {result.repo} ({result.commit[:12]}) in {result.model_dir}")
+        self.emit({"type": "result", "id": request_id, **result.to_dict()})
 
     # -- outgoing -------------------------------------------------------------------------------------
 

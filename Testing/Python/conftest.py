@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +15,11 @@ import pytest
 from MaisiSynthLib.tiny_model import make_tiny_model_folder, torso_mask_labels
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Official weights a developer downloaded must not become the tests' default model: every test (and
+# every process it starts) sees an empty per-user folder unless it sets its own.
+os.environ["MAISI_SYNTH_HOME"] = tempfile.mkdtemp(prefix="maisi-synth-home-")
+os.environ.pop("MAISI_SYNTH_MODEL_DIR", None)
 
 
 @pytest.fixture(scope="session")

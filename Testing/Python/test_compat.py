@@ -29,6 +29,7 @@ for blocked in ("torch", "monai", "nibabel", "nrrd", "resource", "fcntl"):
     sys.modules[blocked] = None  # not in Slicer's Python (the last two: not on Windows)
 import numpy as np
 from MaisiSynthLib import client, errors, gui_options, gui_progress, labels as L, lesions, masks, request, scene
+from MaisiSynthLib import download, model_home
 assert L.id_for_name("liver tumor") == L.HEPATIC_TUMOR and L.id_for_name("lung_upper_lobe_left") == 28
 labels = np.zeros((40, 40, 40), np.int16)
 labels[5:35, 5:35, 5:35] = 200
@@ -41,6 +42,16 @@ assert (inserted == L.HEPATIC_TUMOR).sum() > 50 and ((inserted == L.HEPATIC_TUMO
 assert masks.coarsen_labels(labels)[20, 20, 20] == L.HEPATIC_TUMOR
 request.check_params({"mask": "m.nrrd", "output": "o.nrrd", "steps": 30, "seed": 1})
 assert "PYTHONHOME" not in client.worker_environment("/not/this/python", {"PYTHONHOME": "/slicer"})
+import json, os, tempfile
+os.environ["MAISI_SYNTH_HOME"] = tempfile.mkdtemp()
+assert model_home.choose_model_dir().source == "demo"
+weights = model_home.official_model_dir() / "models"
+weights.mkdir(parents=True)
+(weights / "w.pt").write_bytes(b"w")
+manifest = {"format": 1, "repo": "nvidia/NV-Generate-CT", "commit": "c" * 40, "files": [{"path": "models/w.pt", "size": 1}]}
+(weights.parent / model_home.MANIFEST_NAME).write_text(json.dumps(manifest))
+assert model_home.choose_model_dir().source == "official"  # the module's default model, as the worker sees it
+assert download.check_download_params({"token": "t"}) == {"token": "t"}
 print("OK", sys.version_info[:2])
 """
 

@@ -221,3 +221,56 @@ def test_worker_python_paths_may_start_with_a_tilde():
     from MaisiSynthLib.client import WorkerClient
 
     assert WorkerClient(python="~/envs/maisi/bin/python").python == os.path.expanduser("~/envs/maisi/bin/python")
+
+
+def test_the_official_weights_controls_keep_the_token_secret():
+    source = MODULE.read_text()
+    widgets = {w.get("name"): w for w in ET.parse(UI).iter("widget")}
+    for name in ("downloadButton", "hfTokenLineEdit", "downloadProgressBar", "downloadStatusLabel"):
+        assert name in widgets and f"self.ui.{name}" in source, name
+    echo = [p.findtext("enum") for p in widgets["hfTokenLineEdit"].iter("property") if p.get("name") == "echoMode"]
+    assert echo == ["QLineEdit::Password"]
+    # the token is read where the download starts and nowhere else: never saved in the settings
+    assert source.count("hfTokenLineEdit") == 1 and "setValue" not in source.split("hfTokenLineEdit")[1].split("\n")[0]
+
+
+def test_a_download_goes_to_the_local_worker_with_only_the_token_it_was_given():
+    remote = GenerateOptions(server_url="http://127.0.0.1:8765", token="server-token", python="py", device="cpu")
+    local, params = remote.download_request("  hf_abc  ")
+    assert params == {"token": "hf_abc"} and local.server_url == "" and local.token == ""
+    assert remote.download_request("")[1] == {}  # empty: the worker's HF_TOKEN or hub login
+    key, factory = local.client_factory({"BASE": "1"})
+    assert key == ("local", local.python_executable(), "cpu")
+    worker = factory()
+    assert type(worker).__name__ == "WorkerClient" and worker.base_env == {"BASE": "1"}
+    assert worker.env == {"CUDA_VISIBLE_DEVICES": "-1"}
+    key, factory = remote.client_factory()
+    assert key == ("remote", "http://127.0.0.1:8765", "server-token") and factory().token == "server-token"
+
+
+@pytest.mark.parametrize(
+    "event, percent, words",
+    [
+        ({"type": "progress", "stage": "resolve"}, 0, "Asking the Hugging Face Hub"),
+        (
+            {"type": "progress", "stage": "download", "file": "u.pt", "bytes": 5e8, "total": 2e9},
+            25,
+            "Downloading u.pt: 0.50 GB of 2.00 GB",
+        ),
+        ({"type": "progress", "stage": "verify", "file": "u.pt", "bytes": 1e9, "total": 2e9}, 50, "Verifying u.pt"),
+        ({"type": "progress", "stage": "install"}, 100, "Installing"),
+        ({"type": "result", "model_dir": "/w", "commit": "0123456789abcdef"}, 100, "in /w (revision 0123456789ab)"),
+        ({"type": "error", "kind": "cancelled"}, 0, "continues where this one stopped"),
+        ({"type": "error", "kind": "no-network"}, 0, "Download failed"),
+    ],
+)
+def test_download_events_map_to_the_download_bar(event, percent, words):
+    from MaisiSynthLib.gui_progress import download_status
+
+    got_percent, text = download_status(event)
+    assert got_percent == percent and words in text
+
+
+def test_download_errors_speak_of_the_module_controls():
+    text = error_text({"type": "error", "kind": "token-needed", "message": "gated", "hint": "pass --token"})
+    assert "HF token" in text and "--token" not in text
