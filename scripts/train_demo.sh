@@ -28,21 +28,31 @@ if [ "$(ls "$D" 2>/dev/null | wc -l)" != 256 ]; then
 fi
 stamp phantoms
 
-# 1. VAE on random 64x64x32 patches (the first half of a 4000-step schedule), then the whole VAE on
-#    full-width 128x128x32 slabs and on whole volumes: GroupNorm statistics of a small patch and of a
-#    whole volume differ, and the decoder must be calibrated on what it will decode (TRAINING.md).
+# 1. The VAE, in six stages, each from the weights of the one before (TRAINING.md says why):
+#    a. random 64x64x32 patches, the first half of a 4000-step schedule;
+#    b. full-width 128x128x32 slabs, then c./d. whole volumes: GroupNorm statistics of a small patch
+#       and of a whole volume differ, and the decoder must be calibrated on what it will decode;
+#    e. patches again with an L1 through soft-tissue and bone HU windows and KL 1e-10 (KL 1e-8 over
+#       whole volumes pulls every organ towards the mean), f. whole volumes with the same loss.
+vae() {  # vae NAME STOP-AFTER(or "") --set ... : one fine-tuning stage in $RUN/vae_NAME
+    local name=$1 stop=$2; shift 2
+    $PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_$name" --base-model-dir "$MODEL" \
+        --set model_dir=. ${stop:+--stop-after "$stop"} --quiet "$@" "${RESUME[@]}"
+    stamp "vae_$name"
+}
+RESUME=("$@")
 $PY -m MaisiSynthLib train vae --config "$CONFIG" --stop-after 2000 --quiet "$@"
 stamp vae_patches
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_slab" --base-model-dir "$MODEL" \
-    --set model_dir=. --set seed=1 --set "vae.patch_size=[128,128,32]" --set vae.batch_size=1 \
-    --set vae.steps=300 --set vae.lr=2e-4 --set vae.warmup_steps=20 --set vae.log_every=20 \
-    --set vae.checkpoint_every=50 --quiet "$@"
-stamp vae_slabs
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_whole" --base-model-dir "$MODEL" \
-    --set model_dir=. --set seed=2 --set vae.patch_size=null --set vae.batch_size=1 --set vae.steps=300 \
-    --set vae.lr=1e-4 --set vae.warmup_steps=10 --set vae.bone_weight=5 --set vae.tumor_weight=5 \
-    --set vae.log_every=10 --set vae.checkpoint_every=50 --quiet "$@"
-stamp vae_whole
+WHOLE=(--set vae.patch_size=null --set vae.batch_size=1 --set vae.lr=1e-4 --set vae.warmup_steps=10
+       --set vae.log_every=10 --set vae.checkpoint_every=50)
+WINDOWS=(--set vae.kl_weight=1e-10 --set "vae.windows=[[-200,200,1.0],[0,1000,0.5]]" --set vae.cpu_bf16=true)
+vae slab "" --set seed=1 --set "vae.patch_size=[128,128,32]" --set vae.batch_size=1 --set vae.steps=300 \
+    --set vae.lr=2e-4 --set vae.warmup_steps=20 --set vae.log_every=20 --set vae.checkpoint_every=50
+vae whole 100 --set seed=2 "${WHOLE[@]}" --set vae.steps=300 --set vae.bone_weight=5 --set vae.tumor_weight=5
+vae whole2 100 --set seed=3 "${WHOLE[@]}" --set vae.steps=400 --set vae.cpu_bf16=true
+vae windows "" --set seed=4 "${WINDOWS[@]}" --set vae.steps=1200 --set vae.lr=3e-4 --set vae.warmup_steps=20 \
+    --set vae.checkpoint_every=200
+vae final "" --set seed=5 "${WHOLE[@]}" "${WINDOWS[@]}" --set vae.steps=150
 
 # 2. The diffusion UNet and 3. the ControlNet, on the posterior means of the final VAE.
 for stage in unet controlnet; do
