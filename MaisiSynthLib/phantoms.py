@@ -181,9 +181,7 @@ class _Frame:
         self.shape = tuple(size)
         # Anatomy is drawn in a standard body and scaled to this patient: a voxel's anatomical
         # coordinate is its world position (grid centred on `centre`) divided by the body's scale.
-        self.axes = [
-            ((np.arange(n) - (n - 1) / 2.0) * s + c) / k for n, s, c, k in zip(size, spacing, centre, scale)
-        ]
+        self.axes = [((np.arange(n) - (n - 1) / 2.0) * s + c) / k for n, s, c, k in zip(size, spacing, centre, scale)]
         x, y, z = np.meshgrid(*self.axes, indexing="ij", sparse=True)
         # Low-frequency sinusoids: organs bend and shift together, like anatomy, not like noise.
         warped = []
@@ -230,50 +228,58 @@ class _Frame:
         return out
 
 
-def make_phantom(
-    seed: int,
-    size: Iterable[int] = DEFAULT_SIZE,
-    spacing: Iterable[float] = DEFAULT_SPACING,
-    tumors: str | Iterable[int] = "all",
-    centre: Iterable[float] = (0.0, 0.0, 0.0),
-) -> Phantom:
-    """One torso phantom; the same (seed, size, spacing, tumors, centre) always gives the same arrays.
+class _Canvas:
+    """The label and HU arrays a phantom is painted on, with the warped frame and the random stream.
 
-    `centre` is the world position (mm) of the grid centre: (0, 0, 0) centres the field of view on
-    the torso; another z shows a chest-only or abdomen-only field of view of the same patient.
+    Every painter below draws from `rng` (through `u`) in the order of its code, and make_phantom
+    calls the painters in one fixed order: that keeps a seed's phantom the same byte for byte.
     """
-    seed = _check_seed(seed)
-    size, spacing, tumors = _check_args(size, spacing, tumors)
-    grid_centre = _check_centre(centre)
-    rng = np.random.default_rng(seed)
-    if tumors == "all":
-        wanted = list(TUMOR_CHOICES)
-    elif tumors == "none":
-        wanted = []
-    elif tumors == "random":
-        wanted = [t for t in TUMOR_CHOICES if rng.random() < 0.5] or [
-            TUMOR_CHOICES[int(rng.integers(len(TUMOR_CHOICES)))]
-        ]
-    else:
-        wanted = list(tumors)
-    u = rng.uniform
-    # Habitus: the standard body below is scaled per patient (small to large adults, short to tall
-    # trunks), so sizes and heights vary together as they do in people.
-    scale_xy, scale_z = u(0.85, 1.15), u(0.9, 1.1)
-    f = _Frame(size, spacing, rng, grid_centre, (scale_xy, scale_xy, scale_z))
-    labels = np.zeros(size, np.uint8)
-    hu = np.full(size, AIR_HU, np.float32)
 
-    def paint(region: np.ndarray, label: int | None, value: float | None, where: np.ndarray | None = None) -> None:
-        region = np.broadcast_to(region, size)
+    def __init__(self, f: _Frame, rng: np.random.Generator, size, spacing) -> None:
+        self.f, self.rng, self.u = f, rng, rng.uniform
+        self.size, self.spacing = size, spacing
+        self.labels = np.zeros(size, np.uint8)
+        self.hu = np.full(size, AIR_HU, np.float32)
+
+    def paint(
+        self, region: np.ndarray, label: int | None, value: float | None, where: np.ndarray | None = None
+    ) -> None:
+        region = np.broadcast_to(region, self.size)
         if where is not None:
             region = region & where
         if label is not None:
-            labels[region] = label
+            self.labels[region] = label
         if value is not None:
-            hu[region] = value
+            self.hu[region] = value
 
-    # Body wall: skin, subcutaneous fat, muscle; the cavity inside is visceral fat. All label 200.
+
+@dataclass
+class _Wall:
+    """The body wall's ellipses (semi-axes in mm) and masks, which the inner anatomy is placed by."""
+
+    a: float
+    b: float
+    inner_a: float
+    inner_b: float
+    cavity_a: float
+    cavity_b: float
+    muscle_depth: float
+    muscle_hu: float
+    body: np.ndarray  # the whole body, full grid
+    cavity: np.ndarray  # inside the muscle layer (may be a broadcast view)
+
+
+@dataclass
+class _Chest:
+    lung_x: float
+    lung_c: float
+    lung_base: float  # the diaphragm: the abdominal organs hang below it
+    lungs: np.ndarray
+
+
+def _paint_body_wall(c: _Canvas) -> _Wall:
+    """Skin, subcutaneous fat, muscle; the cavity inside is visceral fat. All label 200."""
+    f, u = c.f, c.u
     a, b = u(145, 185), u(105, 135)
     body = ((f.x / a) ** 2 + ((f.y - 5) / b) ** 2) <= 1.0
     fat_depth, muscle_depth = u(8, 30), u(8, 15)
@@ -282,43 +288,55 @@ def make_phantom(
     under_fat = ((f.x / inner_a) ** 2 + ((f.y - 5) / inner_b) ** 2) <= 1.0
     cavity = ((f.x / cavity_a) ** 2 + ((f.y - 5) / cavity_b) ** 2) <= 1.0
     fat_hu, muscle_hu = u(-110, -85), u(40, 60)
-    paint(body, L.BODY, fat_hu)
-    paint(under_fat, None, muscle_hu)
-    paint(cavity, None, u(-100, -80))
+    c.paint(body, L.BODY, fat_hu)
+    c.paint(under_fat, None, muscle_hu)
+    c.paint(cavity, None, u(-100, -80))
     skin = body & ~(((f.x / (a - 2.5)) ** 2 + ((f.y - 5) / (b - 2.5)) ** 2) <= 1.0)
-    paint(skin, None, 20.0)
-    body = np.broadcast_to(body, size)
+    c.paint(skin, None, 20.0)
+    body = np.broadcast_to(body, c.size)
+    return _Wall(a, b, inner_a, inner_b, cavity_a, cavity_b, muscle_depth, muscle_hu, body, cavity)
 
-    # Back muscles beside the spine.
-    spine_y = -cavity_b + u(18, 26)
+
+def _paint_back_muscles(c: _Canvas, wall: _Wall) -> float:
+    """The autochthonous muscles beside the spine; returns the spine's y (mm), which they define."""
+    spine_y = -wall.cavity_b + c.u(18, 26)
     for label, side in ((RIGHT_AUTOCHTHON, 1), (LEFT_AUTOCHTHON, -1)):
-        paint(f.ellipsoid((side * 38, spine_y - 22, 0), (24, 20, 400)), label, muscle_hu + u(-5, 5), body)
+        c.paint(
+            c.f.ellipsoid((side * 38, spine_y - 22, 0), (24, 20, 400)), label, wall.muscle_hu + c.u(-5, 5), wall.body
+        )
+    return spine_y
 
-    # Lungs fill the upper chest cavity, split into lobes by oblique planes; the heart, great vessels
-    # and spine carve the mediastinum out of them. Aerated lung is about −850 HU in adults.
+
+def _paint_lungs(c: _Canvas, wall: _Wall) -> _Chest:
+    """Lungs fill the upper chest cavity, split into lobes by oblique planes, with pulmonary vessels.
+
+    The heart, great vessels and spine carve the mediastinum out of them later. Aerated lung is
+    about −850 HU in adults.
+    """
+    f, u, size = c.f, c.u, c.size
     lung_hu = u(-900, -790)
     lung_top = u(140, 180)
     lung_base = u(-25, 30)  # the diaphragm: the abdominal organs hang below it
     lung_c = (lung_top + lung_base) / 2
     lung_rz = (lung_top - lung_base) / 2
-    lung_x = cavity_a * u(0.5, 0.58)
-    lung_rx = (cavity_a - lung_x) * u(0.85, 0.98) + u(0, 12)
-    lung_ry = cavity_b * u(0.75, 0.92)
+    lung_x = wall.cavity_a * u(0.5, 0.58)
+    lung_rx = (wall.cavity_a - lung_x) * u(0.85, 0.98) + u(0, 12)
+    lung_ry = wall.cavity_b * u(0.75, 0.92)
     lungs = np.zeros(size, bool)
     for side in (1, -1):  # +1 right, −1 left
         lung = f.full(f.ellipsoid((side * lung_x, -5, lung_c), (lung_rx, lung_ry, lung_rz))) & np.broadcast_to(
-            cavity, size
+            wall.cavity, size
         )
         fissure = f.z - lung_c - 0.6 * (f.y + 5) + u(-10, 10)  # oblique fissure: upper lobe above and in front
         upper = f.full(fissure > 0)
         if side == 1:
             horizontal = f.full(f.z > lung_c + u(-5, 10))
-            paint(lung & upper & horizontal, 30, lung_hu)
-            paint(lung & upper & ~horizontal, 31, lung_hu)
-            paint(lung & ~upper, 32, lung_hu)
+            c.paint(lung & upper & horizontal, 30, lung_hu)
+            c.paint(lung & upper & ~horizontal, 31, lung_hu)
+            c.paint(lung & ~upper, 32, lung_hu)
         else:
-            paint(lung & upper, 28, lung_hu)
-            paint(lung & ~upper, 29, lung_hu)
+            c.paint(lung & upper, 28, lung_hu)
+            c.paint(lung & ~upper, 29, lung_hu)
         lungs |= lung
     # Pulmonary vessels: branches from each hilum towards the periphery.
     for side in (1, -1):
@@ -327,24 +345,41 @@ def make_phantom(
             direction = np.array([side * u(0.3, 1.0), u(-1, 1), u(-1, 1)])
             direction /= np.linalg.norm(direction)
             mid = hilum + direction * u(25, 40)
-            end = mid + (direction + rng.normal(0, 0.3, 3)) * u(20, 35)
-            paint(f.tube(np.stack([hilum, mid, end]), u(2.5, 4.0)), PULMONARY_VEIN, u(30, 50), lungs)
-    # Airway: the trachea down the midline to the carina, main bronchi to each hilum (air).
-    carina = np.array([0.0, spine_y + u(40, 55), lung_c + u(5, 20)])
+            end = mid + (direction + c.rng.normal(0, 0.3, 3)) * u(20, 35)
+            c.paint(f.tube(np.stack([hilum, mid, end]), u(2.5, 4.0)), PULMONARY_VEIN, u(30, 50), lungs)
+    return _Chest(lung_x, lung_c, lung_base, lungs)
+
+
+def _paint_airway_and_heart(c: _Canvas, wall: _Wall, chest: _Chest, spine_y: float) -> None:
+    """The trachea down the midline to the carina, main bronchi to each hilum (air); the heart."""
+    f, u = c.f, c.u
+    carina = np.array([0.0, spine_y + u(40, 55), chest.lung_c + u(5, 20)])
     trachea = f.tube(np.array([[0.0, carina[1] + 5, 400.0], carina]), u(7, 10))
     for side in (1, -1):
-        trachea |= f.tube(np.stack([carina, [side * (lung_x - 30), 0.0, lung_c]]), u(4, 6))
-    paint(trachea & body, TRACHEA, AIR_HU + u(0, 60))
+        trachea |= f.tube(np.stack([carina, [side * (chest.lung_x - 30), 0.0, chest.lung_c]]), u(4, 6))
+    c.paint(trachea & wall.body, TRACHEA, AIR_HU + u(0, 60))
     heart = f.full(
-        f.ellipsoid((u(-25, -10), u(15, 30), lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50)))
+        f.ellipsoid((u(-25, -10), u(15, 30), chest.lung_base + u(35, 50)), (u(50, 60), u(40, 50), u(40, 50)))
     )
-    paint(heart & body, HEART, u(30, 50))
+    c.paint(heart & wall.body, HEART, u(30, 50))
 
-    # Spine: vertebral bodies with discs, spinal canal; ribs at the thoracic levels.
-    bone_hu = _median_hu(rng, "bone")
+
+@dataclass
+class _Skeleton:
+    bone_hu: float
+    top: float  # the top of T1 (mm)
+    ribs_a: float  # the ribs' ellipse (semi-axes, mm)
+    ribs_b: float
+    rib_ends: list  # (side, front end) of the true ribs, where the costal cartilages start
+
+
+def _paint_spine_and_ribs(c: _Canvas, wall: _Wall, spine_y: float) -> _Skeleton:
+    """Vertebral bodies with discs and the spinal canal; ribs at the thoracic levels; the spinal cord."""
+    f, u, size, body = c.f, c.u, c.size, wall.body
+    bone_hu = _median_hu(c.rng, "bone")
     level_height = u(16.5, 19.0)
     top = u(150, 165)
-    ribs_a, ribs_b = inner_a - muscle_depth / 2, inner_b - muscle_depth / 2
+    ribs_a, ribs_b = wall.inner_a - wall.muscle_depth / 2, wall.inner_b - wall.muscle_depth / 2
     rib_ends = []  # front ends of the ribs, where the costal cartilages start
     for i, label in enumerate(VERTEBRAE):
         z_hi = top - i * level_height
@@ -359,7 +394,7 @@ def make_phantom(
         vertebra = np.zeros(size, bool)
         vertebra[box] = in_level & (body_disc | (arch & ~canal))
         vertebra &= body
-        paint(vertebra, label, bone_hu + u(-15, 15))
+        c.paint(vertebra, label, bone_hu + u(-15, 15))
         if i < 12:  # thoracic: a rib pair along the body wall, sloping down towards the front
             z_rib = (z_hi + z_lo) / 2
             for ribs, side in ((RIGHT_RIBS, 1), (LEFT_RIBS, -1)):
@@ -373,79 +408,99 @@ def make_phantom(
                     1,
                 )
                 pts[0] = (side * 0.9 * radius, spine_y, z_rib)
-                paint(f.tube(pts, u(3.5, 4.5)) & body, ribs[i], bone_hu + u(-25, 5))
+                c.paint(f.tube(pts, u(3.5, 4.5)) & body, ribs[i], bone_hu + u(-25, 5))
                 if i < 7:  # true ribs reach the sternum through their cartilage
                     rib_ends.append((side, pts[-1]))
-    paint(f.tube(np.array([[0, spine_y - 16, -400], [0, spine_y - 16, 400]]), 5.0) & body, SPINAL_CORD, u(25, 40))
+    c.paint(f.tube(np.array([[0, spine_y - 16, -400], [0, spine_y - 16, 400]]), 5.0) & body, SPINAL_CORD, u(25, 40))
+    return _Skeleton(bone_hu, top, ribs_a, ribs_b, rib_ends)
 
-    # Front and top of the chest: sternum, costal cartilages, clavicles; shoulder blades behind.
-    front = 5 + ribs_b
-    sternum_top, sternum_bottom = top - u(5, 20), lung_base + u(10, 30)
+
+def _paint_chest_wall_bones(c: _Canvas, wall: _Wall, chest: _Chest, bones: _Skeleton) -> None:
+    """Front and top of the chest: sternum, costal cartilages, clavicles; shoulder blades behind."""
+    f, u, body, bone_hu = c.f, c.u, wall.body, bones.bone_hu
+    front = 5 + bones.ribs_b
+    sternum_top, sternum_bottom = bones.top - u(5, 20), chest.lung_base + u(10, 30)
     sternum = f.ellipsoid(
         (0.0, front - 2, (sternum_top + sternum_bottom) / 2),
         (u(11, 15), u(5, 7), max(10.0, (sternum_top - sternum_bottom) / 2)),
     )
-    paint(sternum & body, STERNUM, bone_hu + u(-60, -20))
+    c.paint(sternum & body, STERNUM, bone_hu + u(-60, -20))
     cartilage_hu = u(80, 160)
-    for side, end in rib_ends:
+    for side, end in bones.rib_ends:
         joint = np.array([side * 12.0, front - 2, min(max(end[2] + u(0, 15), sternum_bottom), sternum_top)])
-        paint(f.tube(np.stack([end, joint]), u(3.0, 4.0)) & body & ~f.full(sternum), COSTAL_CARTILAGES, cartilage_hu)
+        c.paint(f.tube(np.stack([end, joint]), u(3.0, 4.0)) & body & ~f.full(sternum), COSTAL_CARTILAGES, cartilage_hu)
+    a = wall.a
     for label, side in ((RIGHT_CLAVICLE, 1), (LEFT_CLAVICLE, -1)):
         path = np.array(
             [[side * 15.0, front - 5, sternum_top + 5], [side * 0.5 * a, front - 15, sternum_top + 12],
              [side * 0.85 * a, 0.0, sternum_top + u(15, 25)]]
         )  # fmt: skip
-        paint(f.tube(path, u(6, 8)) & body, label, bone_hu + u(-10, 30))
+        c.paint(f.tube(path, u(6, 8)) & body, label, bone_hu + u(-10, 30))
     for label, side in ((RIGHT_SCAPULA, 1), (LEFT_SCAPULA, -1)):
         blade = f.ellipsoid(
-            (side * 0.55 * ribs_a, 5 - ribs_b - u(12, 18), top - u(45, 65)), (u(35, 45), u(4, 6), u(55, 70))
+            (side * 0.55 * bones.ribs_a, 5 - bones.ribs_b - u(12, 18), bones.top - u(45, 65)),
+            (u(35, 45), u(4, 6), u(55, 70)),
         )
-        paint(blade & body & ~lungs, label, bone_hu + u(-20, 30))
+        c.paint(blade & body & ~chest.lungs, label, bone_hu + u(-20, 30))
 
-    # Great vessels.
+
+def _paint_great_vessels(c: _Canvas, wall: _Wall, chest: _Chest, spine_y: float) -> None:
+    """Aorta (6) and inferior vena cava (7) in front of the spine."""
+    f, u = c.f, c.u
     aorta_r = u(10, 13)
-    paint(
-        f.tube(np.array([[u(-20, -10), spine_y + 20, -110], [u(-18, -8), spine_y + 22, 200]]), aorta_r) & body,
+    c.paint(
+        f.tube(np.array([[u(-20, -10), spine_y + 20, -110], [u(-18, -8), spine_y + 22, 200]]), aorta_r) & wall.body,
         6,
         u(150, 200),
     )
-    paint(
-        f.tube(np.array([[u(15, 25), spine_y + 25, -110], [u(18, 28), spine_y + 35, lung_base + 20]]), u(9, 12)) & body,
+    c.paint(
+        f.tube(np.array([[u(15, 25), spine_y + 25, -110], [u(18, 28), spine_y + 35, chest.lung_base + 20]]), u(9, 12))
+        & wall.body,
         7,
         u(100, 150),
     )
 
-    # Abdominal organs hang below the diaphragm (lung_base); they do not override lungs, vessels or bone.
-    soft = body & ~lungs & ~np.isin(labels, (6, 7, TRACHEA) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
-    liver_hu = _median_hu(rng, "liver")
-    liver = (
-        f.full(f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70)))) & soft
-    )
-    paint(liver, 1, liver_hu)
+
+def _paint_liver(c: _Canvas, soft: np.ndarray, lung_base: float) -> None:
+    """The liver with its hepatic vessels (brighter than the parenchyma)."""
+    f, u = c.f, c.u
+    liver_hu = _median_hu(c.rng, "liver")
+    liver = f.full(f.ellipsoid((u(50, 70), u(0, 20), lung_base - u(15, 25)), (u(70, 85), u(70, 85), u(55, 70)))) & soft
+    c.paint(liver, 1, liver_hu)
     hv_points = np.array([[u(20, 30), u(0, 10), lung_base - 15]])
     for _ in range(4):
         end = hv_points[0] + np.array([u(10, 60), u(-40, 40), u(-40, 20)])
-        paint(f.tube(np.stack([hv_points[0], end]), u(3, 4.5)), 25, liver_hu + u(50, 90), liver)
-    spleen = f.full(
-        f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50)))
-    )
-    paint(spleen & soft & (labels != 1), 3, _median_hu(rng, "spleen"))
+        c.paint(f.tube(np.stack([hv_points[0], end]), u(3, 4.5)), 25, liver_hu + u(50, 90), liver)
+
+
+def _paint_spleen_and_stomach(c: _Canvas, soft: np.ndarray, lung_base: float) -> None:
+    """The spleen, then the stomach around what the liver and spleen leave, with a gas cap in front."""
+    f, u, labels = c.f, c.u, c.labels
+    spleen = f.full(f.ellipsoid((u(-95, -80), u(-40, -20), lung_base - u(15, 30)), (u(28, 36), u(38, 48), u(40, 50))))
+    c.paint(spleen & soft & (labels != 1), 3, _median_hu(c.rng, "spleen"))
     stomach = (
-        f.full(f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45))))
-        & soft
+        f.full(f.ellipsoid((u(-50, -35), u(30, 50), lung_base - u(15, 30)), (u(35, 45), u(25, 35), u(35, 45)))) & soft
     )
     stomach &= ~np.isin(labels, (1, 3))
-    paint(stomach, 12, u(20, 40))
+    c.paint(stomach, 12, u(20, 40))
     gas = stomach & f.full(f.y > np.percentile(f.full(f.y)[stomach], 80) if stomach.any() else False)
-    paint(gas, None, -900.0)
-    kidney_hu = _median_hu(rng, "kidney")
+    c.paint(gas, None, -900.0)
+
+
+def _paint_kidneys(c: _Canvas, soft: np.ndarray, lung_base: float, spine_y: float) -> None:
+    f, u = c.f, c.u
+    kidney_hu = _median_hu(c.rng, "kidney")
     kidney_z = lung_base - u(65, 85)
     for label, side in ((5, 1), (14, -1)):
         kidney = f.full(
             f.ellipsoid((side * u(55, 70), spine_y + u(8, 16), kidney_z + u(-8, 8)), (u(22, 28), u(20, 25), u(40, 50)))
         )
-        paint(kidney & soft & ~np.isin(labels, (1, 3)), label, kidney_hu + u(-10, 10))
-    pancreas_hu = _median_hu(rng, "pancreas")
+        c.paint(kidney & soft & ~np.isin(c.labels, (1, 3)), label, kidney_hu + u(-10, 10))
+
+
+def _paint_pancreas(c: _Canvas, soft: np.ndarray, lung_base: float, spine_y: float) -> None:
+    u = c.u
+    pancreas_hu = _median_hu(c.rng, "pancreas")
     p_z = lung_base - u(45, 60)
     pancreas_path = np.array(
         [
@@ -454,8 +509,13 @@ def make_phantom(
             [u(20, 30), spine_y + u(40, 50), p_z - u(0, 10)],
         ]
     )
-    pancreas = f.tube(pancreas_path, u(11, 15)) & soft & ~np.isin(labels, (1, 3, 5, 12, 14))
-    paint(pancreas, 4, pancreas_hu)
+    pancreas = c.f.tube(pancreas_path, u(11, 15)) & soft & ~np.isin(c.labels, (1, 3, 5, 12, 14))
+    c.paint(pancreas, 4, pancreas_hu)
+
+
+def _paint_colon(c: _Canvas, soft: np.ndarray, lung_base: float) -> None:
+    """The colon's frame around the abdomen, with gas pockets about 8 mm across."""
+    u = c.u
     colon_r = u(15, 19)
     cz = lung_base - u(95, 115)
     colon_path = np.array(
@@ -468,16 +528,29 @@ def make_phantom(
             [u(-90, -75), u(-10, 10), cz - 75],
         ]
     )
-    colon = f.tube(colon_path, colon_r) & soft & ~np.isin(labels, (1, 3, 4, 5, 12, 14))
-    paint(colon, 62, u(10, 40))
-    # Gas pockets: blobs about 8 mm across wherever smoothed noise is high.
-    blobs = ndimage.gaussian_filter(rng.standard_normal(size).astype(np.float32), 8.0 / np.array(spacing))
+    colon = c.f.tube(colon_path, colon_r) & soft & ~np.isin(c.labels, (1, 3, 4, 5, 12, 14))
+    c.paint(colon, 62, u(10, 40))
+    # Gas pockets: blobs wherever smoothed noise is high.
+    blobs = ndimage.gaussian_filter(c.rng.standard_normal(c.size).astype(np.float32), 8.0 / np.array(c.spacing))
     pockets = colon & (blobs > 1.2 * float(blobs.std()))
-    paint(pockets, None, -850.0)
+    c.paint(pockets, None, -850.0)
 
-    # Tumors: spheres inside their host, hypo- or hyper-dense, some with a rim. Sizes are in the
-    # standard body's millimetres, like every other shape.
-    anatomical_spacing = np.array(spacing) / np.array([scale_xy, scale_xy, scale_z])
+
+TUMOR_RADII_MM = {
+    L.HEPATIC_TUMOR: (10, 22),
+    L.LUNG_TUMOR: (7, 14),
+    L.PANCREATIC_TUMOR: (8, 12),
+    L.COLON_CANCER: (10, 15),
+    L.BONE_LESION: (8, 12),
+}
+
+
+def _paint_tumors(c: _Canvas, wanted: list[int], anatomical_spacing: np.ndarray) -> list[int]:
+    """Spheres inside their host, hypo- or hyper-dense, some with a rim; returns the ids placed.
+
+    Sizes are in the standard body's millimetres, like every other shape.
+    """
+    f, u, rng, size, labels, hu = c.f, c.u, c.rng, c.size, c.labels, c.hu
     placed = []
     hosts = {
         L.HEPATIC_TUMOR: labels == 1,
@@ -485,13 +558,6 @@ def make_phantom(
         L.PANCREATIC_TUMOR: labels == 4,
         L.COLON_CANCER: labels == 62,
         L.BONE_LESION: np.isin(labels, VERTEBRAE),
-    }
-    radii = {
-        L.HEPATIC_TUMOR: (10, 22),
-        L.LUNG_TUMOR: (7, 14),
-        L.PANCREATIC_TUMOR: (8, 12),
-        L.COLON_CANCER: (10, 15),
-        L.BONE_LESION: (8, 12),
     }
     for tumor in wanted:
         host = hosts[tumor]
@@ -508,10 +574,10 @@ def make_phantom(
         # The centre is at least the radius deep in the host (smaller lesions in thin organs).
         depth = ndimage.distance_transform_edt(host, sampling=anatomical_spacing)
         # at least two voxels across on coarse grids, so partial volume leaves the lesion visible
-        radius = min(max(u(*radii[tumor]), 2.0 * max(spacing)), 0.8 * float(depth.max()))
+        radius = min(max(u(*TUMOR_RADII_MM[tumor]), 2.0 * max(c.spacing)), 0.8 * float(depth.max()))
         inside = np.argwhere(depth >= radius)
         centre_index = inside[int(rng.integers(len(inside)))]
-        centre = [float(np.broadcast_to(c, size)[tuple(centre_index)]) for c in (f.x, f.y, f.z)]
+        centre = [float(np.broadcast_to(v, size)[tuple(centre_index)]) for v in (f.x, f.y, f.z)]
         sphere = f.ellipsoid(centre, (radius, radius * u(0.8, 1.2), radius * u(0.8, 1.2))) & core
         if not sphere.any():
             # Only on coarse grids with thin or cropped organs: the deepest core voxel.
@@ -528,28 +594,88 @@ def make_phantom(
             value = host_hu - u(50, 90)  # small: partial volume with nearby vessels takes some contrast
         else:
             value = host_hu - u(40, 90)  # hypodense, as liver metastases and pancreatic cancer in venous phase
-        paint(sphere, tumor, value)
+        c.paint(sphere, tumor, value)
         if tumor == L.COLON_CANCER:  # a wall mass pushes the bowel gas away from itself
-            near = ndimage.binary_dilation(sphere, iterations=2) & host & (hu < host_hu - 300)
-            paint(near, None, host_hu)
+            near = ndimage.binary_dilation(sphere, iterations=2) & host & (c.hu < host_hu - 300)
+            c.paint(near, None, host_hu)
         # An enhancing rim around a hypodense core, on lesions big enough to have a core.
         rim = sphere & ~ndimage.binary_erosion(sphere)
         if rng.random() < 0.5 and tumor != L.LUNG_TUMOR and value < host_hu and rim.sum() < 0.3 * sphere.sum():
-            paint(rim, None, host_hu + u(20, 50))
+            c.paint(rim, None, host_hu + u(20, 50))
         placed.append(tumor)
+    return placed
 
-    # Partial-volume edges and correlated noise; air outside the body stays exactly −1000.
+
+def _scanner_image(c: _Canvas, body: np.ndarray) -> np.ndarray:
+    """Partial-volume edges and correlated noise on the painted HU; air outside the body stays −1000."""
     sigma_vox = 0.5
-    hu = ndimage.gaussian_filter(hu, sigma_vox)
-    noise = ndimage.gaussian_filter(rng.standard_normal(size).astype(np.float32), 1.0)
-    noise_hu, noise_std = u(10, 18), float(noise.std())
+    hu = ndimage.gaussian_filter(c.hu, sigma_vox)
+    noise = ndimage.gaussian_filter(c.rng.standard_normal(c.size).astype(np.float32), 1.0)
+    noise_hu, noise_std = c.u(10, 18), float(noise.std())
     # A one-voxel grid has no spread to normalise; scaling its single value would blow it up.
     noise *= noise_hu / noise_std if noise_std > 1e-6 else 0.0
     hu = np.where(body, hu + noise, AIR_HU)
-    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    return np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+
+
+def _wanted_tumors(tumors: str | tuple[int, ...], rng: np.random.Generator) -> list[int]:
+    if tumors == "all":
+        return list(TUMOR_CHOICES)
+    if tumors == "none":
+        return []
+    if tumors == "random":
+        return [t for t in TUMOR_CHOICES if rng.random() < 0.5] or [
+            TUMOR_CHOICES[int(rng.integers(len(TUMOR_CHOICES)))]
+        ]
+    return list(tumors)
+
+
+def make_phantom(
+    seed: int,
+    size: Iterable[int] = DEFAULT_SIZE,
+    spacing: Iterable[float] = DEFAULT_SPACING,
+    tumors: str | Iterable[int] = "all",
+    centre: Iterable[float] = (0.0, 0.0, 0.0),
+) -> Phantom:
+    """One torso phantom; the same (seed, size, spacing, tumors, centre) always gives the same arrays.
+
+    `centre` is the world position (mm) of the grid centre: (0, 0, 0) centres the field of view on
+    the torso; another z shows a chest-only or abdomen-only field of view of the same patient.
+
+    The painters run in a fixed order, each drawing from the one random stream: reordering them (or
+    the draws inside one) changes every phantom, so the order below is part of the contract.
+    Later painters overwrite earlier ones where they overlap, and the abdominal organs are confined
+    to `soft` tissue, so they never override the lungs, the great vessels or bone.
+    """
+    seed = _check_seed(seed)
+    size, spacing, tumors = _check_args(size, spacing, tumors)
+    grid_centre = _check_centre(centre)
+    rng = np.random.default_rng(seed)
+    wanted = _wanted_tumors(tumors, rng)
+    # Habitus: the standard body is scaled per patient (small to large adults, short to tall trunks),
+    # so sizes and heights vary together as they do in people.
+    scale_xy, scale_z = rng.uniform(0.85, 1.15), rng.uniform(0.9, 1.1)
+    c = _Canvas(_Frame(size, spacing, rng, grid_centre, (scale_xy, scale_xy, scale_z)), rng, size, spacing)
+
+    wall = _paint_body_wall(c)
+    spine_y = _paint_back_muscles(c, wall)
+    chest = _paint_lungs(c, wall)
+    _paint_airway_and_heart(c, wall, chest, spine_y)
+    bones = _paint_spine_and_ribs(c, wall, spine_y)
+    _paint_chest_wall_bones(c, wall, chest, bones)
+    _paint_great_vessels(c, wall, chest, spine_y)
+    soft = wall.body & ~chest.lungs & ~np.isin(c.labels, (6, 7, TRACHEA) + VERTEBRAE + LEFT_RIBS + RIGHT_RIBS)
+    _paint_liver(c, soft, chest.lung_base)
+    _paint_spleen_and_stomach(c, soft, chest.lung_base)
+    _paint_kidneys(c, soft, chest.lung_base, spine_y)
+    _paint_pancreas(c, soft, chest.lung_base, spine_y)
+    _paint_colon(c, soft, chest.lung_base)
+    placed = _paint_tumors(c, wanted, np.array(spacing) / np.array([scale_xy, scale_xy, scale_z]))
+    image = _scanner_image(c, wall.body)
+
     affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = [c - (n - 1) / 2.0 * s for n, s, c in zip(size, spacing, grid_centre)]
-    return Phantom(image=image, labels=labels, affine=affine, seed=seed, tumors=tuple(placed))
+    affine[:3, 3] = [g - (n - 1) / 2.0 * s for n, s, g in zip(size, spacing, grid_centre)]
+    return Phantom(image=image, labels=c.labels, affine=affine, seed=seed, tumors=tuple(placed))
 
 
 def case_seed(seed: int, index: int) -> int:
@@ -580,7 +706,9 @@ def field_of_view(
     slice spacing scaled by up to ±15 % (so the same voxel count covers more or less of the body).
     """
     if kind not in FIELDS_OF_VIEW:
-        raise PhantomOptionError(f"field of view must be one of {', '.join(FIELDS_OF_VIEW)}, got {kind!r}", "e.g. chest")
+        raise PhantomOptionError(
+            f"field of view must be one of {', '.join(FIELDS_OF_VIEW)}, got {kind!r}", "e.g. chest"
+        )
     if kind == "torso":
         return spacing, (0.0, 0.0, 0.0)
     shift = tuple(float(v) for v in rng.uniform(-12, 12, 2))
