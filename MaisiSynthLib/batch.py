@@ -37,6 +37,7 @@ import numpy as np
 from . import __version__
 from . import labels as L
 from .errors import MaisiSynthError, MaskError, OptionError
+from .request import DEFAULTS, check_options
 
 MANIFEST = "manifest.jsonl"
 LABEL_MAP = "label_map.json"
@@ -384,11 +385,12 @@ class BatchSettings:
     edits: list[str] = field(default_factory=list)
     layout: str = "nnunet"
     labels: str = "all"
-    model_dir: str | None = None
-    steps: int | None = None
-    solver: str = "euler"
-    cfg_scale: float | None = None
-    device: str = "auto"
+    # the request fields every pair shares (request.DEFAULTS; checked by request.check_options)
+    model_dir: str | None = DEFAULTS["model_dir"]
+    steps: int | None = DEFAULTS["steps"]
+    solver: str = DEFAULTS["solver"]
+    cfg_scale: float | None = DEFAULTS["cfg_scale"]
+    device: str = DEFAULTS["device"]
     threads: int | None = None
     name: str = "MaisiSynth"
 
@@ -417,6 +419,14 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
         raise OptionError(f"unknown layout '{settings.layout}'", f"use one of {', '.join(LAYOUTS)}")
     if settings.seeds < 1 or settings.seed_start < 0:
         raise OptionError("--seeds must be at least 1 and --seed-start at least 0", "e.g. --seeds 2")
+    # the request options once, before any mask is read or model loaded, not once per failing pair
+    check_options(
+        model_dir=settings.model_dir,
+        steps=settings.steps,
+        solver=settings.solver,
+        cfg_scale=settings.cfg_scale,
+        device=settings.device,
+    )
     rules = [parse_rule(r) for r in settings.edits]
     masks = find_masks(settings.masks)
     jobs = plan(masks, range(settings.seed_start, settings.seed_start + settings.seeds))

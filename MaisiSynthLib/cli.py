@@ -14,9 +14,35 @@ import sys
 from pathlib import Path
 
 from .errors import CancelledError, MaisiSynthError, OptionError
+from .request import DEFAULTS, OFFICIAL_STEPS, PRECISIONS, SOLVER_NAMES, STEPS_RANGE
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+# The request fields that are command-line options, as argparse keywords: generate, evaluate and
+# batch take them from here, so a flag, its default and its choices are written once (request.py
+# holds the defaults, names and ranges; `check_params` checks the values).
+REQUEST_FLAGS: dict[str, dict] = {
+    "model_dir": dict(
+        help="model folder (default: $MAISI_SYNTH_MODEL_DIR, else the weights of `maisi-synth download`, "
+        "else the embedded demo model)"
+    ),
+    "steps": dict(
+        type=int,
+        help=f"sampling steps, {STEPS_RANGE[0]}-{STEPS_RANGE[1]} (default: the model's, {OFFICIAL_STEPS})",
+    ),
+    "seed": dict(type=int, default=DEFAULTS["seed"], help="noise seed (default 0)"),
+    "cfg_scale": dict(type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)"),
+    "solver": dict(default=DEFAULTS["solver"], choices=SOLVER_NAMES, help="ODE step (euler = official)"),
+    "device": dict(default=DEFAULTS["device"], help="auto, cpu or cuda[:N]"),
+    "precision": dict(default=DEFAULTS["precision"], choices=PRECISIONS),
+}
+
+
+def add_request_options(parser: argparse.ArgumentParser, *fields: str) -> None:
+    """Add the flags of these request fields (`--cfg-scale` for cfg_scale), in this order."""
+    for name in fields:
+        parser.add_argument("--" + name.replace("_", "-"), **REQUEST_FLAGS[name])
 
 
 def _size(values: list[str]) -> tuple[int, int, int] | str:
@@ -54,21 +80,10 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
     p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
     p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
-    p.add_argument(
-        "--model-dir",
-        help="model folder (default: $MAISI_SYNTH_MODEL_DIR, else the weights of `maisi-synth download`, "
-        "else the embedded demo model)",
-    )
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 30)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument(
-        "--cfg-scale", type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)"
-    )
-    p.add_argument("--solver", default="euler", choices=["euler", "heun"], help="ODE step (euler = official)")
+    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "solver")
     p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
     p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    add_request_options(p, "device", "precision")
     p.add_argument("--preview", help="also write a PNG with three slices and the mask's contours")
     p.add_argument("--label-output", help="also write the mask on the output grid (label map)")
     p.add_argument("--decode-window", nargs=3, metavar="N", help="VAE sliding window in latent voxels")
@@ -409,12 +424,9 @@ def _add_evaluate(sub) -> None:
         description="Generate a CT from every held-out label map and compare it with the real image "
         "(organ HU, tumor conspicuity, ROI sensitivity, slice Fréchet distance).",
     )
-    p.add_argument("--model-dir", help="model folder (default: the downloaded official weights, else the demo model)")
+    add_request_options(p, "model_dir")
     p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--solver", default="euler", choices=["euler", "heun"])
-    p.add_argument("--device", default="auto")
+    add_request_options(p, "steps", "seed", "solver", "device")
     p.add_argument("--json", dest="json_out", help="write the full results here (default: <cases>/evaluation.json)")
     p.add_argument("--save-dir", help="keep the synthetic CTs here")
     p.add_argument("--no-roi", action="store_true", help="skip the tumor-free generations (halves the time)")
@@ -628,11 +640,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
-    p.add_argument("--model-dir", help="model folder (default: the downloaded official weights, else the demo model)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--solver", default="euler", choices=["euler", "heun"])
-    p.add_argument("--cfg-scale", type=float)
-    p.add_argument("--device", default="auto")
+    add_request_options(p, "model_dir", "steps", "solver", "cfg_scale", "device")
     p.add_argument("--threads", type=int, help="torch threads per process (default 1 on the CPU, for identical bytes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_batch)

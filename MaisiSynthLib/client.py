@@ -34,8 +34,19 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from .request import (
+    OUTPUT_FIELDS,
+    TERMINAL_EVENTS,
+    cancel_request,
+    error_event,
+    exit_event,
+    job_request,
+    ping_request,
+    shutdown_request,
+)
+
 Callback = Callable[[dict], None]
-TERMINAL = ("result", "error")
+TERMINAL = TERMINAL_EVENTS
 
 
 class WorkerError(RuntimeError):
@@ -75,7 +86,7 @@ class _EventClient:
         with self._lock:
             pending = list(self._pending)
         for rid in pending:
-            self._push({"type": "error", "id": rid, "kind": kind, "message": message, "hint": hint})
+            self._push(error_event(rid, kind, message, hint))
 
     # -- public ---------------------------------------------------------------------------------------
 
@@ -264,7 +275,7 @@ class WorkerClient(_EventClient):
         """Ask the worker to stop (running requests are cancelled); kill it if it does not."""
         if self.alive:
             try:
-                self._send({"type": "shutdown"})
+                self._send(shutdown_request())
             except WorkerError:
                 pass
             try:
@@ -287,9 +298,9 @@ class WorkerClient(_EventClient):
         request_id = request_id or uuid.uuid4().hex[:12]
         self._register(request_id, callback)
         try:
-            self._send({"type": kind, "id": request_id, "params": params})
+            self._send(job_request(kind, request_id, params))
         except WorkerError as exc:
-            self._push({"type": "error", "id": request_id, "kind": "worker-died", "message": str(exc), "hint": ""})
+            self._push(error_event(request_id, "worker-died", str(exc), ""))
         return request_id
 
     def cancel(self, request_id: str, timeout: float | None = None) -> None:
@@ -297,7 +308,7 @@ class WorkerClient(_EventClient):
         if request_id not in self.pending:
             return
         try:
-            self._send({"type": "cancel", "id": f"cancel-{request_id}", "target": request_id})
+            self._send(cancel_request(f"cancel-{request_id}", request_id))
         except WorkerError:
             return
         timeout = self.cancel_timeout if timeout is None else timeout
@@ -317,7 +328,7 @@ class WorkerClient(_EventClient):
     def ping(self, callback: Callback | None = None) -> str:
         request_id = f"ping-{uuid.uuid4().hex[:8]}"
         self._callbacks[request_id] = callback
-        self._send({"type": "ping", "id": request_id})
+        self._send(ping_request(request_id))
         return request_id
 
     def send_raw(self, line: str) -> None:
@@ -362,20 +373,19 @@ class WorkerClient(_EventClient):
         time.sleep(0.05)  # let the stderr reader catch the last lines
         if self._killed_for is not None and self._killed_for in self.pending:
             self._push(
-                {
-                    "type": "error",
-                    "id": self._killed_for,
-                    "kind": "cancelled",
-                    "message": "the worker was killed because the request did not stop after cancel",
-                    "hint": "start a new worker for the next request",
-                }
+                error_event(
+                    self._killed_for,
+                    "cancelled",
+                    "the worker was killed because the request did not stop after cancel",
+                    "start a new worker for the next request",
+                )
             )
         self._fail_pending(
             "worker-died",
             f"the worker exited with code {code} during the request{self._tail()}",
             "see the worker's stderr; start a new worker to continue",
         )
-        self.exit_event = {"type": "exit", "id": None, "returncode": code, "stderr_tail": self.stderr_tail}
+        self.exit_event = exit_event(code, self.stderr_tail)
         self._push(self.exit_event)
         self._exited.set()
         self._ready_event.set()
@@ -451,7 +461,7 @@ class RemoteClient(_EventClient):
 
     def _run_request(self, request_id: str, params: dict) -> None:
         try:
-            local = {key: params.pop(key) for key in ("output", "preview", "label_output") if params.get(key)}
+            local = {key: params.pop(key) for key in OUTPUT_FIELDS if params.get(key)}
             mask = Path(params.pop("mask"))
             try:
                 data = mask.read_bytes()
@@ -490,21 +500,20 @@ class RemoteClient(_EventClient):
                     pass
                 self._push(end)
         except RemoteError as exc:
-            self._push({"type": "error", "id": request_id, **exc.event()})
+            self._push(error_event(request_id, **exc.event()))
         except WorkerError as exc:
-            self._push({"type": "error", "id": request_id, "kind": "worker-died", "message": str(exc), "hint": ""})
+            self._push(error_event(request_id, "worker-died", str(exc), ""))
         finally:
             with self._lock:
                 gone = request_id in self._pending
             if gone:  # the stream ended without a terminal event
                 self._push(
-                    {
-                        "type": "error",
-                        "id": request_id,
-                        "kind": "worker-died",
-                        "message": "the server closed the request without a result",
-                        "hint": "see the server's log",
-                    }
+                    error_event(
+                        request_id,
+                        "worker-died",
+                        "the server closed the request without a result",
+                        "see the server's log",
+                    )
                 )
 
     def _download(self, request_id: str, event: dict, local: dict) -> dict:
@@ -581,7 +590,9 @@ class ClientSession:
             self.close()
             self.key, self.client = key, make_client()
             self._start_error = None
-            self._thread = threading.Thread(target=self._start, args=(self.client,), daemon=True, name="maisi-synth-start")
+            self._thread = threading.Thread(
+                target=self._start, args=(self.client,), daemon=True, name="maisi-synth-start"
+            )
             self._thread.start()
         if self.ready:
             self._send(kind, request_id, params, callback)
@@ -592,13 +603,12 @@ class ClientSession:
     def _send(self, kind: str, request_id: str, params: dict, callback: Callback | None) -> None:
         method = getattr(self.client, kind, None)
         if method is None:  # e.g. a download asked of a remote server
-            event = {
-                "type": "error",
-                "id": request_id,
-                "kind": "bad-request",
-                "message": f"{type(self.client).__name__} cannot run a {kind} request",
-                "hint": "run it with a local worker (clear Remote server)",
-            }
+            event = error_event(
+                request_id,
+                "bad-request",
+                f"{type(self.client).__name__} cannot run a {kind} request",
+                "run it with a local worker (clear Remote server)",
+            )
             self._late.append((callback, event))
             return
         method(params, callback, request_id)
@@ -617,13 +627,12 @@ class ClientSession:
                 if self._start_error is None:
                     self._send(kind, request_id, params, callback)
                 else:
-                    event = {
-                        "type": "error",
-                        "id": request_id,
-                        "kind": "worker-died",
-                        "message": f"the worker could not start: {self._start_error}",
-                        "hint": "check the worker Python (torch and MONAI installed?) or the server address",
-                    }
+                    event = error_event(
+                        request_id,
+                        "worker-died",
+                        f"the worker could not start: {self._start_error}",
+                        "check the worker Python (torch and MONAI installed?) or the server address",
+                    )
                     self._late.append((callback, event))
         late, self._late = self._late, []
         for callback, event in late:
@@ -636,7 +645,7 @@ class ClientSession:
         for item in list(self._queued):
             if item[0] == request_id:
                 self._queued.remove(item)
-                self._late.append((item[2], {"type": "error", "id": request_id, "kind": "cancelled", "message": "cancelled by the user", "hint": ""}))
+                self._late.append((item[2], error_event(request_id, "cancelled", "cancelled by the user", "")))
                 return
         if self.client is not None and self._thread is None:
             self.client.cancel(request_id)
@@ -647,7 +656,7 @@ class ClientSession:
             self._thread.join(1.0)  # a starting worker is stopped below once it exists
             self._thread = None
         for request_id, _, callback, _ in self._queued:
-            self._late.append((callback, {"type": "error", "id": request_id, "kind": "cancelled", "message": "the worker was closed", "hint": ""}))
+            self._late.append((callback, error_event(request_id, "cancelled", "the worker was closed", "")))
         self._queued = []
         if isinstance(client, WorkerClient):
             try:

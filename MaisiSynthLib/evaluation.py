@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from . import labels as L
 from .masks import remove_tumors
+from .request import DEFAULTS, check_options
 from .training.data import find_pairs
 from .volumes import atomic_path, to_canonical
 
@@ -168,10 +169,10 @@ def load_canonical(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def evaluate(
     model_dir: str | Path | None,
     cases: str | Path,
-    steps: int | None = None,
-    seed: int = 0,
-    solver: str = "euler",
-    device: str = "auto",
+    steps: int | None = DEFAULTS["steps"],
+    seed: int = DEFAULTS["seed"],
+    solver: str = DEFAULTS["solver"],
+    device: str = DEFAULTS["device"],
     save_dir: str | Path | None = None,
     roi: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -183,6 +184,10 @@ def evaluate(
     from .model_home import choose_model_dir
     from .pipeline import GenerateRequest, generate
 
+    # the request options once, before the model loads (each case's request is checked again)
+    check_options(
+        model_dir=None if model_dir is None else str(model_dir), steps=steps, seed=seed, solver=solver, device=device
+    )
     choice = choose_model_dir(model_dir)
     folder = locate_model_folder(choice.path)
     models = load_models(folder, device)

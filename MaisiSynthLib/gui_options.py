@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .request import DEFAULTS, DEVICES, OFFICIAL_STEPS, SOLVER_NAMES, field_problem
+
 # (label, output size or None for the reference grid / "auto", spacing in mm or None)
 GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, float, float] | None]] = [
     ("Reference grid", None, None),
@@ -20,18 +22,18 @@ GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, fl
     ("256×256×256, 1.5 mm (official)", (256, 256, 256), (1.5, 1.5, 1.5)),
     ("128×128×64, 3×3×5 mm (demo model)", (128, 128, 64), (3.0, 3.0, 5.0)),
 ]
-SOLVERS = ("euler", "heun")
-DEVICES = ("auto", "cpu", "cuda")
+SOLVERS = SOLVER_NAMES  # the menus offer exactly what a request takes (request.py)
+__all__ = ["DEVICES", "GRID_PRESETS", "SOLVERS", "GenerateOptions", "error_text", "failure_text"]
 
 
 @dataclass
 class GenerateOptions:
     grid_preset: int = 0
-    steps: int = 30
-    seed: int = 0
-    cfg_scale: float = 0.0
-    solver: str = "euler"
-    device: str = "auto"
+    steps: int = OFFICIAL_STEPS  # the panel shows a number, not "the model's default"
+    seed: int = DEFAULTS["seed"]
+    cfg_scale: float = 0.0  # off, as the official inference config
+    solver: str = DEFAULTS["solver"]
+    device: str = DEFAULTS["device"]
     model_dir: str = ""  # empty: the downloaded official weights, else the embedded demo model
     python: str = ""  # empty: Slicer's own Python
     server_url: str = ""  # set: use a remote `maisi-synth serve`
@@ -42,15 +44,17 @@ class GenerateOptions:
         out = []
         if not 0 <= self.grid_preset < len(GRID_PRESETS):
             out.append("choose an output grid preset")
-        if not 1 <= int(self.steps) <= 1000:
-            out.append(f"steps must be 1–1000 (got {self.steps}); 30 is the official default")
-        if int(self.seed) < 0:
-            out.append("the seed must be 0 or more")
-        if not float(self.cfg_scale) >= 0:
-            out.append("the CFG scale must be 0 (off) or more")
-        if self.solver not in SOLVERS:
-            out.append(f"solver must be one of {', '.join(SOLVERS)}")
-        if self.device not in DEVICES:
+        # The same rules as every front door (request.py); Qt spin boxes hold floats for whole numbers.
+        for name, value in (
+            ("steps", _whole(self.steps)),
+            ("seed", _whole(self.seed)),
+            ("cfg_scale", float(self.cfg_scale)),
+            ("solver", self.solver),
+        ):
+            problem = field_problem(name, value)
+            if problem:
+                out.append(problem)
+        if self.device not in DEVICES:  # the menu's choices; a request would also take cuda:N
             out.append(f"device must be one of {', '.join(DEVICES)}")
         if self.server_url:
             url = urlparse(self.server_url)
@@ -119,6 +123,11 @@ class GenerateOptions:
             if candidate.is_file() and os.access(candidate, os.X_OK):
                 return str(candidate)
         return sys.executable
+
+
+def _whole(value):
+    """A spin box's whole number as an int (3.0 → 3); anything else unchanged, for the check to refuse."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 # Hints the engine words for the command line, said in terms of the module's controls.

@@ -24,8 +24,8 @@ from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumo
 from .model_home import choose_model_dir
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
-from .request import check_params
-from .sampling import SOLVERS, Conditioning, sample_latent, spacing_condition
+from .request import DEFAULTS, OUTPUT_FIELDS, STAGES, RequestError, check_field, check_params
+from .sampling import Conditioning, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
     is_same_file,
@@ -41,7 +41,7 @@ from .volumes import (
 )
 
 Progress = Callable[[dict], None]
-STAGES = ("load", "encode-mask", "sample", "decode", "write")
+__all__ = ["STAGES", "GenerateRequest", "GenerateResult", "generate", "default_model_dir"]
 
 
 @dataclass
@@ -49,24 +49,25 @@ class GenerateRequest:
     """What to generate. Sizes and spacings are in RAS order (x: left→right, y: posterior→anterior,
     z: inferior→superior), as the official pipeline orders them; `None` means the model's default."""
 
+    # The fields, their defaults and their checks are `request.FIELDS`, `DEFAULTS` and `check_params`.
     mask: str | Path
     output: str | Path
-    model_dir: str | Path | None = None
-    steps: int | None = None
-    seed: int = 0
-    cfg_scale: float | None = None
-    solver: str = "euler"
-    output_size: tuple[int, int, int] | str | None = None
-    spacing: tuple[float, float, float] | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    preview: str | Path | None = None
-    label_output: str | Path | None = None
-    decode_window: tuple[int, int, int] | None = None
-    decode_overlap: float | None = None
+    model_dir: str | Path | None = DEFAULTS["model_dir"]
+    steps: int | None = DEFAULTS["steps"]
+    seed: int = DEFAULTS["seed"]
+    cfg_scale: float | None = DEFAULTS["cfg_scale"]
+    solver: str = DEFAULTS["solver"]
+    output_size: tuple[int, int, int] | str | None = DEFAULTS["output_size"]
+    spacing: tuple[float, float, float] | None = DEFAULTS["spacing"]
+    device: str = DEFAULTS["device"]
+    precision: str = DEFAULTS["precision"]
+    preview: str | Path | None = DEFAULTS["preview"]
+    label_output: str | Path | None = DEFAULTS["label_output"]
+    decode_window: tuple[int, int, int] | None = DEFAULTS["decode_window"]
+    decode_overlap: float | None = DEFAULTS["decode_overlap"]
     # False: sample with the diffusion UNet alone (no ControlNet residuals); the mask then only gives
     # the grid, spacing and body crop. For engine checks and UNet-only models.
-    controlnet: bool = True
+    controlnet: bool = DEFAULTS["controlnet"]
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerateRequest":
@@ -76,7 +77,7 @@ class GenerateRequest:
     def params(self) -> dict:
         """The fields as `check_params` takes them (paths as strings)."""
         data = asdict(self)
-        for key in ("mask", "output", "model_dir", "preview", "label_output"):
+        for key in ("mask", "model_dir", *OUTPUT_FIELDS):
             if data[key] is not None:
                 data[key] = str(data[key])
         return data
@@ -104,7 +105,7 @@ class GenerateResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("latent")
-        for key in ("output", "preview", "label_output"):
+        for key in OUTPUT_FIELDS:
             data[key] = str(data[key]) if data[key] is not None else None
         return data
 
@@ -121,26 +122,21 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
     defaults = folder.inference
     steps = request.steps if request.steps is not None else int(defaults["num_inference_steps"])
     cfg = request.cfg_scale if request.cfg_scale is not None else float(defaults["cfg_guidance_scale"])
-    window = request.decode_window or tuple(defaults["autoencoder_sliding_window_infer_size"])
+    window = request.decode_window or [int(w) for w in defaults["autoencoder_sliding_window_infer_size"]]
     overlap = (
         request.decode_overlap
         if request.decode_overlap is not None
         else float(defaults["autoencoder_sliding_window_infer_overlap"])
     )
-    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1000:
-        raise OptionError(f"steps must be a whole number from 1 to 1000, got {steps!r}", "pass e.g. --steps 30")
-    if request.solver not in SOLVERS:
-        raise OptionError(f"unknown solver '{request.solver}'", f"use one of {', '.join(SOLVERS)}")
-    if not isinstance(cfg, (int, float)) or not np.isfinite(cfg) or cfg < 0:
-        raise OptionError(f"cfg scale must be a number >= 0, got {cfg!r}", "pass e.g. --cfg-scale 0 (off) or 2")
-    if not isinstance(request.seed, int) or isinstance(request.seed, bool) or not 0 <= request.seed < 2**63:
-        raise OptionError(f"seed must be a whole number >= 0, got {request.seed!r}", "pass e.g. --seed 42")
-    if len(window) != 3 or min(window) < 1:
-        raise OptionError(
-            f"decode window must be three positive latent sizes, got {window}", "pass e.g. --decode-window 48 48 48"
-        )
-    if not 0 <= overlap < 1:
-        raise OptionError(f"decode overlap must be in [0, 1), got {overlap}", "pass e.g. --decode-overlap 0.25")
+    # The request's own values passed above; what is checked here is what the model folder filled in.
+    try:
+        steps, cfg = check_field("steps", steps), check_field("cfg_scale", cfg)
+        window, overlap = check_field("decode_window", list(window)), check_field("decode_overlap", overlap)
+    except RequestError as exc:
+        raise ModelError(
+            f"the model's inference defaults are invalid: {exc.message}",
+            f"fix {folder.root / 'maisi_synth.json'}, or pass the option explicitly",
+        ) from None
     outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
     for path in outputs:
         check_name_length(path)
@@ -155,7 +151,7 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
         if not str(request.preview).lower().endswith(".png"):
             raise OptionError(f"preview {request.preview} must be a .png file", "name the preview e.g. preview.png")
         check_writable(request.preview)
-    return {"steps": steps, "cfg": float(cfg), "window": tuple(int(w) for w in window), "overlap": float(overlap)}
+    return {"steps": steps, "cfg": cfg, "window": window, "overlap": overlap}
 
 
 def peak_rss_mb() -> float | None:

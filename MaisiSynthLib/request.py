@@ -11,6 +11,12 @@ server import this without loading it.
 Untrusted JSON (a worker line, a server body) is parsed by `parse_json`, which bounds its size,
 nesting depth and integer length before Python's parser sees it: a 5000-digit integer or 100,000
 nested brackets are a one-line refusal, not a dead worker.
+
+This is also where the vocabulary lives that every front door shares: the names of solvers, stages,
+precisions and output files, each field's default, and the worker protocol's messages and events
+(small constructors, so no caller spells a protocol dict by hand). Adding a request option means
+adding it here (FIELDS, DEFAULTS, a checker in `_CHECKS`), where it is used, and to its test.
+Python 3.9 compatible (`from __future__ import annotations`): the Slicer module imports it.
 """
 
 from __future__ import annotations
@@ -22,8 +28,15 @@ from typing import Any
 
 from .errors import MaisiSynthError
 
-SOLVER_NAMES = ("euler", "heun")
+SOLVER_NAMES = ("euler", "heun")  # sampling.SOLVERS implements them, in this order
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda")  # what a menu offers; a request also takes cuda:N
+STAGES = ("load", "encode-mask", "sample", "decode", "write")  # progress events of a generation, in order
+OUTPUT_FIELDS = ("output", "preview", "label_output")  # the files a generation writes
+STEPS_RANGE = (1, 1000)
+CFG_RANGE = (0.0, 100.0)
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (numpy and torch generators take them)
+OFFICIAL_STEPS = 30  # the official inference config's num_inference_steps
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 MAX_INT_DIGITS = 30
@@ -120,7 +133,9 @@ def _path(name: str, value: Any, required: bool) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip() or "\0" in value:
-        raise RequestError(f"'{name}' must be a file path (a non-empty string), got {_show(value)}", f"send '{name}' as a string")
+        raise RequestError(
+            f"'{name}' must be a file path (a non-empty string), got {_show(value)}", f"send '{name}' as a string"
+        )
     return value
 
 
@@ -159,6 +174,148 @@ FIELDS = (
     "decode_overlap",
     "controlnet",
 )
+REQUIRED = ("mask", "output")
+# The value a field has when a request leaves it out; None: the model's own default (steps, CFG scale,
+# decode window and overlap come from the model folder's inference config) or no such output.
+DEFAULTS: dict = {
+    "model_dir": None,
+    "steps": None,
+    "seed": 0,
+    "cfg_scale": None,
+    "solver": "euler",
+    "output_size": None,
+    "spacing": None,
+    "device": "auto",
+    "precision": "auto",
+    "preview": None,
+    "label_output": None,
+    "decode_window": None,
+    "decode_overlap": None,
+    # False: the diffusion UNet alone, without ControlNet residuals (engine checks, UNet-only models)
+    "controlnet": True,
+}
+
+
+def _check_steps(value: Any) -> int:
+    low, high = STEPS_RANGE
+    if not _is_int(value) or not low <= value <= high:
+        raise RequestError(
+            f"steps must be a whole number from {low} to {high}, got {_show(value)}", "pass e.g. --steps 30"
+        )
+    return value
+
+
+def _check_seed(value: Any) -> int:
+    if not _is_int(value) or not 0 <= value < SEED_LIMIT:
+        raise RequestError(f"seed must be a whole number >= 0, got {_show(value)}", "pass e.g. --seed 42")
+    return value
+
+
+def _check_cfg_scale(value: Any) -> float:
+    low, high = CFG_RANGE
+    if not _is_number(value) or not low <= value <= high:
+        raise RequestError(
+            f"CFG scale must be a number from {low:g} to {high:g}, got {_show(value)}",
+            "pass e.g. --cfg-scale 0 (off) or 2",
+        )
+    return float(value)
+
+
+def _check_solver(value: Any) -> str:
+    if not isinstance(value, str) or value not in SOLVER_NAMES:
+        raise RequestError(f"unknown solver {_show(value)}", f"use one of {', '.join(SOLVER_NAMES)}")
+    return value
+
+
+def _check_output_size(value: Any) -> tuple | str:
+    if value == "auto":
+        return value
+    return _triple("output_size", value, "int", 1, MAX_GRID_SIZE, '[128, 128, 64] or "auto"')
+
+
+def _check_spacing(value: Any) -> tuple:
+    spacing = _triple("spacing", value, "float", 0.01, 100.0, "[1.5, 1.5, 2.0]")
+    if min(spacing) <= 0:
+        raise RequestError(f"'spacing' must be positive, got {_show(value)}", "send e.g. [1.5, 1.5, 2.0]")
+    return spacing
+
+
+def _check_device(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", value):
+        raise RequestError(f"unknown device {_show(value)}", "use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _check_precision(value: Any) -> str:
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise RequestError(f"unknown precision {_show(value)}", f"use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def _check_decode_window(value: Any) -> tuple:
+    return _triple("decode_window", value, "int", 1, MAX_DECODE_WINDOW, "[48, 48, 48]")
+
+
+def _check_decode_overlap(value: Any) -> float:
+    if not _is_number(value) or not 0 <= value < 1:
+        raise RequestError(f"decode overlap must be a number in [0, 1), got {_show(value)}", "pass e.g. 0.25")
+    return float(value)
+
+
+def _check_controlnet(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RequestError(f"'controlnet' must be true or false, got {_show(value)}", "send a JSON boolean")
+    return value
+
+
+# Field → checker of a present, non-null value (None means "the default" for every optional field).
+_CHECKS = {
+    "mask": lambda value: _path("mask", value, True),
+    "output": lambda value: _path("output", value, True),
+    "model_dir": lambda value: _path("model_dir", value, False),
+    "preview": lambda value: _path("preview", value, False),
+    "label_output": lambda value: _path("label_output", value, False),
+    "steps": _check_steps,
+    "seed": _check_seed,
+    "cfg_scale": _check_cfg_scale,
+    "solver": _check_solver,
+    "output_size": _check_output_size,
+    "spacing": _check_spacing,
+    "device": _check_device,
+    "precision": _check_precision,
+    "decode_window": _check_decode_window,
+    "decode_overlap": _check_decode_overlap,
+    "controlnet": _check_controlnet,
+}
+# None is a value only where it means "the default"; a required path or a flag cannot be null, and
+# seed, solver, device and precision have fixed defaults that a null would only hide.
+_NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "output_size", "spacing")
+_NULLABLE += ("decode_window", "decode_overlap")
+
+
+def check_field(name: str, value: Any) -> Any:
+    """One field's value, type- and range-checked and normalised; raises RequestError naming the fix."""
+    if value is None and name in _NULLABLE:
+        return None
+    return _CHECKS[name](value)
+
+
+def field_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one field's value, in one line, or None: for forms that list every problem."""
+    try:
+        check_field(name, value)
+    except RequestError as exc:
+        return exc.message
+    return None
+
+
+def check_options(**fields: Any) -> dict:
+    """Some of a request's fields, checked as `check_params` checks them, without the paths of one
+    generation: for the front doors that make many requests (batch, evaluation), before the first."""
+    unknown = sorted(name for name in fields if name not in FIELDS)
+    if unknown:
+        raise RequestError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(FIELDS)}")
+    return {name: check_field(name, value) for name, value in fields.items()}
 
 
 def check_params(params: Any) -> dict:
@@ -169,70 +326,70 @@ def check_params(params: Any) -> dict:
     unknown = sorted(str(k) for k in params if k not in FIELDS)
     if unknown:
         raise RequestError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(FIELDS)}")
-    out: dict = {}
-    for name in ("mask", "output"):
-        if name not in params:
-            raise RequestError("a generate request needs 'mask' and 'output'", "give both paths")
-        out[name] = _path(name, params[name], True)
-    for name in ("model_dir", "preview", "label_output"):
-        if name in params:
-            out[name] = _path(name, params[name], False)
-    value = params.get("steps")
-    if value is not None:
-        if not _is_int(value) or not 1 <= value <= 1000:
-            raise RequestError(f"steps must be a whole number from 1 to 1000, got {_show(value)}", "pass e.g. --steps 30")
-    if "steps" in params:
-        out["steps"] = value
-    if "seed" in params:
-        value = params["seed"]
-        if not _is_int(value) or not 0 <= value < 2**63:
-            raise RequestError(f"seed must be a whole number >= 0, got {_show(value)}", "pass e.g. --seed 42")
-        out["seed"] = value
-    if "cfg_scale" in params and params["cfg_scale"] is not None:
-        value = params["cfg_scale"]
-        if not _is_number(value) or not 0 <= value <= 100:
-            raise RequestError(
-                f"cfg scale must be a number from 0 to 100, got {_show(value)}", "pass e.g. --cfg-scale 0 (off) or 2"
-            )
-        out["cfg_scale"] = float(value)
-    elif "cfg_scale" in params:
-        out["cfg_scale"] = None
-    if "solver" in params:
-        if params["solver"] not in SOLVER_NAMES or not isinstance(params["solver"], str):
-            raise RequestError(f"unknown solver {_show(params['solver'])}", f"use one of {', '.join(SOLVER_NAMES)}")
-        out["solver"] = params["solver"]
-    if "output_size" in params:
-        value = params["output_size"]
-        if value is None or value == "auto":
-            out["output_size"] = value
-        else:
-            out["output_size"] = _triple("output_size", value, "int", 1, MAX_GRID_SIZE, "[128, 128, 64] or \"auto\"")
-    if "spacing" in params:
-        value = params["spacing"]
-        out["spacing"] = None if value is None else _triple("spacing", value, "float", 0.01, 100.0, "[1.5, 1.5, 2.0]")
-        if out["spacing"] is not None and min(out["spacing"]) <= 0:
-            raise RequestError(f"'spacing' must be positive, got {_show(value)}", "send e.g. [1.5, 1.5, 2.0]")
-    if "device" in params:
-        value = params["device"]
-        if not isinstance(value, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,2})?", value):
-            raise RequestError(f"unknown device {_show(value)}", "use auto, cpu, cuda or cuda:N")
-        out["device"] = value
-    if "precision" in params:
-        if params["precision"] not in PRECISIONS or not isinstance(params["precision"], str):
-            raise RequestError(f"unknown precision {_show(params['precision'])}", f"use one of {', '.join(PRECISIONS)}")
-        out["precision"] = params["precision"]
-    if "decode_window" in params:
-        value = params["decode_window"]
-        out["decode_window"] = (
-            None if value is None else _triple("decode_window", value, "int", 1, MAX_DECODE_WINDOW, "[48, 48, 48]")
-        )
-    if "decode_overlap" in params:
-        value = params["decode_overlap"]
-        if value is not None and (not _is_number(value) or not 0 <= value < 1):
-            raise RequestError(f"decode overlap must be a number in [0, 1), got {_show(value)}", "pass e.g. 0.25")
-        out["decode_overlap"] = None if value is None else float(value)
-    if "controlnet" in params:
-        if not isinstance(params["controlnet"], bool):
-            raise RequestError(f"'controlnet' must be true or false, got {_show(params['controlnet'])}", "send a JSON boolean")
-        out["controlnet"] = params["controlnet"]
-    return out
+    if any(name not in params for name in REQUIRED):
+        raise RequestError("a generate request needs 'mask' and 'output'", "give both paths")
+    return {name: check_field(name, params[name]) for name in FIELDS if name in params}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker protocol: requests a client sends, events the worker (or a client on its behalf) emits.
+# The wire format is plain JSON objects with a "type"; these constructors are the only place that
+# spells them, so the worker, the server and both clients cannot drift apart.
+
+REQUEST_TYPES = ("generate", "download", "cancel", "ping", "shutdown")
+EVENT_TYPES = ("ready", "progress", "log", "result", "error", "pong", "bye")
+TERMINAL_EVENTS = ("result", "error")  # a request's last event
+
+
+def job_request(kind: str, request_id: str, params: dict) -> dict:
+    """A generate or download request."""
+    return {"type": kind, "id": request_id, "params": params}
+
+
+def cancel_request(request_id: str, target: str) -> dict:
+    return {"type": "cancel", "id": request_id, "target": target}
+
+
+def ping_request(request_id: str) -> dict:
+    return {"type": "ping", "id": request_id}
+
+
+def shutdown_request() -> dict:
+    return {"type": "shutdown"}
+
+
+def ready_event(protocol: int, **info: Any) -> dict:
+    """Once at start: the protocol version, then what the machine is (pid, device, versions)."""
+    return {"type": "ready", "protocol": protocol, **info}
+
+
+def progress_event(request_id: str | None, info: dict) -> dict:
+    """A stage report of the pipeline or the downloader ({"stage", "elapsed", ...})."""
+    return {"type": "progress", "id": request_id, **info}
+
+
+def log_event(request_id: str | None, level: str, message: str) -> dict:
+    return {"type": "log", "id": request_id, "level": level, "message": message}
+
+
+def result_event(request_id: str | None, fields: dict, **extra: Any) -> dict:
+    return {"type": "result", "id": request_id, **fields, **extra}
+
+
+def error_event(request_id: str | None, kind: str, message: str, hint: str = "", **extra: Any) -> dict:
+    """A request's (or, with id None, the connection's) failure: kind, one-line message, fix; `extra`
+    adds what the transport knows (a remote client adds the HTTP status)."""
+    return {"type": "error", "id": request_id, "kind": kind, "message": message, "hint": hint, **extra}
+
+
+def pong_event(request_id: str | None, busy: str | None, queued: int) -> dict:
+    return {"type": "pong", "id": request_id, "busy": busy, "queued": queued}
+
+
+def bye_event() -> dict:
+    return {"type": "bye"}
+
+
+def exit_event(returncode: int | None, stderr_tail: list) -> dict:
+    """Not sent by the worker: what a client reports once the worker process has exited."""
+    return {"type": "exit", "id": None, "returncode": returncode, "stderr_tail": stderr_tail}

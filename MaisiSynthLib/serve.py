@@ -49,11 +49,11 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import MaisiSynthError, OptionError
-from .request import RequestError, parse_json
+from .request import OUTPUT_FIELDS, RequestError, bye_event, cancel_request, job_request, parse_json, ready_event
 from .worker import PROTOCOL_VERSION, Engine, device_info
 
-SERVER_OWNED = ("mask", "output", "preview", "label_output", "model_dir", "device")
-OUTPUT_KEYS = ("output", "preview", "label_output")
+SERVER_OWNED = ("mask", *OUTPUT_FIELDS, "model_dir", "device")  # the server chooses these, never a client
+OUTPUT_KEYS = OUTPUT_FIELDS
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_NAME = 100  # characters of a client's file name kept on the server
 UPLOAD_IDLE_SECONDS = 60.0  # an upload that sends nothing for this long is dropped
@@ -170,7 +170,7 @@ def create_app(
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="MaisiSynth", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None)
-    ready = {"type": "ready", "protocol": PROTOCOL_VERSION, **device_info(hub.engine.defaults.get("device", "auto"))}
+    ready = ready_event(PROTOCOL_VERSION, **device_info(hub.engine.defaults.get("device", "auto")))
 
     def problem(status: int, kind: str, message: str, hint: str = "") -> JSONResponse:
         return JSONResponse({"kind": kind, "message": message, "hint": hint}, status_code=status)
@@ -183,7 +183,9 @@ def create_app(
             return problem(403, "forbidden", "requests must name this server as 127.0.0.1 or localhost", "")
         origin = request.headers.get("origin")
         if origin is not None and _host_of(origin) != host:
-            return problem(403, "forbidden", "cross-site requests are refused", "call the API from a program, not a web page")
+            return problem(
+                403, "forbidden", "cross-site requests are refused", "call the API from a program, not a web page"
+            )
         if token is not None:
             sent = request.headers.get("authorization", "")
             expected = f"Bearer {token}"
@@ -193,7 +195,9 @@ def create_app(
             wanted = "application/octet-stream" if request.url.path == "/v1/masks" else "application/json"
             sent = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
             if sent != wanted:
-                return problem(415, "bad-request", f"this call takes Content-Type: {wanted}", f"send the body as {wanted}")
+                return problem(
+                    415, "bad-request", f"this call takes Content-Type: {wanted}", f"send the body as {wanted}"
+                )
         return await call_next(request)
 
     def find(request_id: str):
@@ -320,7 +324,7 @@ def create_app(
         if len(set(names.values())) != len(names):
             names = {key: f"{key}-{name}" for key, name in names.items()}
         full = {**params, "mask": str(mask), **{key: str(folder / name) for key, name in names.items()}}
-        hub.engine.handle({"type": "generate", "id": request_id, "params": full})
+        hub.engine.handle(job_request("generate", request_id, full))
         return None
 
     @app.get("/v1/requests/{request_id}/events")
@@ -357,7 +361,7 @@ def create_app(
             return problem(404, "bad-request", f"no request '{request_id}'", "")
         if log.done:
             return problem(409, "bad-request", f"request '{request_id}' has already finished", "")
-        hub.engine.handle({"type": "cancel", "id": f"cancel-{request_id}", "target": request_id})
+        hub.engine.handle(cancel_request(f"cancel-{request_id}", request_id))
         return {"cancelling": request_id}
 
     @app.get("/v1/requests/{request_id}/files/{key}")
@@ -384,7 +388,7 @@ def create_app(
         hub.engine.shutdown()
         if on_shutdown is not None:
             on_shutdown()
-        return {"type": "bye"}
+        return bye_event()
 
     return app
 

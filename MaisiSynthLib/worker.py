@@ -49,15 +49,25 @@ from typing import Callable
 
 from . import __version__
 from .errors import CancelledError, MaisiSynthError
-from .request import MAX_JSON_BYTES, RequestError, check_params, parse_json
+from .request import (
+    MAX_JSON_BYTES,
+    REQUEST_TYPES,
+    RequestError,
+    bye_event,
+    check_params,
+    error_event,
+    log_event,
+    parse_json,
+    pong_event,
+    progress_event,
+    ready_event,
+    result_event,
+)
 
 PROTOCOL_VERSION = 1
 Emit = Callable[[dict], None]
-_TERMINAL = ("result", "error")
 
 log = logging.getLogger(__name__)
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,13 +212,11 @@ class Engine:
             elif kind == "ping":
                 with self._lock:
                     busy, queued = self._running, len(self._cancel) - (1 if self._running else 0)
-                self.emit({"type": "pong", "id": request_id, "busy": busy, "queued": queued})
+                self.emit(pong_event(request_id, busy, queued))
             elif kind == "shutdown":
                 self.shutdown()
             else:
-                raise RequestError(
-                    f"unknown request type {kind!r}", "use one of generate, download, cancel, ping, shutdown"
-                )
+                raise RequestError(f"unknown request type {kind!r}", f"use one of {', '.join(REQUEST_TYPES)}")
         except MaisiSynthError as exc:
             self._error(request_id, exc)
 
@@ -281,7 +289,7 @@ class Engine:
                     self._cancel.pop(request_id, None)
                     self._running = None
         self.cache.clear()
-        self.emit({"type": "bye"})
+        self.emit(bye_event())
 
     def _generate(self, request_id: str, params: dict, flag: threading.Event) -> None:
         from .pipeline import GenerateRequest, generate
@@ -299,41 +307,34 @@ class Engine:
             return models
 
         def progress(event: dict) -> None:
-            self.emit({"type": "progress", "id": request_id, **event})
+            self.emit(progress_event(request_id, event))
 
         result = generate(request, models=provide, progress=progress, cancel=flag)
         self._log(request_id, "info", f"model: {result.model}")
         for note in result.notes:
             self._log(request_id, "warning", note)
-        self.emit(
-            {
-                "type": "result",
-                "id": request_id,
-                **result.to_dict(),
-                "models": "reused" if self.cache.last_reused else "loaded",
-            }
-        )
+        self.emit(result_event(request_id, result.to_dict(), models="reused" if self.cache.last_reused else "loaded"))
 
     def _download(self, request_id: str, params: dict, flag: threading.Event) -> None:
         """The official weights into a model folder; the token stays in this call, no event carries it."""
         from .download import download
 
         def progress(event: dict) -> None:
-            self.emit({"type": "progress", "id": request_id, **event})
+            self.emit(progress_event(request_id, event))
 
         result = download(
             params.get("dest"), params.get("revision"), params.get("token"), progress=progress, cancel=flag
         )
         self._log(request_id, "info", f"official weights {result.repo} ({result.commit[:12]}) in {result.model_dir}")
-        self.emit({"type": "result", "id": request_id, **result.to_dict()})
+        self.emit(result_event(request_id, result.to_dict()))
 
     # -- outgoing -------------------------------------------------------------------------------------
 
     def _log(self, request_id: str | None, level: str, message: str) -> None:
-        self.emit({"type": "log", "id": request_id, "level": level, "message": message})
+        self.emit(log_event(request_id, level, message))
 
     def _error(self, request_id: str | None, exc: MaisiSynthError) -> None:
-        self.emit({"type": "error", "id": request_id, **exc.to_dict()})
+        self.emit(error_event(request_id, **exc.to_dict()))
 
     def _crash(self, request_id: str, exc: BaseException) -> None:
         import torch
@@ -354,7 +355,7 @@ class Engine:
                 "hint": "this is a bug or an unusual input; the worker's stderr has the traceback",
             }
             _empty_cuda_cache()
-        self.emit({"type": "error", "id": request_id, **error})
+        self.emit(error_event(request_id, **error))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,7 +395,7 @@ def serve_stdio(device: str = "auto", model_dir: str | None = None) -> int:
     if model_dir:
         defaults["model_dir"] = model_dir
     engine = Engine(emit, defaults)
-    emit({"type": "ready", "protocol": PROTOCOL_VERSION, "pid": os.getpid(), **device_info(device)})
+    emit(ready_event(PROTOCOL_VERSION, pid=os.getpid(), **device_info(device)))
     stdin = sys.stdin.buffer
     while True:
         raw = stdin.readline(MAX_JSON_BYTES + 1)
@@ -405,7 +406,7 @@ def serve_stdio(device: str = "auto", model_dir: str | None = None) -> int:
             while raw and not raw.endswith(b"\n"):  # skip the rest of an overlong line, unbuffered
                 raw = stdin.readline(MAX_JSON_BYTES)
             too_long = RequestError(f"a request line is longer than {MAX_JSON_BYTES} bytes", "send shorter lines")
-            emit({"type": "error", "id": None, **too_long.to_dict()})
+            emit(error_event(None, **too_long.to_dict()))
             continue
         if not raw.strip():
             continue
