@@ -524,9 +524,9 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
 
 
 def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> dict:
-    from .masks import read_mask
-    from .pipeline import GenerateRequest, generate
-    from .volumes import save_volume
+    from .masks import Mask, read_mask, validate_labels
+    from .pipeline import generate_volume
+    from .volumes import nifti_gz_bytes, nifti_volume
 
     image_path, label_path = pair_paths(out, settings.layout, job.case)
     tmp = out / ".tmp" / job.case
@@ -545,15 +545,13 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
     started = time.perf_counter()
     try:
         entry["source_mask_sha256"] = sha256_of(job.mask) if job.mask.is_file() else None
-        mask = read_mask(job.mask)
-        spacing = np.linalg.norm(mask.affine[:3, :3], axis=0)
-        labels, entry["edits"] = apply_rules(mask.labels, spacing, rules, job_rng(job))
-        edited = tmp / "mask.nii.gz"
-        save_volume(edited, labels.astype(np.int16), mask.affine)
-        request = GenerateRequest(
-            mask=str(edited),
-            output=str(tmp / "image.nii.gz"),
-            label_output=str(tmp / "label_maisi.nii.gz"),
+        source = read_mask(job.mask)
+        spacing = np.linalg.norm(source.affine[:3, :3], axis=0)
+        labels, entry["edits"] = apply_rules(source.labels, spacing, rules, job_rng(job))
+        labels = validate_labels(labels, job.mask.name)
+        # The edited mask stays in memory; the CT gets the NIfTI header a mask file written from it has.
+        mask = Mask(labels, source.affine, str(job.mask), nifti_volume(labels, source.affine), source.notes)
+        options = dict(
             model_dir=provenance["model_dir"],
             steps=settings.steps,
             seed=job.seed,
@@ -561,27 +559,30 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             solver=settings.solver,
             device=device,
         )
-        result = generate(request, models=cache.get)
-        import nibabel as nib
-
-        written = nib.load(str(tmp / "label_maisi.nii.gz"))
-        save_volume(tmp / "label.nii.gz", remap(np.asarray(written.dataobj), mapping), written.affine)
+        result = generate_volume(mask, options, models=cache.get)
+        # Each output written once, to a temp name renamed into place below; hashed from its bytes.
+        t = time.perf_counter()
+        image_bytes = nifti_gz_bytes(result.hu, result.affine, mask.volume)
+        label_bytes = nifti_gz_bytes(remap(result.labels, mapping), result.affine)
+        (tmp / "image.nii.gz").write_bytes(image_bytes)
+        (tmp / "label.nii.gz").write_bytes(label_bytes)
         image_path.parent.mkdir(parents=True, exist_ok=True)
         label_path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp / "image.nii.gz", image_path)
         os.replace(tmp / "label.nii.gz", label_path)
+        timings = {**result.timings, "write": time.perf_counter() - t}
         entry.update(
             status="ok",
             image=image_path.relative_to(out).as_posix(),
             label=label_path.relative_to(out).as_posix(),
-            image_sha256=sha256_of(image_path),
-            label_sha256=sha256_of(label_path),
+            image_sha256=hashlib.sha256(image_bytes).hexdigest(),
+            label_sha256=hashlib.sha256(label_bytes).hexdigest(),
             steps=result.steps,
             cfg_scale=result.cfg_scale,
             shape=list(result.shape),
             spacing=list(result.spacing),
             device=result.device,
-            timings=result.timings,
+            timings={k: round(v, 3) for k, v in timings.items()},
             notes=result.notes,
         )
     except MaisiSynthError as exc:

@@ -21,7 +21,6 @@ label map with each tumor replaced by its host organ. Measured:
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -180,9 +179,11 @@ def evaluate(
     """Generate a CT for every held-out case and measure it against the real one (see module doc)."""
     import time
 
+    from .masks import Mask, read_mask, validate_labels
     from .models import load_models, locate_model_folder
     from .model_home import choose_model_dir
-    from .pipeline import GenerateRequest, generate
+    from .pipeline import generate_volume
+    from .volumes import nifti_volume, save_volume
 
     # the request options once, before the model loads (each case's request is checked again)
     check_options(
@@ -192,19 +193,28 @@ def evaluate(
     folder = locate_model_folder(choice.path)
     models = load_models(folder, device)
     pairs = find_pairs(cases)
-    work = Path(save_dir) if save_dir else Path(tempfile.mkdtemp(prefix="maisi-eval-"))
-    work.mkdir(parents=True, exist_ok=True)
+    # CTs are kept only when asked for; the measures use the arrays in memory, never a file read back
+    work = Path(save_dir) if save_dir else None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    options = dict(model_dir=str(folder.root), steps=steps, seed=seed, solver=solver, device=device)
+
+    def keep(path: Path, array: np.ndarray, affine: np.ndarray, like) -> None:
+        with atomic_path(path) as tmp:
+            save_volume(tmp, array, affine, like)
+
     results: list[CaseResult] = []
     reals, synthetics = [], []
     for name, image_path, label_path in pairs:
         started = time.perf_counter()
         real, _ = load_canonical(image_path)
-        labels, _ = load_canonical(label_path)
+        mask = read_mask(label_path)
+        labels, _ = to_canonical(mask.labels, mask.affine)
         labels = labels.astype(np.int16)
-        out = work / f"{name}_synthetic.nii.gz"
-        request = dict(model_dir=folder.root, steps=steps, seed=seed, solver=solver, device=device)
-        generate(GenerateRequest(mask=label_path, output=out, **request), models=models)
-        synthetic, _ = load_canonical(out)
+        ct = generate_volume(mask, options, models=models)
+        synthetic, _ = to_canonical(ct.hu, ct.affine)
+        if work is not None:
+            keep(work / f"{name}_synthetic.nii.gz", ct.hu, ct.affine, mask.volume)
         result = CaseResult(name)
         result.organ_real = organ_medians(real, labels, real)
         result.organ_synthetic = organ_medians(synthetic, labels, real)
@@ -221,14 +231,15 @@ def evaluate(
         result.contrast_real = tumor_contrast(real, labels)
         result.contrast_synthetic = tumor_contrast(synthetic, labels)
         if roi and np.isin(labels, L.TUMORS).any():
-            mask_nifti = nib.load(str(label_path))
-            free = remove_tumors(np.asanyarray(mask_nifti.dataobj).astype(np.int16))
-            free_path = work / f"{name}_label_tumor_free.nii.gz"
-            with atomic_path(free_path) as tmp:
-                nib.save(nib.Nifti1Image(free, mask_nifti.affine), str(tmp))
-            free_out = work / f"{name}_synthetic_tumor_free.nii.gz"
-            generate(GenerateRequest(mask=free_path, output=free_out, **request), models=models)
-            ct_free, _ = load_canonical(free_out)
+            free = validate_labels(remove_tumors(mask.labels), label_path.name)
+            # the header a label file saved by nibabel has (how the tumor-free mask was kept before)
+            free_mask = Mask(free, mask.affine, str(label_path), nifti_volume(free, mask.affine, codes=False))
+            free_ct = generate_volume(free_mask, options, models=models)
+            ct_free, _ = to_canonical(free_ct.hu, free_ct.affine)
+            if work is not None:
+                with atomic_path(work / f"{name}_label_tumor_free.nii.gz") as tmp:
+                    nib.save(nib.Nifti1Image(free, mask.affine), str(tmp))
+                keep(work / f"{name}_synthetic_tumor_free.nii.gz", free_ct.hu, free_ct.affine, free_mask.volume)
             result.roi_change, result.background_change = roi_sensitivity(synthetic, ct_free, labels)
         result.seconds = time.perf_counter() - started
         results.append(result)

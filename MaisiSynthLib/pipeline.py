@@ -1,14 +1,19 @@
-"""`generate(request) -> result`: the one path from a mask file to a synthetic CT file.
+"""`generate(request) -> result`: the one path from a mask to a synthetic CT.
 
-Every front door (CLI, worker, batch export, Slicer through the worker) calls `generate`. Its order
-is fixed so that bad input costs nothing: options, output paths, model folder and mask are all
-checked before any network is loaded, and outputs are written only at the very end, all or none.
+Two layers. `generate_volume(mask, options)` is the in-memory core: a validated mask (labels +
+affine) in, the CT (int16 HU + affine, and the labels on the same grid) out; batch and evaluation
+call it with masks they already hold. `generate(request)` is the file wrapper the CLI and the worker
+use: it checks the output paths, reads the mask file, runs the core and writes every output once.
+
+The order is fixed so that bad input costs nothing: options, output paths, model folder and mask are
+all checked before any network is loaded, and outputs are written only at the very end, all or none.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,11 +25,11 @@ from . import labels as L
 from .decoding import HU_MIN, decode_latent, resample_intensities, to_hu
 from .errors import CancelledError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
-from .masks import binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
+from .masks import Mask, binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
 from .model_home import choose_model_dir
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
-from .request import DEFAULTS, OUTPUT_FIELDS, STAGES, RequestError, check_field, check_params
+from .request import DEFAULTS, FIELDS, OUTPUT_FIELDS, STAGES, RequestError, check_field, check_options, check_params
 from .sampling import Conditioning, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
@@ -41,7 +46,17 @@ from .volumes import (
 )
 
 Progress = Callable[[dict], None]
-__all__ = ["STAGES", "GenerateRequest", "GenerateResult", "generate", "default_model_dir"]
+__all__ = [
+    "STAGES",
+    "GenerateRequest",
+    "GenerateResult",
+    "SyntheticCT",
+    "generate",
+    "generate_volume",
+    "default_model_dir",
+]
+# The options of the in-memory core: every request field but the files it reads and writes.
+CORE_FIELDS = tuple(name for name in FIELDS if name != "mask" and name not in OUTPUT_FIELDS)
 
 
 @dataclass
@@ -116,19 +131,18 @@ def default_model_dir() -> Path:
     return choose_model_dir().path
 
 
-def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
-    """Validate the options and fill the model's defaults; returns the resolved settings."""
-    check_params(request.params())  # the same type and range rules as every other front door
+def _model_settings(options: dict, folder: ModelFolder) -> dict:
+    """The sampling settings: the (already checked) options, the model folder's defaults for the rest."""
     defaults = folder.inference
-    steps = request.steps if request.steps is not None else int(defaults["num_inference_steps"])
-    cfg = request.cfg_scale if request.cfg_scale is not None else float(defaults["cfg_guidance_scale"])
-    window = request.decode_window or [int(w) for w in defaults["autoencoder_sliding_window_infer_size"]]
+    steps = options["steps"] if options["steps"] is not None else int(defaults["num_inference_steps"])
+    cfg = options["cfg_scale"] if options["cfg_scale"] is not None else float(defaults["cfg_guidance_scale"])
+    window = options["decode_window"] or [int(w) for w in defaults["autoencoder_sliding_window_infer_size"]]
     overlap = (
-        request.decode_overlap
-        if request.decode_overlap is not None
+        options["decode_overlap"]
+        if options["decode_overlap"] is not None
         else float(defaults["autoencoder_sliding_window_infer_overlap"])
     )
-    # The request's own values passed above; what is checked here is what the model folder filled in.
+    # The request's own values passed check_params; what is checked here is what the model filled in.
     try:
         steps, cfg = check_field("steps", steps), check_field("cfg_scale", cfg)
         window, overlap = check_field("decode_window", list(window)), check_field("decode_overlap", overlap)
@@ -137,6 +151,11 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
             f"the model's inference defaults are invalid: {exc.message}",
             f"fix {folder.root / 'maisi_synth.json'}, or pass the option explicitly",
         ) from None
+    return {"steps": steps, "cfg": cfg, "window": window, "overlap": overlap}
+
+
+def _check_outputs(request: GenerateRequest) -> None:
+    """The output paths: distinct, not the mask, writable, of a format we write."""
     outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
     for path in outputs:
         check_name_length(path)
@@ -151,7 +170,6 @@ def _check_options(request: GenerateRequest, folder: ModelFolder) -> dict:
         if not str(request.preview).lower().endswith(".png"):
             raise OptionError(f"preview {request.preview} must be a .png file", "name the preview e.g. preview.png")
         check_writable(request.preview)
-    return {"steps": steps, "cfg": cfg, "window": window, "overlap": overlap}
 
 
 def peak_rss_mb() -> float | None:
@@ -199,9 +217,257 @@ def _cancel_check(cancel) -> Callable[[], bool]:
     return cancel
 
 
+class _Stages:
+    """Stage timing and progress in one place: `with stages("decode"):` reports the stage and adds
+    its duration to `timings` (only when it succeeds: a failed stage has no time)."""
+
+    def __init__(self, progress: Progress | None, started: float | None = None) -> None:
+        self.progress = progress
+        self.started = time.perf_counter() if started is None else started
+        self.timings: dict[str, float] = {}
+
+    def report(self, stage: str, **extra) -> None:
+        if self.progress is not None:
+            self.progress({"stage": stage, "elapsed": round(time.perf_counter() - self.started, 3), **extra})
+
+    @contextmanager
+    def __call__(self, stage: str, report: bool = True):
+        t = time.perf_counter()
+        if report:
+            self.report(stage)
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t
+
+
 # (model folder, device, precision) → models: lets a long-lived caller (the worker) reuse loaded
 # networks while `generate` still checks every cheap input before anything is loaded.
 ModelProvider = Callable[[ModelFolder, torch.device, str], MaisiModels]
+
+
+@dataclass
+class _Engine:
+    """The model a request runs on, resolved before anything loads."""
+
+    folder: ModelFolder
+    choice: object  # model_home.ModelChoice
+    device: torch.device
+    models: MaisiModels | None
+    provider: ModelProvider | None
+
+
+def _resolve_engine(options: dict, models: MaisiModels | ModelProvider | None) -> _Engine:
+    """The model folder, device and (if given) loaded models of a request; loads nothing."""
+    provider = models if models is not None and not isinstance(models, MaisiModels) else None
+    if provider is not None:
+        models = None
+    if models is None:
+        choice = choose_model_dir(options["model_dir"])
+        folder = locate_model_folder(choice.path, require_controlnet=options["controlnet"])
+        device = resolve_device(options["device"])
+        resolve_precision(options["precision"], device)
+    else:
+        folder = models.folder
+        choice = choose_model_dir(folder.root)
+        device = models.device
+        if options["controlnet"] and models.controlnet is None:
+            raise ModelError(
+                f"the model in {folder.root} has no ControlNet", "use a model folder with controlnet_3d_rflow-ct.pt"
+            )
+    return _Engine(folder, choice, device, models, provider)
+
+
+@dataclass
+class SyntheticCT:
+    """What the in-memory core makes: the CT and the mask on the same grid, with their geometry.
+
+    `hu` and `labels` are in the mask's own axis order, on the mask's grid (or on the requested output
+    grid); `affine` is the mask's own affine, bit for bit, when the grid is the mask's.
+    """
+
+    hu: np.ndarray  # int16 HU in [-1000, 1000], -1000 outside the body
+    labels: np.ndarray  # int16 MAISI ids (body added where the mask had none)
+    affine: np.ndarray  # voxel → RAS mm of both
+    seed: int
+    steps: int
+    solver: str
+    cfg_scale: float
+    model_dir: str
+    device: str
+    model: str  # which model made it, in words (model_home.ModelChoice.describe)
+    timings: dict = field(default_factory=dict)
+    peak_memory: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    latent: torch.Tensor | None = None
+    # RAS-ordered HU, labels and spacing, as the preview renders them
+    canonical: tuple | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(n) for n in self.hu.shape)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(round(s, 6) for s in spacing_of(self.affine))
+
+    def preview(self):
+        """The preview PNG's image (three slices with the mask's contours)."""
+        return render_preview(*self.canonical)
+
+
+def generate_volume(
+    mask: Mask,
+    options: dict | None = None,
+    models: MaisiModels | ModelProvider | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | threading.Event | None = None,
+    keep_latent: bool = False,
+) -> SyntheticCT:
+    """Mask in memory → CT in memory: the core `generate` wraps, for callers that hold the mask.
+
+    `mask`: a validated label map and its affine (`masks.read_mask`, or `masks.Mask(validate_labels(
+    array), affine)`). `options`: any request fields but the files (`CORE_FIELDS`), checked as every
+    request is; the rest take their defaults. `models`, `progress` and `cancel` as in `generate`.
+    """
+    unknown = sorted(set(options or {}) - set(CORE_FIELDS))
+    if unknown:
+        raise RequestError(f"not options of an in-memory generation: {', '.join(unknown)}", "pass only CORE_FIELDS")
+    opts = {**DEFAULTS, **check_options(**(options or {}))}
+    engine = _resolve_engine(opts, models)
+    settings = _model_settings(opts, engine.folder)
+    return _synthesize(mask, opts, engine, settings, _Stages(progress), _cancel_check(cancel), keep_latent)
+
+
+def _synthesize(
+    mask: Mask,
+    opts: dict,
+    engine: _Engine,
+    settings: dict,
+    stages: _Stages,
+    cancelled: Callable[[], bool],
+    keep_latent: bool,
+) -> SyntheticCT:
+    notes: list[str] = list(mask.notes)
+    folder, device = engine.folder, engine.device
+
+    def check_cancel() -> None:
+        if cancelled():
+            raise CancelledError()
+
+    # 1. The output grid (cheap, before any model loads; a grid the model cannot take is refused here).
+    with stages("read-mask", report=False):
+        rules = folder.grid_rules()
+        labels_c, affine_c = to_canonical(mask.labels, mask.affine)
+        plan = plan_output_grid(labels_c.shape, affine_c, rules, opts["output_size"], opts["spacing"])
+        shape, affine = plan.shape, plan.affine
+        spacing = spacing_of(affine)
+        if plan.back == "crop":
+            labels = np.zeros(shape, dtype=labels_c.dtype)  # background around the mask
+            labels[plan.crop] = labels_c
+            notes.append(
+                f"the mask's grid {'x'.join(map(str, labels_c.shape))} was padded with background to "
+                f"{'x'.join(map(str, shape))} (sizes this model takes) and the CT cropped back to the mask's grid"
+            )
+        else:
+            labels = resample_labels(labels_c, affine_c, shape, affine)
+        if plan.back == "resample":
+            notes.append(
+                f"the mask's spacing {' x '.join(f'{v:.3g}' for v in spacing_of(affine_c))} mm is outside this "
+                f"model's range: the CT was generated on {'x'.join(map(str, shape))} voxels of "
+                f"{' x '.join(f'{v:.3g}' for v in spacing)} mm and resampled onto the mask's grid"
+            )
+        gone = lost_labels(labels_c, labels)
+        if gone:
+            notes.append(
+                "resampling to the output grid removed label(s) "
+                + ", ".join(f"{g} ({L.name_of(g)})" for g in gone)
+                + ": they are smaller than one output voxel"
+            )
+        labels, added = ensure_body(labels, spacing)
+        if added:
+            notes.append("the mask had no body label (200); it was added around the organs (see masks.ensure_body)")
+    check_cancel()
+
+    # 2. Models (reused when the caller passes them, as the worker does).
+    with stages("load"):
+        if engine.provider is not None:
+            models = engine.provider(folder, device, opts["precision"])
+        elif engine.models is None:
+            models = load_models(folder, device, opts["precision"])
+        else:
+            models = engine.models
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # 3. Conditioning.
+    with stages("encode-mask"):
+        labels_t = torch.from_numpy(labels.astype(np.int64))[None, None]
+        control = binary_code(labels_t).to(device) if opts["controlnet"] else None
+        uncond = None
+        if settings["cfg"] > 0 and control is not None:
+            uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
+        modality = torch.tensor([int(folder.inference.get("modality", 1))], dtype=torch.long, device=device)
+        cond = Conditioning(control, spacing_condition(spacing), modality, settings["cfg"], uncond)
+
+    # 4. Sampling.
+    def on_step(info: dict) -> None:
+        stages.report("sample", i=info["i"] + 1, total=info["total"])
+        check_cancel()
+
+    with stages("sample", report=False):
+        check_cancel()
+        stages.report("sample", i=0, total=settings["steps"])
+        latent = sample_latent(
+            models, cond, models.latent_shape(shape), opts["seed"], settings["steps"], opts["solver"], on_step
+        )
+    del cond, control, uncond
+
+    # 5. Decoding, then back onto the mask's grid.
+    with stages("decode"):
+        image = decode_latent(
+            models,
+            latent,
+            settings["window"],
+            settings["overlap"],
+            lambda n: stages.report("decode", window=n),
+            cancelled,
+        )
+        hu = to_hu(image, labels)
+        del image
+        if plan.back != "none":
+            labels_mask, _ = ensure_body(labels_c, spacing_of(affine_c))
+            if plan.back == "crop":
+                hu = hu[plan.crop]
+            else:
+                hu = resample_intensities(hu, affine, labels_c.shape, affine_c)
+            hu = np.where(labels_mask > 0, hu, HU_MIN).astype(hu.dtype)
+            labels, affine, spacing = labels_mask, affine_c, spacing_of(affine_c)
+    check_cancel()
+
+    # 6. The mask's own axis order and, on its grid, its own affine.
+    hu_out, affine_out = from_canonical(hu, affine, mask.affine)
+    if hu_out.shape == mask.shape and np.allclose(affine_out, mask.affine, atol=1e-4):
+        affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
+    labels_out, _ = from_canonical(labels, affine, mask.affine)
+    peak = {"process_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return SyntheticCT(
+        hu=hu_out,
+        labels=labels_out.astype(np.int16),
+        affine=affine_out,
+        seed=opts["seed"],
+        steps=settings["steps"],
+        solver=opts["solver"],
+        cfg_scale=settings["cfg"],
+        model_dir=str(folder.root),
+        device=str(device),
+        model=engine.choice.describe(),
+        timings=stages.timings,
+        peak_memory=peak,
+        notes=notes,
+        latent=latent.cpu() if keep_latent else None,
+        canonical=(hu, labels, spacing),
+    )
 
 
 def generate(
@@ -218,171 +484,52 @@ def generate(
     "i" and "total"); `cancel` is polled between sampling steps and decoding windows and raises
     CancelledError, leaving no file.
     """
-    started = time.perf_counter()
+    stages = _Stages(progress)
     cancelled = _cancel_check(cancel)
-    timings: dict[str, float] = {}
-    notes: list[str] = []
-
-    def report(stage: str, **extra) -> None:
-        if progress is not None:
-            progress({"stage": stage, "elapsed": round(time.perf_counter() - started, 3), **extra})
-
-    def check_cancel() -> None:
-        if cancelled():
-            raise CancelledError()
 
     # 1. Everything cheap first: options, output paths, the model folder's files, device, the mask.
-    provider = models if models is not None and not isinstance(models, MaisiModels) else None
-    if provider is not None:
-        models = None
-    if models is None:
-        choice = choose_model_dir(request.model_dir)
-        folder = locate_model_folder(choice.path, require_controlnet=request.controlnet)
-        device = resolve_device(request.device)
-        resolve_precision(request.precision, device)
-    else:
-        folder = models.folder
-        choice = choose_model_dir(folder.root)
-        device = models.device
-        if request.controlnet and models.controlnet is None:
-            raise ModelError(
-                f"the model in {folder.root} has no ControlNet", "use a model folder with controlnet_3d_rflow-ct.pt"
-            )
-    settings = _check_options(request, folder)
-    rules = folder.grid_rules()
+    checked = check_params(request.params())  # the same type and range rules as every other front door
+    opts = {**DEFAULTS, **{name: checked[name] for name in CORE_FIELDS if name in checked}}
+    engine = _resolve_engine(opts, models)
+    settings = _model_settings(opts, engine.folder)
+    _check_outputs(request)
+    with stages("read-mask", report=False):
+        mask = read_mask(request.mask)
 
-    t = time.perf_counter()
-    mask = read_mask(request.mask)
-    notes.extend(mask.notes)
-    labels_c, affine_c = to_canonical(mask.labels, mask.affine)
-    plan = plan_output_grid(labels_c.shape, affine_c, rules, request.output_size, request.spacing)
-    shape, affine = plan.shape, plan.affine
-    spacing = spacing_of(affine)
-    if plan.back == "crop":
-        labels = np.zeros(shape, dtype=labels_c.dtype)  # background around the mask
-        labels[plan.crop] = labels_c
-        notes.append(
-            f"the mask's grid {'x'.join(map(str, labels_c.shape))} was padded with background to "
-            f"{'x'.join(map(str, shape))} (sizes this model takes) and the CT cropped back to the mask's grid"
-        )
-    else:
-        labels = resample_labels(labels_c, affine_c, shape, affine)
-    if plan.back == "resample":
-        notes.append(
-            f"the mask's spacing {' x '.join(f'{v:.3g}' for v in spacing_of(affine_c))} mm is outside this model's "
-            f"range: the CT was generated on {'x'.join(map(str, shape))} voxels of "
-            f"{' x '.join(f'{v:.3g}' for v in spacing)} mm and resampled onto the mask's grid"
-        )
-    gone = lost_labels(labels_c, labels)
-    if gone:
-        notes.append(
-            "resampling to the output grid removed label(s) "
-            + ", ".join(f"{g} ({L.name_of(g)})" for g in gone)
-            + ": they are smaller than one output voxel"
-        )
-    labels, added = ensure_body(labels, spacing)
-    if added:
-        notes.append("the mask had no body label (200); it was added around the organs (see masks.ensure_body)")
-    timings["read-mask"] = time.perf_counter() - t
-    check_cancel()
+    # 2. The core: grid, models, conditioning, sampling, decoding.
+    ct = _synthesize(mask, opts, engine, settings, stages, cancelled, keep_latent)
 
-    # 2. Models (reused when the caller passes them, as the worker does).
-    t = time.perf_counter()
-    report("load")
-    if provider is not None:
-        models = provider(folder, device, request.precision)
-    elif models is None:
-        models = load_models(folder, device, request.precision)
-    timings["load"] = time.perf_counter() - t
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    # 3. Writing, all outputs at once.
+    with stages("write"):
+        like = mask.volume if format_of(request.output) == "nifti" else None
+        paths = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
+        try:
+            with atomic_paths(*paths) as temps:
+                save_volume(temps[0], ct.hu, ct.affine, like)
+                rest = iter(temps[1:])
+                if request.preview:
+                    ct.preview().save(next(rest), format="PNG")
+                if request.label_output:
+                    save_volume(next(rest), ct.labels, ct.affine, like)
+        except OSError as exc:
+            raise write_error(exc, Path(request.output).parent) from None
+    stages.timings["total"] = time.perf_counter() - stages.started
 
-    # 3. Conditioning.
-    t = time.perf_counter()
-    report("encode-mask")
-    labels_t = torch.from_numpy(labels.astype(np.int64))[None, None]
-    control = binary_code(labels_t).to(device) if request.controlnet else None
-    uncond = None
-    if settings["cfg"] > 0 and control is not None:
-        uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
-    modality = torch.tensor([int(folder.inference.get("modality", 1))], dtype=torch.long, device=device)
-    cond = Conditioning(control, spacing_condition(spacing), modality, settings["cfg"], uncond)
-    timings["encode-mask"] = time.perf_counter() - t
-
-    # 4. Sampling.
-    t = time.perf_counter()
-
-    def on_step(info: dict) -> None:
-        report("sample", i=info["i"] + 1, total=info["total"])
-        check_cancel()
-
-    check_cancel()
-    report("sample", i=0, total=settings["steps"])
-    latent = sample_latent(
-        models, cond, models.latent_shape(shape), request.seed, settings["steps"], request.solver, on_step
-    )
-    timings["sample"] = time.perf_counter() - t
-    del cond, control, uncond
-
-    # 5. Decoding.
-    t = time.perf_counter()
-    report("decode")
-    image = decode_latent(
-        models, latent, settings["window"], settings["overlap"], lambda n: report("decode", window=n), cancelled
-    )
-    hu = to_hu(image, labels)
-    del image
-    if plan.back != "none":  # back onto the mask's own grid
-        labels_mask, _ = ensure_body(labels_c, spacing_of(affine_c))
-        if plan.back == "crop":
-            hu = hu[plan.crop]
-        else:
-            hu = resample_intensities(hu, affine, labels_c.shape, affine_c)
-        hu = np.where(labels_mask > 0, hu, HU_MIN).astype(hu.dtype)
-        labels, affine, spacing = labels_mask, affine_c, spacing_of(affine_c)
-    timings["decode"] = time.perf_counter() - t
-    check_cancel()
-
-    # 6. Writing, all outputs at once.
-    t = time.perf_counter()
-    report("write")
-    hu_out, affine_out = from_canonical(hu, affine, mask.affine)
-    if hu_out.shape == mask.shape and np.allclose(affine_out, mask.affine, atol=1e-4):
-        affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
-    like = mask.volume if format_of(request.output) == "nifti" else None
-    paths = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
-    try:
-        with atomic_paths(*paths) as temps:
-            save_volume(temps[0], hu_out, affine_out, like)
-            rest = iter(temps[1:])
-            if request.preview:
-                render_preview(hu, labels, spacing).save(next(rest), format="PNG")
-            if request.label_output:
-                labels_out, _ = from_canonical(labels, affine, mask.affine)
-                save_volume(next(rest), labels_out.astype(np.int16), affine_out, like)
-    except OSError as exc:
-        raise write_error(exc, Path(request.output).parent) from None
-    timings["write"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - started
-
-    peak = {"process_rss_mb": peak_rss_mb()}
-    if device.type == "cuda":
-        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return GenerateResult(
         output=Path(request.output),
         preview=Path(request.preview) if request.preview else None,
         label_output=Path(request.label_output) if request.label_output else None,
-        seed=request.seed,
-        steps=settings["steps"],
-        solver=request.solver,
-        cfg_scale=settings["cfg"],
-        shape=tuple(int(n) for n in hu_out.shape),
-        spacing=tuple(round(s, 6) for s in spacing_of(affine_out)),
-        model_dir=str(folder.root),
-        device=str(device),
-        timings={k: round(v, 3) for k, v in timings.items()},
-        peak_memory=peak,
-        notes=notes,
-        latent=latent.cpu() if keep_latent else None,
-        model=choice.describe(),
+        seed=ct.seed,
+        steps=ct.steps,
+        solver=ct.solver,
+        cfg_scale=ct.cfg_scale,
+        shape=ct.shape,
+        spacing=ct.spacing,
+        model_dir=ct.model_dir,
+        device=ct.device,
+        timings={k: round(v, 3) for k, v in stages.timings.items()},
+        peak_memory=ct.peak_memory,
+        notes=ct.notes,
+        latent=ct.latent,
+        model=ct.model,
     )

@@ -227,11 +227,14 @@ def check_affine(affine: np.ndarray, what: str, name: str) -> None:
     """Refuse a voxel → world matrix that cannot place voxels: NaN, a zero-length or parallel axis."""
     columns = np.asarray(affine, dtype=float)[:3, :3]
     if not np.isfinite(np.asarray(affine, dtype=float)).all():
-        raise GeometryError(f"{what} {name} has NaN or infinite numbers in its geometry", "re-save it with a valid header")
+        raise GeometryError(
+            f"{what} {name} has NaN or infinite numbers in its geometry", "re-save it with a valid header"
+        )
     norms = np.linalg.norm(columns, axis=0)
     if (norms < 1e-6).any():
         raise GeometryError(
-            f"{what} {name} has a zero voxel size along axis {int(np.argmin(norms))}", "re-save it with its real spacing"
+            f"{what} {name} has a zero voxel size along axis {int(np.argmin(norms))}",
+            "re-save it with its real spacing",
         )
     if abs(np.linalg.det(columns / norms)) < 1e-3:
         raise GeometryError(f"{what} {name} has parallel voxel axes", "re-save it with a valid orientation")
@@ -322,9 +325,7 @@ def write_error(exc: OSError, folder: Path) -> OptionError:
 
     if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return OptionError(f"no space left on the disk of {folder}", "free some space or write the output elsewhere")
-    return OptionError(
-        f"cannot write to {folder}: {exc.strerror or exc}", "choose an output folder you can write to"
-    )
+    return OptionError(f"cannot write to {folder}: {exc.strerror or exc}", "choose an output folder you can write to")
 
 
 def _temp_beside(path: Path) -> Path:
@@ -385,6 +386,46 @@ def gzip_bytes(raw: bytes, level: int = 1) -> bytes:
     return out.getvalue()
 
 
+def nifti_volume(array: np.ndarray, affine: np.ndarray, codes: bool = True) -> Volume:
+    """`array` as the NIfTI Volume that writing it and reading it back would give, without the file.
+
+    Outputs made from an in-memory mask then get the header codes a mask file written by
+    `save_volume` (`codes=True`: qform and sform code 1) or by plain nibabel (`codes=False`) has.
+    """
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    if codes:
+        image.set_qform(affine, code=1)
+        image.set_sform(affine, code=1)
+    image.update_header()
+    return Volume(array, np.array(image.affine, dtype=float), "nifti", {"nifti_header": image.header.copy()})
+
+
+def _nifti_image(array: np.ndarray, affine: np.ndarray, like: Volume | None):
+    """A NIfTI image of `array`, with the header codes of `like` (if it was read from a NIfTI)."""
+    import nibabel as nib
+
+    header = None
+    if like is not None and "nifti_header" in like.header:
+        header = like.header["nifti_header"].copy()
+        header.set_data_dtype(array.dtype)
+    img = nib.Nifti1Image(array, affine, header=header)
+    if header is None:
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+    else:
+        img.header.set_slope_inter(1.0, 0.0)
+        img.set_qform(affine, code=int(header["qform_code"]) or 1)
+        img.set_sform(affine, code=int(header["sform_code"]) or 1)
+    return img
+
+
+def nifti_gz_bytes(array: np.ndarray, affine: np.ndarray, like: Volume | None = None) -> bytes:
+    """The bytes `save_volume` writes to a .nii.gz: a caller can hash what it writes without reading it back."""
+    return gzip_bytes(_nifti_image(array, affine, like).to_bytes())
+
+
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, like: Volume | None = None) -> None:
     """Write `array` with `affine` to exactly `path` (not atomic: callers write to a temp path).
 
@@ -395,22 +436,10 @@ def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, 
     if fmt == "nifti":
         import nibabel as nib
 
-        header = None
-        if like is not None and "nifti_header" in like.header:
-            header = like.header["nifti_header"].copy()
-            header.set_data_dtype(array.dtype)
-        img = nib.Nifti1Image(array, affine, header=header)
-        if header is None:
-            img.set_qform(affine, code=1)
-            img.set_sform(affine, code=1)
-        else:
-            img.header.set_slope_inter(1.0, 0.0)
-            img.set_qform(affine, code=int(header["qform_code"]) or 1)
-            img.set_sform(affine, code=int(header["sform_code"]) or 1)
         if str(path).lower().endswith(".gz"):
-            Path(path).write_bytes(gzip_bytes(img.to_bytes()))
+            Path(path).write_bytes(nifti_gz_bytes(array, affine, like))
         else:
-            nib.save(img, str(path))
+            nib.save(_nifti_image(array, affine, like), str(path))
     elif fmt in ("nrrd", "seg.nrrd"):
         import nrrd
 
