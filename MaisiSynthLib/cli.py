@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import CancelledError, MaisiSynthError, OptionError
-from .request import DEFAULTS, OFFICIAL_STEPS, PRECISIONS, SOLVER_NAMES, STEPS_RANGE
+from .request import CT_MODALITIES, DEFAULTS, OFFICIAL_STEPS, PRECISIONS, SOLVER_NAMES, STEPS_RANGE
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -36,6 +36,9 @@ REQUEST_FLAGS: dict[str, dict] = {
     "solver": dict(default=DEFAULTS["solver"], choices=SOLVER_NAMES, help="ODE step (euler = official)"),
     "device": dict(default=DEFAULTS["device"], help="auto, cpu or cuda[:N]"),
     "precision": dict(default=DEFAULTS["precision"], choices=PRECISIONS),
+    "modality": dict(
+        choices=CT_MODALITIES, help="CT modality class of the conditioning: contrast phase (default: the model's, ct)"
+    ),
 }
 
 
@@ -80,7 +83,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
     p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
     p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
-    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "solver")
+    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "solver", "modality")
     p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
     p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
     add_request_options(p, "device", "precision")
@@ -114,6 +117,7 @@ def _run_generate(args) -> int:
         label_output=args.label_output,
         decode_window=_triple("--decode-window", args.decode_window, int),
         decode_overlap=args.decode_overlap,
+        modality=args.modality,
     )
     bar = None
     stage_started = {}

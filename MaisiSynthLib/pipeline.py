@@ -83,6 +83,8 @@ class GenerateRequest:
     # False: sample with the diffusion UNet alone (no ControlNet residuals); the mask then only gives
     # the grid, spacing and body crop. For engine checks and UNet-only models.
     controlnet: bool = DEFAULTS["controlnet"]
+    # the CT modality class ("ct", "ct_wo_contrast", "ct_contrast"); None: the model's default
+    modality: str | None = DEFAULTS["modality"]
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerateRequest":
@@ -405,7 +407,8 @@ def _synthesize(
         uncond = None
         if settings["cfg"] > 0 and control is not None:
             uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
-        modality = torch.tensor([int(folder.inference.get("modality", 1))], dtype=torch.long, device=device)
+        modality_id = L.modality_id(opts["modality"]) if opts["modality"] else int(folder.inference.get("modality", 1))
+        modality = torch.tensor([modality_id], dtype=torch.long, device=device)
         cond = Conditioning(control, spacing_condition(spacing), modality, settings["cfg"], uncond)
 
     # 4. Sampling.

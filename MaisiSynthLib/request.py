@@ -37,6 +37,8 @@ STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 100.0)
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (numpy and torch generators take them)
 OFFICIAL_STEPS = 30  # the official inference config's num_inference_steps
+# CT modality classes of MAISI-v2's modality conditioning (data/modality_mapping.json: 1, 2, 3)
+CT_MODALITIES = ("ct", "ct_wo_contrast", "ct_contrast")
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
 MAX_INT_DIGITS = 30
@@ -173,6 +175,7 @@ FIELDS = (
     "decode_window",
     "decode_overlap",
     "controlnet",
+    "modality",
 )
 REQUIRED = ("mask", "output")
 # The value a field has when a request leaves it out; None: the model's own default (steps, CFG scale,
@@ -193,6 +196,7 @@ DEFAULTS: dict = {
     "decode_overlap": None,
     # False: the diffusion UNet alone, without ControlNet residuals (engine checks, UNet-only models)
     "controlnet": True,
+    "modality": None,  # the model's (its inference config's "modality", 1 = ct)
 }
 
 
@@ -268,6 +272,12 @@ def _check_controlnet(value: Any) -> bool:
     return value
 
 
+def _check_modality(value: Any) -> str:
+    if not isinstance(value, str) or value not in CT_MODALITIES:
+        raise RequestError(f"unknown modality {_show(value)}", f"use one of {', '.join(CT_MODALITIES)}")
+    return value
+
+
 # Field → checker of a present, non-null value (None means "the default" for every optional field).
 _CHECKS = {
     "mask": lambda value: _path("mask", value, True),
@@ -286,11 +296,12 @@ _CHECKS = {
     "decode_window": _check_decode_window,
     "decode_overlap": _check_decode_overlap,
     "controlnet": _check_controlnet,
+    "modality": _check_modality,
 }
 # None is a value only where it means "the default"; a required path or a flag cannot be null, and
 # seed, solver, device and precision have fixed defaults that a null would only hide.
 _NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "output_size", "spacing")
-_NULLABLE += ("decode_window", "decode_overlap")
+_NULLABLE += ("decode_window", "decode_overlap", "modality")
 
 
 def check_field(name: str, value: Any) -> Any:

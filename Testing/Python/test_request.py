@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from MaisiSynthLib import request as R
@@ -62,6 +63,7 @@ def test_the_command_line_flags_come_from_the_request():
         ("spacing", [[1, 1, 2.5], None], [[0, 1, 1], "333", [1, 1]]),
         ("decode_overlap", [0, 0.5, None], [1, -0.1]),
         ("controlnet", [True, False], ["no", None, 1]),
+        ("modality", [*R.CT_MODALITIES, None], ["mri", "CT", 1]),
     ],
 )
 def test_ranges_and_types_are_checked_once_the_same_way(name, good, bad):
@@ -121,3 +123,22 @@ def test_protocol_messages_keep_their_wire_format():
     assert R.pong_event("p", None, 0) == {"type": "pong", "id": "p", "busy": None, "queued": 0}
     assert R.bye_event() == {"type": "bye"}
     assert {R.ready_event(1)["type"], R.bye_event()["type"]} <= set(R.EVENT_TYPES)
+
+
+def test_modality_reaches_the_conditioning(tiny_model):
+    """A request option end to end: field and check here, the pipeline's conditioning, the CLI flag."""
+    from conftest import torso_labels
+
+    from MaisiSynthLib.cli import build_parser
+    from MaisiSynthLib.labels import modality_id
+    from MaisiSynthLib.masks import Mask
+    from MaisiSynthLib.pipeline import generate_volume
+
+    assert [modality_id(name) for name in R.CT_MODALITIES] == [1, 2, 3]
+    args = build_parser().parse_args(["generate", "--mask", "m", "--output", "o", "--modality", "ct_contrast"])
+    assert args.modality == "ct_contrast"
+    mask = Mask(torso_labels(32), np.diag([6.0, 6.0, 6.0, 1.0]))
+    options = {"model_dir": str(tiny_model), "steps": 2, "device": "cpu"}
+    default = generate_volume(mask, options).hu
+    assert np.array_equal(generate_volume(mask, {**options, "modality": "ct"}).hu, default)  # the model's is ct
+    assert not np.array_equal(generate_volume(mask, {**options, "modality": "ct_contrast"}).hu, default)
