@@ -37,6 +37,7 @@ import numpy as np
 from . import __version__
 from . import labels as L
 from .errors import MaisiSynthError, MaskError, OptionError
+from .grid import spacing_of
 from .request import DEFAULTS, check_options
 
 MANIFEST = "manifest.jsonl"
@@ -412,8 +413,8 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     import torch
 
     from .model_home import choose_model_dir
-    from .training.distributed import setup, teardown
-    from .worker import ModelCache
+    from .distributed import setup, teardown
+    from .models import ModelCache
 
     if settings.layout not in LAYOUTS:
         raise OptionError(f"unknown layout '{settings.layout}'", f"use one of {', '.join(LAYOUTS)}")
@@ -546,7 +547,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
     try:
         entry["source_mask_sha256"] = sha256_of(job.mask) if job.mask.is_file() else None
         source = read_mask(job.mask)
-        spacing = np.linalg.norm(source.affine[:3, :3], axis=0)
+        spacing = np.array(spacing_of(source.affine))
         labels, entry["edits"] = apply_rules(source.labels, spacing, rules, job_rng(job))
         labels = validate_labels(labels, job.mask.name)
         # The edited mask stays in memory; the CT gets the NIfTI header a mask file written from it has.

@@ -189,7 +189,7 @@ def _add_info(sub) -> None:
 def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool = False) -> dict:
     """A model folder's description, without loading its weights."""
     from .model_home import choose_model_dir
-    from .models import _param_estimate, compression_of, estimate_memory, locate_model_folder, network_kwargs
+    from .models import param_estimate, compression_of, estimate_memory, locate_model_folder, network_kwargs
 
     choice = choose_model_dir(model_dir)
     folder = locate_model_folder(choice.path)
@@ -200,7 +200,7 @@ def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool =
         networks[key] = {
             "class": target.rsplit(".", 1)[1],
             "num_channels": kwargs.get("num_channels"),
-            "parameters": _param_estimate(config, key),
+            "parameters": param_estimate(config, key),
         }
     _, scheduler = network_kwargs(config, "noise_scheduler")
     rules = folder.grid_rules()
@@ -441,7 +441,7 @@ def _run_evaluate(args) -> int:
     from tqdm import tqdm
 
     from .evaluation import evaluate, format_table, write_json
-    from .training.data import find_pairs
+    from .cases import find_pairs
 
     total = len(find_pairs(args.cases))
     bar = tqdm(total=total, desc="evaluate", unit="case", file=sys.stderr)

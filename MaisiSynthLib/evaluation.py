@@ -33,7 +33,7 @@ from scipy import ndimage
 from . import labels as L
 from .masks import remove_tumors
 from .request import DEFAULTS, check_options
-from .training.data import find_pairs
+from .cases import find_pairs
 from .volumes import atomic_path, to_canonical
 
 ORGAN_GROUPS: dict[str, tuple[int, ...]] = {

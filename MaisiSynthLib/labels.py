@@ -146,3 +146,16 @@ def id_for_name(name: str) -> int | None:
 
 def is_tumor(label: int) -> bool:
     return int(label) in TUMOR_HOSTS
+
+
+def label_color(label: int) -> tuple[float, float, float]:
+    """The colour of a MAISI id (RGB in [0, 1]), the same in the preview PNG and in Slicer's segments:
+    body in skin tone, tumors in warm reds and oranges, organs spread around the hue circle (golden
+    ratio steps, so neighbouring ids differ)."""
+    import colorsys
+
+    if label == BODY:
+        return (0.9, 0.8, 0.7)
+    if is_tumor(label):
+        return (1.0, 0.2 + 0.1 * (label % 5), 0.1)
+    return colorsys.hsv_to_rgb((label * 0.6180339887) % 1.0, 0.75, 1.0)

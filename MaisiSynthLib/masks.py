@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from . import labels as L
 from .errors import MaskError
+from .grid import spacing_of
 from .volumes import Volume, check_affine, check_volume_file, format_of, read_volume
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class Mask:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))
+        return spacing_of(self.affine)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -10,6 +10,7 @@ built from the config's `*_def` entries; only those classes may be named by `_ta
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import logging
@@ -320,7 +321,7 @@ def load_checkpoint(path: Path) -> Any:
         ) from None
 
 
-def _state_dict(checkpoint: Any, key: str | None, path: Path) -> dict:
+def checkpoint_state_dict(checkpoint: Any, key: str | None, path: Path) -> dict:
     if key is not None:
         if not isinstance(checkpoint, dict) or key not in checkpoint:
             found = (
@@ -473,12 +474,12 @@ def load_models(
     ae_ckpt = load_checkpoint(folder.autoencoder_path)
     ae_key = "unet_state_dict" if isinstance(ae_ckpt, dict) and "unet_state_dict" in ae_ckpt else None
     load_weights(
-        autoencoder, _state_dict(ae_ckpt, ae_key, folder.autoencoder_path), folder.autoencoder_path, "autoencoder"
+        autoencoder, checkpoint_state_dict(ae_ckpt, ae_key, folder.autoencoder_path), folder.autoencoder_path, "autoencoder"
     )
 
     unet = build_network(config, "diffusion_unet_def", "cpu")
     unet_ckpt = load_checkpoint(folder.unet_path)
-    load_weights(unet, _state_dict(unet_ckpt, "unet_state_dict", folder.unet_path), folder.unet_path, "diffusion UNet")
+    load_weights(unet, checkpoint_state_dict(unet_ckpt, "unet_state_dict", folder.unet_path), folder.unet_path, "diffusion UNet")
     if "scale_factor" not in unet_ckpt:
         raise ModelError(f"{folder.unet_path.name} has no 'scale_factor'", "save the latent scale factor with the UNet")
     scale_factor = torch.as_tensor(np.asarray(unet_ckpt["scale_factor"], dtype=np.float32)).reshape(())
@@ -492,7 +493,7 @@ def load_models(
         cn_ckpt = load_checkpoint(folder.controlnet_path)
         load_weights(
             controlnet,
-            _state_dict(cn_ckpt, "controlnet_state_dict", folder.controlnet_path),
+            checkpoint_state_dict(cn_ckpt, "controlnet_state_dict", folder.controlnet_path),
             folder.controlnet_path,
             "ControlNet",
             prefilled=set(copied),
@@ -546,7 +547,7 @@ def estimate_memory(
     splits = max(1, int(ae.get("num_splits", 1)))
     decoding = bytes_per * ae["num_channels"][0] * window_voxels * (2 + 2 / splits)
     weights = 4 * sum(
-        _param_estimate(config, key)
+        param_estimate(config, key)
         for key in ("autoencoder_def", "diffusion_unet_def", "controlnet_def")
         if key in config
     )
@@ -559,7 +560,7 @@ def estimate_memory(
     }
 
 
-def _param_estimate(config: dict, key: str) -> int:
+def param_estimate(config: dict, key: str) -> int:
     target, kwargs = network_kwargs(config, key)
     with torch.device("meta"):
         return parameter_count(instantiate(target, kwargs))
@@ -655,3 +656,53 @@ def save_model_folder(
     if controlnet is not None:
         save_controlnet(weights_dir / CONTROLNET_FILE, controlnet, epoch, loss)
     return root
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models kept between requests (the worker, the server and batch reuse loaded networks)
+
+
+def _folder_fingerprint(folder) -> tuple:
+    """What identifies a model folder's contents without reading them: paths, sizes, mtimes."""
+    files = [folder.config_path, *folder.weight_files()]
+    settings = folder.root / "maisi_synth.json"
+    if settings.exists():
+        files.append(settings)
+    out = []
+    for path in files:
+        stat = Path(path).stat()
+        out.append((str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
+class ModelCache:
+    """Holds the models of one (folder, device, precision); another one, or a changed folder, replaces
+    them. One set at a time: two full-size MAISI models rarely fit on one GPU."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._models = None
+        self.last_reused = False
+
+    def get(self, folder, device, precision: str):
+        key = (str(folder.root.resolve()), str(device), resolve_precision(precision, device), _folder_fingerprint(folder))
+        if self._models is not None and key == self._key:
+            self.last_reused = True
+            return self._models
+        self.clear()
+        self._models = load_models(folder, device, precision)
+        self._key = key
+        self.last_reused = False
+        return self._models
+
+    def clear(self) -> None:
+        self._models = None
+        self._key = None
+        gc.collect()
+        empty_cuda_cache()
+
+
+def empty_cuda_cache() -> None:
+    """Give cached CUDA memory back (after dropping models, or after an out-of-memory error)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

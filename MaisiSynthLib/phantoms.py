@@ -683,7 +683,7 @@ def case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def _nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
+def nifti_bytes(array: np.ndarray, affine: np.ndarray) -> bytes:
     """A .nii.gz with a zero gzip timestamp, so the same phantom always gives the same bytes."""
     image = nib.Nifti1Image(array, affine)
     image.header.set_xyzt_units("mm")
@@ -758,8 +758,8 @@ def write_phantoms(
         labels = coarsen_labels(phantom.labels).astype(np.uint8) if coarse else phantom.labels
         image_path, label_path = out / f"{prefix}{index:04d}_image.nii.gz", out / f"{prefix}{index:04d}_label.nii.gz"
         with atomic_paths(image_path, label_path) as (image_tmp, label_tmp):
-            Path(image_tmp).write_bytes(_nifti_bytes(phantom.image, phantom.affine))
-            Path(label_tmp).write_bytes(_nifti_bytes(labels, phantom.affine))
+            Path(image_tmp).write_bytes(nifti_bytes(phantom.image, phantom.affine))
+            Path(label_tmp).write_bytes(nifti_bytes(labels, phantom.affine))
         pairs.append((image_path, label_path))
         if progress is not None:
             progress()

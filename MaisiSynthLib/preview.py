@@ -7,7 +7,6 @@ superior up; pixels are scaled to millimetres so anatomy keeps its proportions.
 
 from __future__ import annotations
 
-import colorsys
 import os
 from pathlib import Path
 
@@ -22,14 +21,8 @@ PANEL_HEIGHT = 320
 
 
 def label_colour(label: int) -> tuple[int, int, int]:
-    """A stable, distinct colour per MAISI id; tumors bright red-orange, body dim grey."""
-    if label == L.BODY:
-        return (110, 110, 110)
-    if L.is_tumor(label):
-        return (255, 60, 30)
-    hue = (label * 0.6180339887) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.75, 1.0)
-    return (int(r * 255), int(g * 255), int(b * 255))
+    """`labels.label_color` in 8-bit RGB: the preview draws each contour in its segment's Slicer colour."""
+    return tuple(int(c * 255) for c in L.label_color(label))
 
 
 def focus_point(labels: np.ndarray) -> tuple[int, int, int]:

@@ -274,14 +274,7 @@ def import_labels(scene, labels: np.ndarray, affine: np.ndarray, name: str = "MA
     return segmentation_node
 
 
-def label_color(label: int) -> tuple[float, float, float]:
-    """A stable colour per MAISI id (tumors in warm colours, body in skin tone)."""
-    if label == L.BODY:
-        return (0.9, 0.8, 0.7)
-    if L.is_tumor(label):
-        return (1.0, 0.2 + 0.1 * (label % 5), 0.1)
-    rng = np.random.default_rng(label)
-    return tuple(float(c) for c in 0.25 + 0.7 * rng.random(3))
+label_color = L.label_color  # one colour table for segments and the preview (labels.py)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -355,12 +348,13 @@ def insert_tumor(
     the tumor type's host organ; returns the new segment's id. MaskError if the point is not in a
     valid host."""
     from . import lesions
+    from .grid import spacing_of
 
     if not diameter_mm or diameter_mm <= 0:
         raise MaskError(f"lesion diameter must be positive, got {diameter_mm} mm", "enter e.g. 15 mm")
     labels, affine = export_labels(scene, segmentation_node, reference_volume)
     centre = (np.linalg.inv(affine) @ np.array([*centre_ras, 1.0]))[:3]
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    spacing = np.array(spacing_of(affine))
     edited = lesions.insert_tumor(labels, tumor, centre, diameter_mm / 2.0, spacing)
     lesion = (edited == tumor) & (labels != tumor)
     for host in sorted(int(h) for h in np.unique(labels[lesion])):  # hosts give the voxels up

@@ -1,6 +1,6 @@
 """`maisi-synth serve`: the worker's requests over HTTP, for a GPU machine elsewhere on the network.
 
-The server runs the same `Engine` as the stdio worker, in-process, so models stay loaded between
+The server runs the same `RequestRunner` as the stdio worker, in-process, so models stay loaded between
 requests. The server owns the model folder, the device and where files live; a client uploads the
 mask, names the outputs it wants, follows the events (polling or a JSON-lines stream) and downloads
 the files. `client.RemoteClient` does all of that behind the same calls as the local worker.
@@ -50,7 +50,7 @@ from typing import Optional
 
 from .errors import MaisiSynthError, OptionError
 from .request import OUTPUT_FIELDS, RequestError, bye_event, cancel_request, job_request, parse_json, ready_event
-from .worker import PROTOCOL_VERSION, Engine, device_info
+from .worker import PROTOCOL_VERSION, RequestRunner, device_info
 
 SERVER_OWNED = ("mask", *OUTPUT_FIELDS, "model_dir", "device")  # the server chooses these, never a client
 OUTPUT_KEYS = OUTPUT_FIELDS
@@ -102,14 +102,14 @@ class _RequestLog:
 
 
 class Hub:
-    """Routes the engine's events into per-request logs that HTTP handlers read or wait on."""
+    """Routes the request runner's events into per-request logs that HTTP handlers read or wait on."""
 
     def __init__(self, workdir: Path, defaults: dict) -> None:
         self.workdir = workdir
         self.requests: dict[str, _RequestLog] = {}
         self.uploads: dict = {}  # mask id → (file, monotonic time of upload)
         self.changed = threading.Condition()
-        self.engine = Engine(self.emit, defaults)
+        self.runner = RequestRunner(self.emit, defaults)
         model_dir = str(defaults.get("model_dir") or "")
         # Server paths never reach a client: the work folder and the model folder are replaced by names.
         self._private = [(str(workdir.resolve()), "<server>"), (str(workdir), "<server>")]
@@ -170,7 +170,7 @@ def create_app(
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="MaisiSynth", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None)
-    ready = ready_event(PROTOCOL_VERSION, **device_info(hub.engine.defaults.get("device", "auto")))
+    ready = ready_event(PROTOCOL_VERSION, **device_info(hub.runner.defaults.get("device", "auto")))
 
     def problem(status: int, kind: str, message: str, hint: str = "") -> JSONResponse:
         return JSONResponse({"kind": kind, "message": message, "hint": hint}, status_code=status)
@@ -324,7 +324,7 @@ def create_app(
         if len(set(names.values())) != len(names):
             names = {key: f"{key}-{name}" for key, name in names.items()}
         full = {**params, "mask": str(mask), **{key: str(folder / name) for key, name in names.items()}}
-        hub.engine.handle(job_request("generate", request_id, full))
+        hub.runner.handle(job_request("generate", request_id, full))
         return None
 
     @app.get("/v1/requests/{request_id}/events")
@@ -361,7 +361,7 @@ def create_app(
             return problem(404, "bad-request", f"no request '{request_id}'", "")
         if log.done:
             return problem(409, "bad-request", f"request '{request_id}' has already finished", "")
-        hub.engine.handle(cancel_request(f"cancel-{request_id}", request_id))
+        hub.runner.handle(cancel_request(f"cancel-{request_id}", request_id))
         return {"cancelling": request_id}
 
     @app.get("/v1/requests/{request_id}/files/{key}")
@@ -385,7 +385,7 @@ def create_app(
 
     @app.post("/v1/shutdown")
     async def shutdown():
-        hub.engine.shutdown()
+        hub.runner.shutdown()
         if on_shutdown is not None:
             on_shutdown()
         return bye_event()
@@ -452,6 +452,6 @@ def run_server(
     try:
         server.run()
     finally:
-        hub.engine.shutdown(wait=30)
+        hub.runner.shutdown(wait=30)
         shutil.rmtree(root, ignore_errors=True)
     return 0

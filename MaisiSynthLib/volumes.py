@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import GeometryError, MaskError, OptionError
+from .grid import spacing_of
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NRRD_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr")
@@ -49,7 +50,7 @@ class Volume:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
-        return tuple(float(np.linalg.norm(self.affine[:3, i])) for i in range(3))
+        return spacing_of(self.affine)
 
 
 def format_of(path: str | os.PathLike) -> str:

@@ -35,7 +35,6 @@ download stops within one chunk and keeps what it fetched for the next one.
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -44,7 +43,6 @@ import queue
 import sys
 import threading
 import traceback
-from pathlib import Path
 from typing import Callable
 
 from . import __version__
@@ -71,60 +69,7 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models kept between requests
-
-
-def _fingerprint(folder) -> tuple:
-    """What identifies a model folder's contents without reading them: paths, sizes, mtimes."""
-    files = [folder.config_path, *folder.weight_files()]
-    settings = folder.root / "maisi_synth.json"
-    if settings.exists():
-        files.append(settings)
-    out = []
-    for path in files:
-        stat = Path(path).stat()
-        out.append((str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
-    return tuple(out)
-
-
-class ModelCache:
-    """Holds the models of one (folder, device, precision); another one, or a changed folder, replaces
-    them. One set at a time: two full-size MAISI models rarely fit on one GPU."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._models = None
-        self.last_reused = False
-
-    def get(self, folder, device, precision: str):
-        from .models import load_models, resolve_precision
-
-        key = (str(folder.root.resolve()), str(device), resolve_precision(precision, device), _fingerprint(folder))
-        if self._models is not None and key == self._key:
-            self.last_reused = True
-            return self._models
-        self.clear()
-        self._models = load_models(folder, device, precision)
-        self._key = key
-        self.last_reused = False
-        return self._models
-
-    def clear(self) -> None:
-        self._models = None
-        self._key = None
-        gc.collect()
-        _empty_cuda_cache()
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The engine: request handling, independent of the transport (stdio here, HTTP in serve.py)
+# The request runner: request handling, independent of the transport (stdio here, HTTP in serve.py)
 
 
 def _check_params(params: object) -> dict:
@@ -163,7 +108,7 @@ def device_info(device: str = "auto") -> dict:
     return info
 
 
-class Engine:
+class RequestRunner:
     """Runs generate requests one at a time on its own thread and reports everything through `emit`.
 
     `handle(message)` is called by the transport for every incoming request and never blocks on a
@@ -174,13 +119,15 @@ class Engine:
     def __init__(self, emit: Emit, defaults: dict | None = None) -> None:
         self.emit = emit
         self.defaults = dict(defaults or {})
+        from .models import ModelCache  # torch: imported when a runner starts, not with this module
+
         self.cache = ModelCache()
         self._jobs: queue.Queue = queue.Queue()
         self._cancel: dict[str, threading.Event] = {}  # queued or running request id → cancel flag
         self._lock = threading.Lock()
         self._running: str | None = None
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="maisi-synth-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="maisi-synth-runner", daemon=True)
         self._thread.start()
 
     # -- incoming -------------------------------------------------------------------------------------
@@ -246,7 +193,7 @@ class Engine:
         self._log(request_id, "info", f"cancelling {target}")
 
     def shutdown(self, wait: float | None = None) -> None:
-        """Cancel everything, stop the engine thread; `bye` is emitted when it has stopped."""
+        """Cancel everything, stop the runner thread; `bye` is emitted when it has stopped."""
         with self._lock:
             self._stopping.set()
             for flag in self._cancel.values():
@@ -263,7 +210,7 @@ class Engine:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    # -- the engine thread ----------------------------------------------------------------------------
+    # -- the runner thread ----------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -354,7 +301,9 @@ class Engine:
                 "message": f"{type(exc).__name__}: {exc}",
                 "hint": "this is a bug or an unusual input; the worker's stderr has the traceback",
             }
-            _empty_cuda_cache()
+            from .models import empty_cuda_cache
+
+            empty_cuda_cache()
         self.emit(error_event(request_id, **error))
 
 
@@ -394,13 +343,13 @@ def serve_stdio(device: str = "auto", model_dir: str | None = None) -> int:
     defaults = {"device": device}
     if model_dir:
         defaults["model_dir"] = model_dir
-    engine = Engine(emit, defaults)
+    runner = RequestRunner(emit, defaults)
     emit(ready_event(PROTOCOL_VERSION, pid=os.getpid(), **device_info(device)))
     stdin = sys.stdin.buffer
     while True:
         raw = stdin.readline(MAX_JSON_BYTES + 1)
         if not raw:
-            engine.shutdown()
+            runner.shutdown()
             break
         if len(raw) > MAX_JSON_BYTES and not raw.endswith(b"\n"):
             while raw and not raw.endswith(b"\n"):  # skip the rest of an overlong line, unbuffered
@@ -410,8 +359,8 @@ def serve_stdio(device: str = "auto", model_dir: str | None = None) -> int:
             continue
         if not raw.strip():
             continue
-        engine.handle_line(raw.strip())
-        if engine.stopping:
+        runner.handle_line(raw.strip())
+        if runner.stopping:
             break
-    engine.join()
+    runner.join()
     return 0

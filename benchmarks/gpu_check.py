@@ -689,17 +689,17 @@ def _peak_text(result: dict) -> str:
 
 
 def worker_check(folder: Path, shape, args, device: torch.device, work: Path) -> dict:
-    """Two identical requests to `worker.Engine` (what `maisi-synth worker` and `serve` run): the
+    """Two identical requests to `worker.RequestRunner` (what `maisi-synth worker` and `serve` run): the
     first loads the models from the folder, the second reuses them."""
     from MaisiSynthLib.volumes import write_volume
-    from MaisiSynthLib.worker import Engine
+    from MaisiSynthLib.worker import RequestRunner
 
     spacing = spacing_for(shape)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = [-s * (n - 1) / 2 for s, n in zip(spacing, shape)]
     mask = write_volume(work / "worker_mask.nii", phantom_labels(shape).astype(np.int16), affine)
     events: queue.Queue = queue.Queue()
-    engine = Engine(events.put, {"device": str(device)})
+    engine = RequestRunner(events.put, {"device": str(device)})
     requests = []
     try:
         for label in ("cold", "warm"):

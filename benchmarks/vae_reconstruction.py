@@ -30,7 +30,7 @@ from MaisiSynthLib.decoding import HU_MAX, HU_MIN  # noqa: E402
 from MaisiSynthLib.evaluation import load_canonical, organ_medians, tumor_contrast  # noqa: E402
 from MaisiSynthLib.models import load_models  # noqa: E402
 from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
-from MaisiSynthLib.training.data import find_pairs  # noqa: E402
+from MaisiSynthLib.cases import find_pairs  # noqa: E402
 
 DECODES = ("mean", "sample")
 

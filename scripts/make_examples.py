@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from MaisiSynthLib.masks import coarsen_labels
-from MaisiSynthLib.phantoms import _nifti_bytes, case_seed, make_phantom
+from MaisiSynthLib.phantoms import nifti_bytes, case_seed, make_phantom
 from MaisiSynthLib.volumes import atomic_path
 
 EXAMPLES = {
@@ -28,11 +28,11 @@ out.mkdir(parents=True, exist_ok=True)
 for index, (name, tumor) in enumerate(EXAMPLES.items()):
     phantom = make_phantom(case_seed(1000, index), tumors=[tumor])
     with atomic_path(out / f"example_{name}.nii.gz") as tmp:
-        tmp.write_bytes(_nifti_bytes(phantom.labels, phantom.affine))
+        tmp.write_bytes(nifti_bytes(phantom.labels, phantom.affine))
     print(f"example_{name}.nii.gz: {(phantom.labels == tumor).sum()} tumor voxels")
 
 chest = make_phantom(case_seed(1000, 5), size=(144, 144, 64), spacing=(2.6, 2.6, 4.4), tumors=[23], centre=(4, -6, 78))
 coarse = coarsen_labels(chest.labels).astype(np.uint8)
 with atomic_path(out / "example_chest_coarse.nii.gz") as tmp:
-    tmp.write_bytes(_nifti_bytes(coarse, chest.affine))
+    tmp.write_bytes(nifti_bytes(coarse, chest.affine))
 print(f"example_chest_coarse.nii.gz: labels {sorted(np.unique(coarse).tolist())}")

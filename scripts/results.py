@@ -275,7 +275,7 @@ def synthesize(masks: list[Path], folder: Path) -> Path:
 
 def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     from MaisiSynthLib.evaluation import load_canonical
-    from MaisiSynthLib.training.data import find_pairs
+    from MaisiSynthLib.cases import find_pairs
 
     pairs = []
     for _, image_path, label_path in find_pairs(folder):

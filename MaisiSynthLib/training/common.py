@@ -22,7 +22,7 @@ from ..models import (
     CONTROLNET_FILE,
     SETTINGS_NAME,
     UNET_FILE,
-    _state_dict,
+    checkpoint_state_dict,
     build_network,
     load_checkpoint,
     load_weights,
@@ -64,7 +64,7 @@ def load_autoencoder(config: dict, network: dict, stage: str) -> torch.nn.Module
     checkpoint = load_checkpoint(path)
     key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
     autoencoder = build_network(network, "autoencoder_def", "cpu")
-    load_weights(autoencoder, _state_dict(checkpoint, key, path), path, "autoencoder")
+    load_weights(autoencoder, checkpoint_state_dict(checkpoint, key, path), path, "autoencoder")
     return without_splits(autoencoder).eval().requires_grad_(False)
 
 
@@ -72,7 +72,7 @@ def load_unet(config: dict, network: dict, stage: str) -> tuple[torch.nn.Module,
     path = require_weight(config, UNET_FILE, stage, "unet")
     checkpoint = load_checkpoint(path)
     unet = build_network(network, "diffusion_unet_def", "cpu")
-    load_weights(unet, _state_dict(checkpoint, "unet_state_dict", path), path, "diffusion UNet")
+    load_weights(unet, checkpoint_state_dict(checkpoint, "unet_state_dict", path), path, "diffusion UNet")
     return unet, float(torch.as_tensor(checkpoint["scale_factor"]).float())
 
 

@@ -29,7 +29,7 @@ from ..masks import COARSE_KEEP, binary_code, merge_vessels
 from ..models import (
     CONTROLNET_FILE,
     UNET_FILE,
-    _state_dict,
+    checkpoint_state_dict,
     build_network,
     build_scheduler,
     load_checkpoint,
@@ -108,7 +108,7 @@ class ControlNetStage(Stage):
         base = find_weight(self.config["base_model_dir"], CONTROLNET_FILE)
         if base is not None:  # fine-tune an existing ControlNet
             checkpoint = load_checkpoint(base)
-            load_weights(controlnet, _state_dict(checkpoint, "controlnet_state_dict", base), base, "ControlNet")
+            load_weights(controlnet, checkpoint_state_dict(checkpoint, "controlnet_state_dict", base), base, "ControlNet")
         else:
             from monai.networks.utils import copy_model_state
 

@@ -8,7 +8,6 @@ exactly what one process with batch G·B sees, and a resumed run continues exact
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from ..cases import find_pairs
 from ..errors import OptionError
+from ..grid import spacing_of
 from ..volumes import to_canonical
 
 HU_RANGE = (-1000.0, 1000.0)  # images are scaled to [0, 1] over this range, as the official data prep
@@ -46,34 +47,6 @@ class Case:
         return tuple(self.image.shape[1:])
 
 
-def find_pairs(cases: str | Path) -> list[tuple[str, Path, Path]]:
-    """(name, image, label) from a folder of `*_image.nii.gz` + `*_label.nii.gz` or a MONAI datalist."""
-    root = Path(cases)
-    if root.is_file() and root.suffix == ".json":
-        data = json.loads(root.read_text())
-        entries = data.get("training", data) if isinstance(data, dict) else data
-        pairs = []
-        for entry in entries:
-            image, label = root.parent / entry["image"], root.parent / entry["label"]
-            pairs.append((Path(entry["image"]).name.split(".")[0], image, label))
-    elif root.is_dir():
-        pairs = []
-        for image in sorted(root.glob("*_image.nii*")):
-            label = image.with_name(image.name.replace("_image.", "_label."))
-            if label.exists():
-                pairs.append((image.name.split("_image.")[0], image, label))
-    else:
-        raise OptionError(
-            f"training cases not found: {cases}",
-            'point "cases" at a folder of *_image/*_label pairs or a datalist JSON',
-        )
-    if not pairs:
-        raise OptionError(
-            f"no image/label pairs in {cases}", "write cases with `maisi-synth phantoms` or a datalist JSON"
-        )
-    return pairs
-
-
 def load_case(name: str, image_path: Path, label_path: Path) -> Case:
     image = nib.load(str(image_path))
     label = nib.load(str(label_path))
@@ -82,7 +55,7 @@ def load_case(name: str, image_path: Path, label_path: Path) -> Case:
     hu, affine = to_canonical(np.asanyarray(image.dataobj).astype(np.float32), image.affine)
     lab, _ = to_canonical(np.asanyarray(label.dataobj).astype(np.int16), label.affine)
     scaled = np.clip((hu - HU_RANGE[0]) / (HU_RANGE[1] - HU_RANGE[0]), 0.0, 1.0)
-    spacing = tuple(float(np.linalg.norm(affine[:3, i])) for i in range(3))
+    spacing = spacing_of(affine)
     return Case(
         name,
         torch.from_numpy(np.ascontiguousarray(scaled))[None],

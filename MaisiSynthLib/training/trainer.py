@@ -22,7 +22,7 @@ import torch
 
 from ..models import save_json
 from .data import mix_seed
-from .distributed import DistContext, setup, teardown
+from ..distributed import DistContext, setup, teardown
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from .. import labels as L
 from ..errors import OptionError
 from ..models import (
     AUTOENCODER_FILE,
-    _state_dict,
+    checkpoint_state_dict,
     build_network,
     compression_of,
     load_checkpoint,
@@ -102,7 +102,7 @@ class VaeStage(Stage):
         if base is not None:  # fine-tune from an existing VAE
             checkpoint = load_checkpoint(base)
             key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
-            load_weights(autoencoder, _state_dict(checkpoint, key, base), base, "autoencoder")
+            load_weights(autoencoder, checkpoint_state_dict(checkpoint, key, base), base, "autoencoder")
         if self.cfg["decoder_only"]:
             if base is None:
                 raise OptionError(

@@ -291,7 +291,7 @@ def test_decoder_only_keeps_the_encoder_and_tunes_the_decoder(workspace, tmp_pat
 
 
 def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
-    from MaisiSynthLib.training.distributed import DistContext
+    from MaisiSynthLib.distributed import DistContext
     from MaisiSynthLib.training.vae import VaeStage
 
     config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
@@ -351,7 +351,7 @@ def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_an
     from MaisiSynthLib import labels as L
     from MaisiSynthLib.masks import COARSE_KEEP
     from MaisiSynthLib.training.controlnet import ControlNetStage
-    from MaisiSynthLib.training.distributed import DistContext
+    from MaisiSynthLib.distributed import DistContext
 
     config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
     config.update(network=tiny_config(), base_model_dir=str(workspace / "run" / "model"))
@@ -384,7 +384,7 @@ def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_an
 def test_bf16_on_the_cpu_and_a_noise_free_posterior(workspace, tmp_path):
     """`cpu_bf16` trains under bfloat16 autocast (finite, close to float32, not equal to it);
     `posterior_noise: 0` trains the decoder on μ itself: the step's loss is that of decode(μ)."""
-    from MaisiSynthLib.training.distributed import DistContext
+    from MaisiSynthLib.distributed import DistContext
     from MaisiSynthLib.training.vae import VaeStage
 
     runs = {}

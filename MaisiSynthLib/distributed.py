@@ -1,4 +1,7 @@
-"""Process group set-up for torchrun: the real DistributedDataParallel path (gloo on CPU, nccl on GPU)."""
+"""Process group set-up for torchrun: the real DistributedDataParallel path (gloo on CPU, nccl on GPU).
+
+Used by training (DDP) and by batch synthesis (ranks sharing the pairs), so it lives beside both.
+"""
 
 from __future__ import annotations
 
