@@ -8,7 +8,6 @@ imported at module load, so the module appears even when PyTorch is not installe
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +15,6 @@ from pathlib import Path
 import ctk
 import qt
 import slicer
-import vtk
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,

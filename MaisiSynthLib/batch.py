@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from . import labels as L
-from .errors import MaisiSynthError, MaskError, OptionError
+from .errors import MaisiSynthError, OptionError
 from .grid import spacing_of
 from .request import DEFAULTS, check_options
 
@@ -412,8 +412,8 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
     """Run (or resume) a batch; returns counts. Under torchrun each rank runs its share."""
     import torch
 
-    from .model_home import choose_model_dir
     from .distributed import setup, teardown
+    from .model_home import choose_model_dir
     from .models import ModelCache
 
     if settings.layout not in LAYOUTS:

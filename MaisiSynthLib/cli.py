@@ -189,7 +189,7 @@ def _add_info(sub) -> None:
 def model_info(model_dir, output_size=None, precision: str = "fp16", cfg: bool = False) -> dict:
     """A model folder's description, without loading its weights."""
     from .model_home import choose_model_dir
-    from .models import param_estimate, compression_of, estimate_memory, locate_model_folder, network_kwargs
+    from .models import compression_of, estimate_memory, locate_model_folder, network_kwargs, param_estimate
 
     choice = choose_model_dir(model_dir)
     folder = locate_model_folder(choice.path)
@@ -246,7 +246,7 @@ def _run_info(args) -> int:
     print(f"config       {info['config']}")
     for name, mb in info["weights"].items():
         print(f"weights      {name:<28} {mb:9.2f} MB")
-    for key, net in info["networks"].items():
+    for net in info["networks"].values():
         print(
             f"network      {net['class']:<26} channels {net['num_channels']}  {net['parameters'] / 1e6:8.2f} M parameters"
         )
@@ -440,8 +440,8 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from .evaluation import evaluate, format_table, write_json
     from .cases import find_pairs
+    from .evaluation import evaluate, format_table, write_json
 
     total = len(find_pairs(args.cases))
     bar = tqdm(total=total, desc="evaluate", unit="case", file=sys.stderr)

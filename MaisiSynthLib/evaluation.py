@@ -31,9 +31,9 @@ import torch
 from scipy import ndimage
 
 from . import labels as L
+from .cases import find_pairs
 from .masks import remove_tumors
 from .request import DEFAULTS, check_options
-from .cases import find_pairs
 from .volumes import atomic_path, to_canonical
 
 ORGAN_GROUPS: dict[str, tuple[int, ...]] = {
@@ -180,8 +180,8 @@ def evaluate(
     import time
 
     from .masks import Mask, read_mask, validate_labels
-    from .models import load_models, locate_model_folder
     from .model_home import choose_model_dir
+    from .models import load_models, locate_model_folder
     from .pipeline import generate_volume
     from .volumes import nifti_volume, save_volume
 

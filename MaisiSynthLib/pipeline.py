@@ -33,16 +33,16 @@ from .request import DEFAULTS, FIELDS, OUTPUT_FIELDS, STAGES, RequestError, chec
 from .sampling import Conditioning, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
-    is_same_file,
-    same_file_key,
-    write_error,
-    check_output_path,
     check_name_length,
+    check_output_path,
     check_writable,
     format_of,
     from_canonical,
+    is_same_file,
+    same_file_key,
     save_volume,
     to_canonical,
+    write_error,
 )
 
 Progress = Callable[[dict], None]

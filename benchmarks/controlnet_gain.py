@@ -24,12 +24,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from MaisiSynthLib.distributed import DistContext  # noqa: E402
 from MaisiSynthLib.masks import binary_code  # noqa: E402
 from MaisiSynthLib.models import CONTROLNET_FILE, UNET_FILE, checkpoint_state_dict, load_checkpoint, load_weights  # noqa: E402
 from MaisiSynthLib.training.common import find_weight, flow_batch  # noqa: E402
 from MaisiSynthLib.training.config import load_config  # noqa: E402
 from MaisiSynthLib.training.controlnet import ControlNetStage  # noqa: E402
-from MaisiSynthLib.distributed import DistContext  # noqa: E402
 
 BINS = 4
 

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -61,7 +61,6 @@ from MaisiSynthLib.models import (  # noqa: E402
     build_network,
     load_models,
     locate_model_folder,
-    network_kwargs,
     parameter_count,
     resolve_device,
     resolve_precision,
@@ -416,7 +415,6 @@ def check_correctness(models: MaisiModels, args, tiny: bool) -> dict:
     reported: the latents, the decoder alone (the fast latent decoded both ways), the tiling alone
     (float32 tiled vs float32 whole) and the fast path against the float32 whole decode.
     """
-    device = models.device
     size = 32 if tiny else 128
     shape = (size, size, size)
     labels = phantom_labels(shape)

@@ -26,11 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MaisiSynthLib import labels as L  # noqa: E402
+from MaisiSynthLib.cases import find_pairs  # noqa: E402
 from MaisiSynthLib.decoding import HU_MAX, HU_MIN  # noqa: E402
 from MaisiSynthLib.evaluation import load_canonical, organ_medians, tumor_contrast  # noqa: E402
 from MaisiSynthLib.models import load_models  # noqa: E402
 from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
-from MaisiSynthLib.cases import find_pairs  # noqa: E402
 
 DECODES = ("mean", "sample")
 
@@ -51,7 +51,7 @@ def main() -> int:
     abs_err = {d: [] for d in DECODES}
     ratios = []
     started = time.perf_counter()
-    for index, (name, image_path, label_path) in enumerate(find_pairs(args.cases)):
+    for index, (_name, image_path, label_path) in enumerate(find_pairs(args.cases)):
         real = load_canonical(image_path)[0].astype(np.float32)
         labels = load_canonical(label_path)[0].astype(np.int16)
         x = torch.from_numpy((np.clip(real, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN))[None, None]

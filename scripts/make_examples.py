@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from MaisiSynthLib.masks import coarsen_labels
-from MaisiSynthLib.phantoms import nifti_bytes, case_seed, make_phantom
+from MaisiSynthLib.phantoms import case_seed, make_phantom, nifti_bytes
 from MaisiSynthLib.volumes import atomic_path
 
 EXAMPLES = {

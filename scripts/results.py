@@ -274,8 +274,8 @@ def synthesize(masks: list[Path], folder: Path) -> Path:
 
 
 def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    from MaisiSynthLib.evaluation import load_canonical
     from MaisiSynthLib.cases import find_pairs
+    from MaisiSynthLib.evaluation import load_canonical
 
     pairs = []
     for _, image_path, label_path in find_pairs(folder):
@@ -362,7 +362,7 @@ def downstream(args) -> None:
     data["summary"] = summary
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for i, (name, means) in enumerate(summary.items()):
+    for i, means in enumerate(summary.values()):
         ax.scatter([i] * len(means), means, color="black", zorder=3)
         ax.bar(i, np.mean(means), color=["tab:blue", "tab:red"][i], alpha=0.6)
     ax.set_xticks(range(len(summary)), [f"{k}\n({len(real) if k == 'real' else len(real) + len(synthetic)} cases)" for k in summary])

@@ -29,9 +29,9 @@ from ..masks import COARSE_KEEP, binary_code, merge_vessels
 from ..models import (
     CONTROLNET_FILE,
     UNET_FILE,
-    checkpoint_state_dict,
     build_network,
     build_scheduler,
+    checkpoint_state_dict,
     load_checkpoint,
     load_weights,
     network_kwargs,

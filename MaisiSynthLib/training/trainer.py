@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
+from ..distributed import DistContext, setup, teardown
 from ..models import save_json
 from .data import mix_seed
-from ..distributed import DistContext, setup, teardown
 
 log = logging.getLogger(__name__)
 

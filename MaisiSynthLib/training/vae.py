@@ -25,8 +25,8 @@ from .. import labels as L
 from ..errors import OptionError
 from ..models import (
     AUTOENCODER_FILE,
-    checkpoint_state_dict,
     build_network,
+    checkpoint_state_dict,
     compression_of,
     load_checkpoint,
     load_weights,

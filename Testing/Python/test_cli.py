@@ -13,10 +13,9 @@ import nrrd
 import numpy as np
 import pytest
 import torch
+from conftest import ras_affine, run_cli, save_nifti, torso_labels
 
 from MaisiSynthLib.models import AUTOENCODER_FILE, CONTROLNET_FILE, UNET_FILE
-
-from conftest import ras_affine, run_cli, save_nifti, torso_labels
 
 
 def test_generate_writes_an_int16_ct_on_the_mask_grid(tmp_path, tiny_model):

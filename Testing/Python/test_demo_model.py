@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nibabel as nib
 import numpy as np
+from conftest import REPO, run_cli
 
 from MaisiSynthLib.models import locate_model_folder
 from MaisiSynthLib.pipeline import default_model_dir
-
-from conftest import REPO, run_cli
 
 DEMO = REPO / "Resources" / "models" / "demo"
 EXAMPLES = REPO / "Resources" / "examples"

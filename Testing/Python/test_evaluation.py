@@ -7,12 +7,11 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import run_cli
 from scipy import ndimage
 
 from MaisiSynthLib.evaluation import SliceFeatures, frechet_distance, slice_stack
 from MaisiSynthLib.phantoms import write_phantoms
-
-from conftest import run_cli
 
 
 def _array(path):

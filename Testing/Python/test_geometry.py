@@ -5,13 +5,12 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ras_affine, save_nifti, torso_labels
 
 from MaisiSynthLib.errors import GeometryError
 from MaisiSynthLib.grid import GridRules, auto_size, resolve_output_grid
 from MaisiSynthLib.models import load_models
 from MaisiSynthLib.pipeline import GenerateRequest, generate
-
-from conftest import ras_affine, save_nifti, torso_labels
 
 
 @pytest.fixture(scope="module")

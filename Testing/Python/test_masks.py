@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
 import slicerio
 import torch
+from conftest import ras_affine, save_nifti, torso_labels
 
 from MaisiSynthLib import labels as L
 from MaisiSynthLib.errors import MaskError
 from MaisiSynthLib.masks import binary_code, ensure_body, read_mask, remove_tumors, resample_labels, validate_labels
 from MaisiSynthLib.volumes import from_canonical, to_canonical
-
-from conftest import ras_affine, save_nifti, torso_labels
 
 
 def test_nifti_mask_keeps_labels_and_affine(tmp_path):

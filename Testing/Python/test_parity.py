@@ -11,12 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import save_nifti, torso_labels
 from monai.networks.schedulers import RFlowScheduler
 
 from MaisiSynthLib.models import load_models
 from MaisiSynthLib.pipeline import GenerateRequest, generate
-
-from conftest import save_nifti, torso_labels
 
 
 def mask_code(labels: np.ndarray) -> torch.Tensor:

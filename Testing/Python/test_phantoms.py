@@ -8,12 +8,11 @@ from importlib import resources
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import run_cli
 from scipy import ndimage
 
 from MaisiSynthLib.errors import OptionError
 from MaisiSynthLib.phantoms import PhantomOptionError, make_phantom, write_phantoms
-
-from conftest import run_cli
 
 REQUIRED = {
     "body": [200],

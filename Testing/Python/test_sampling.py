@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import save_nifti, torso_labels
 from monai.networks.schedulers import RFlowScheduler
 
 from MaisiSynthLib.errors import CancelledError
 from MaisiSynthLib.models import load_models
 from MaisiSynthLib.pipeline import GenerateRequest, generate
 from MaisiSynthLib.sampling import initial_noise, sample_euler, sample_heun, schedule, spacing_condition
-
-from conftest import save_nifti, torso_labels
 
 
 @pytest.fixture(scope="module")

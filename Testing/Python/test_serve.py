@@ -50,7 +50,7 @@ def start_server(model, workdir, token: str | None = TOKEN, *extra: str):
         except Exception:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
-                raise RuntimeError(f"server did not start: {process.stderr.read()}")
+                raise RuntimeError(f"server did not start: {process.stderr.read()}") from None
             time.sleep(0.3)
 
 

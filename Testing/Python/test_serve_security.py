@@ -9,16 +9,13 @@ from __future__ import annotations
 import http.client as httpclient
 import json
 import socket
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import nibabel as nib
 import numpy as np
 import pytest
 from conftest import save_nifti, torso_labels
-from test_serve import free_port, http, run_folder, start_server
+from test_serve import http, run_folder, start_server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")

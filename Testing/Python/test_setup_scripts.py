@@ -53,7 +53,9 @@ def test_the_test_command_installs_what_the_tests_need(checkout):
     result = subprocess.run(["bash", "scripts/test.sh", "-k", "x"], cwd=checkout, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert pip_installs(checkout) == [".[test,serve,download]"]
-    assert "python -m pytest -q -k x" in (checkout / "calls.log").read_text()
+    calls = (checkout / "calls.log").read_text()
+    assert "python -m ruff check ." in calls and "python -m pytest -q -k x" in calls
+    assert calls.index("python -m ruff check .") < calls.index("python -m pytest")  # lint first, seconds not minutes
 
 
 def test_test_only_packages_are_extras_not_core_dependencies():

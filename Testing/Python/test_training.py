@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from MaisiSynthLib.models import AUTOENCODER_FILE, CONTROLNET_FILE, UNET_FILE, load_models
 from MaisiSynthLib.phantoms import write_phantoms
@@ -21,8 +22,6 @@ from MaisiSynthLib.tiny_model import TINY_SETTINGS, tiny_config
 from MaisiSynthLib.training import train
 from MaisiSynthLib.training.config import load_config
 from MaisiSynthLib.training.trainer import read_log
-
-from conftest import run_cli
 
 # 64×64×32 at 6×6×8 mm: a whole torso cross-section at a size the tiny networks train in seconds.
 SIZE, SPACING = (64, 64, 32), (6.0, 6.0, 8.0)
@@ -349,9 +348,9 @@ def test_whole_volume_vae_and_mean_latents(workspace, tmp_path):
 
 def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_and_lesions(workspace, tmp_path):
     from MaisiSynthLib import labels as L
+    from MaisiSynthLib.distributed import DistContext
     from MaisiSynthLib.masks import COARSE_KEEP
     from MaisiSynthLib.training.controlnet import ControlNetStage
-    from MaisiSynthLib.distributed import DistContext
 
     config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
     config.update(network=tiny_config(), base_model_dir=str(workspace / "run" / "model"))
