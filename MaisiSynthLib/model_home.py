@@ -37,6 +37,18 @@ AUTOENCODER_FILE = "autoencoder_v1.pt"
 UNET_FILE = "diff_unet_3d_rflow-ct.pt"
 CONTROLNET_FILE = "controlnet_3d_rflow-ct.pt"
 
+
+def find_model_file(folder: PathLike, name: str) -> Optional[Path]:
+    """`name` in a model folder, flat or in the official layout (configs/*.json, models/*.pt); None if
+    absent. The one place that knows where a model folder keeps its files."""
+    root = Path(folder)
+    official = root / ("configs" if name.endswith(".json") else "models") / name
+    for candidate in (root / name, official):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 OFFICIAL_REPO = "nvidia/NV-Generate-CT"
 OFFICIAL_FOLDER_NAME = "NV-Generate-CT"
 # Written last by a download, removed first when one changes the folder (download.py).

@@ -34,6 +34,7 @@ from .model_home import (  # noqa: F401 - the file names live where torch-free c
     INFER_CONFIG_NAME,
     SETTINGS_NAME,
     UNET_FILE,
+    find_model_file,
 )
 
 log = logging.getLogger(__name__)
@@ -255,19 +256,13 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
     if not root.is_dir():
         raise ModelError(f"model folder not found: {root}", "pass --model-dir with a folder holding the model files")
 
-    def find(name: str, sub: str) -> Path | None:
-        for candidate in (root / name, root / sub / name):
-            if candidate.is_file():
-                return candidate
-        return None
-
-    config_path = find(CONFIG_NAME, "configs")
+    config_path = find_model_file(root, CONFIG_NAME)
     if config_path is None:
         raise ModelError(
             f"no {CONFIG_NAME} in {root} (looked in the folder and in configs/)",
             "put the official network config beside the checkpoints",
         )
-    found = {name: find(name, "models") for name in (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)}
+    found = {name: find_model_file(root, name) for name in (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)}
     required = [AUTOENCODER_FILE, UNET_FILE] + ([CONTROLNET_FILE] if require_controlnet else [])
     missing = [n for n in required if found[n] is None]
     if missing:
@@ -275,9 +270,9 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
             f"missing checkpoint(s) {', '.join(missing)} in {root} (looked in the folder and in models/)",
             "copy the official checkpoints into the model folder",
         )
-    settings_path = find(SETTINGS_NAME, "configs")
+    settings_path = find_model_file(root, SETTINGS_NAME)
     settings = _read_json(settings_path) if settings_path else {}
-    infer_path = find(INFER_CONFIG_NAME, "configs")
+    infer_path = find_model_file(root, INFER_CONFIG_NAME)
     inference = dict(DEFAULT_INFERENCE)
     if infer_path:
         official = _read_json(infer_path)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OptionError
+from ..model_home import find_model_file
 from ..models import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
@@ -36,13 +37,7 @@ WEIGHT_FILES = (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)
 
 def find_weight(folder: str | Path | None, name: str) -> Path | None:
     """`name` in a flat or official-layout model folder, or None."""
-    if folder is None:
-        return None
-    root = Path(folder)
-    for candidate in (root / name, root / "models" / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    return None if folder is None else find_model_file(folder, name)
 
 
 def source_folder(config: dict) -> Path:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OptionError
+from ..model_home import CONFIG_NAME, find_model_file
 
 COMMON = {
     "steps": 100,
@@ -181,10 +182,9 @@ def network_config(config: dict) -> dict:
     """The official-format network config a training config names (path or inline)."""
     network = config["network"]
     if network is None:
-        model_dir = Path(config["model_dir"])
-        for candidate in (model_dir / "config_network_rflow.json", model_dir / "configs" / "config_network_rflow.json"):
-            if candidate.is_file():
-                return json.loads(candidate.read_text())
+        found = find_model_file(config["model_dir"], CONFIG_NAME)
+        if found is not None:
+            return json.loads(found.read_text())
         raise OptionError("the training config names no network", 'set "network" to an official-format config JSON')
     if isinstance(network, dict):
         return network
