@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Train the demo v3 candidate (issue 13; not shipped yet, see Resources/models/demo/TRAINING.md) from
+# scratch on the CPU. Phantoms, run state and weights go to runs/v3/ (model in runs/v3/model).
+# Every stage is resumable: rerun this script with --resume after an interruption (each training
+# command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in the v3 section of
+# Resources/models/demo/TRAINING.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+PY=.venv/bin/python
+CONFIG=scripts/train_v3.json
+MODEL=runs/v3/model
+RUN=runs/v3
+mkdir -p "$RUN"
+stamp() { echo "$1 $(date +%s)" >> "$RUN/timing.txt"; }
+stamp start
+
+# Training phantoms (README "Training"): whole torsos on the demo grid, plus fields of view as users
+# bring them (any craniocaudal position, spacing ±15 %, chest-only), with random tumor sets.
+D="$RUN/phantoms/train"
+if [ "$(ls "$D" 2>/dev/null | wc -l)" != 256 ]; then
+    P="$PY -m MaisiSynthLib phantoms --out $D"
+    $P --count 48 --size 128 128 64 --spacing 3 3 5 --seed 0 --prefix torso
+    $P --count 24 --size 128 128 64 --spacing 3 3 5 --seed 1 --fov varied --tumors random --prefix var64_
+    $P --count 24 --size 128 128 48 --spacing 3 3 5 --seed 2 --fov varied --tumors random --prefix var48_
+    $P --count 16 --size 128 128 32 --spacing 3 3 5 --seed 3 --fov varied --tumors random --prefix var32_
+    $P --count 16 --size 128 128 48 --spacing 3 3 5 --seed 4 --fov chest --tumors random --prefix chest48_
+fi
+stamp phantoms
+
+# 1. The VAE, in six stages, each from the weights of the one before (TRAINING.md says why):
+#    a. random 64x64x32 patches, the first half of a 4000-step schedule;
+#    b. full-width 128x128x32 slabs, then c./d. whole volumes: GroupNorm statistics of a small patch
+#       and of a whole volume differ, and the decoder must be calibrated on what it will decode;
+#    e. patches again with an L1 through soft-tissue and bone HU windows and KL 1e-10 (KL 1e-8 over
+#       whole volumes pulls every organ towards the mean), f. whole volumes with the same loss.
+vae() {  # vae NAME STOP-AFTER(or "") --set ... : one fine-tuning stage in $RUN/vae_NAME
+    local name=$1 stop=$2; shift 2
+    $PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/vae_$name" --base-model-dir "$MODEL" \
+        --set model_dir="$PWD/$MODEL" ${stop:+--stop-after "$stop"} --quiet "$@" "${RESUME[@]}"
+    stamp "vae_$name"
+}
+RESUME=("$@")
+$PY -m MaisiSynthLib train vae --config "$CONFIG" --stop-after 2000 --quiet "$@"
+stamp vae_patches
+WHOLE=(--set vae.patch_size=null --set vae.batch_size=1 --set vae.lr=1e-4 --set vae.warmup_steps=10
+       --set vae.log_every=10 --set vae.checkpoint_every=50)
+WINDOWS=(--set vae.kl_weight=1e-10 --set "vae.windows=[[-200,200,1.0],[0,1000,0.5]]" --set vae.cpu_bf16=true)
+vae slab "" --set seed=1 --set "vae.patch_size=[128,128,32]" --set vae.batch_size=1 --set vae.steps=300 \
+    --set vae.lr=2e-4 --set vae.warmup_steps=20 --set vae.log_every=20 --set vae.checkpoint_every=50
+vae whole 100 --set seed=2 "${WHOLE[@]}" --set vae.steps=300 --set vae.bone_weight=5 --set vae.tumor_weight=5
+vae whole2 100 --set seed=3 "${WHOLE[@]}" --set vae.steps=400 --set vae.cpu_bf16=true
+vae windows "" --set seed=4 "${WINDOWS[@]}" --set vae.steps=1200 --set vae.lr=3e-4 --set vae.warmup_steps=20 \
+    --set vae.checkpoint_every=200
+vae final "" --set seed=5 "${WHOLE[@]}" "${WINDOWS[@]}" --set vae.steps=150
+
+# 2. The diffusion UNet and 3. the ControlNet, on the posterior means of the final VAE.
+# The UNet was stopped at step 4000 of its 6000-step schedule (session time), the ControlNet ran 600.
+$PY -m MaisiSynthLib train unet --config "$CONFIG" --stop-after 4000 --quiet "$@"
+stamp unet
+$PY -m MaisiSynthLib train controlnet --config "$CONFIG" --quiet "$@"
+stamp controlnet
