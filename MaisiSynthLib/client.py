@@ -603,15 +603,19 @@ class ClientSession:
     def _send(self, kind: str, request_id: str, params: dict, callback: Callback | None) -> None:
         method = getattr(self.client, kind, None)
         if method is None:  # e.g. a download asked of a remote server
-            event = error_event(
+            self._fail_later(
                 request_id,
+                callback,
                 "bad-request",
                 f"{type(self.client).__name__} cannot run a {kind} request",
                 "run it with a local worker (clear Remote server)",
             )
-            self._late.append((callback, event))
             return
         method(params, callback, request_id)
+
+    def _fail_later(self, request_id: str, callback: Callback | None, kind: str, message: str, hint: str) -> None:
+        """Queue an error event for the request; `poll` delivers it on the GUI's thread."""
+        self._late.append((callback, error_event(request_id, kind, message, hint)))
 
     def _start(self, client: _EventClient) -> None:
         try:
@@ -627,13 +631,13 @@ class ClientSession:
                 if self._start_error is None:
                     self._send(kind, request_id, params, callback)
                 else:
-                    event = error_event(
+                    self._fail_later(
                         request_id,
+                        callback,
                         "worker-died",
                         f"the worker could not start: {self._start_error}",
                         "check the worker Python (torch and MONAI installed?) or the server address",
                     )
-                    self._late.append((callback, event))
         late, self._late = self._late, []
         for callback, event in late:
             if callback is not None:

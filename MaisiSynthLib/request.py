@@ -225,10 +225,14 @@ def _check_cfg_scale(value: Any) -> float:
     return float(value)
 
 
-def _check_solver(value: Any) -> str:
-    if not isinstance(value, str) or value not in SOLVER_NAMES:
-        raise RequestError(f"unknown solver {_show(value)}", f"use one of {', '.join(SOLVER_NAMES)}")
+def _check_choice(value: Any, what: str, names) -> str:
+    if not isinstance(value, str) or value not in names:
+        raise RequestError(f"unknown {what} {_show(value)}", f"use one of {', '.join(names)}")
     return value
+
+
+def _check_solver(value: Any) -> str:
+    return _check_choice(value, 'solver', SOLVER_NAMES)
 
 
 def _check_output_size(value: Any) -> tuple | str:
@@ -251,9 +255,7 @@ def _check_device(value: Any) -> str:
 
 
 def _check_precision(value: Any) -> str:
-    if not isinstance(value, str) or value not in PRECISIONS:
-        raise RequestError(f"unknown precision {_show(value)}", f"use one of {', '.join(PRECISIONS)}")
-    return value
+    return _check_choice(value, 'precision', PRECISIONS)
 
 
 def _check_decode_window(value: Any) -> tuple:
@@ -273,9 +275,7 @@ def _check_controlnet(value: Any) -> bool:
 
 
 def _check_modality(value: Any) -> str:
-    if not isinstance(value, str) or value not in CT_MODALITIES:
-        raise RequestError(f"unknown modality {_show(value)}", f"use one of {', '.join(CT_MODALITIES)}")
-    return value
+    return _check_choice(value, 'modality', CT_MODALITIES)
 
 
 # Field → checker of a present, non-null value (None means "the default" for every optional field).
