@@ -378,14 +378,7 @@ def write_nrrd(scene, volume_node, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        storage = scene.AddNewNodeByClass("vtkMRMLNRRDStorageNode")
-        try:
-            storage.SetFileName(str(tmp))
-            storage.SetUseCompression(0)
-            if not storage.WriteData(volume_node):
-                raise MaskError(f"Slicer could not write {path}", "check the folder is writable")
-        finally:
-            scene.RemoveNode(storage)
+        _write_node(scene, volume_node, tmp, shown=path, storage_class="vtkMRMLNRRDStorageNode", compress=False)
     return path
 
 
@@ -435,14 +428,22 @@ def result_name(input_name: str, seed: int) -> str:
     return f"{input_name} synthetic (seed {seed})"
 
 
-def _write_node(scene, node, path: Path) -> None:
-    """Write a volume node with Slicer's own storage (the format from the file name)."""
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+def _write_node(
+    scene,
+    node,
+    path: Path,
+    shown: Path | None = None,
+    storage_class: str = "vtkMRMLVolumeArchetypeStorageNode",
+    compress: bool = True,
+) -> None:
+    """Write a volume node with a temporary storage node of Slicer's own (format from the file
+    name); `shown` is the name the user knows when `path` is a temporary file."""
+    storage = scene.AddNewNodeByClass(storage_class)
     try:
         storage.SetFileName(str(path))
-        storage.SetUseCompression(1)
+        storage.SetUseCompression(int(compress))
         if not storage.WriteData(node):
-            raise MaskError(f"Slicer could not write {path.name}", "check that the folder is writable")
+            raise MaskError(f"Slicer could not write {(shown or path).name}", "check that the folder is writable")
     finally:
         scene.RemoveNode(storage)
 
