@@ -95,7 +95,12 @@ def random_tumor(
     host = host_region(labels, tumor)
     if not host.any():
         raise MaskError(f"the mask has no host organ for a {L.name_of(int(tumor))}", "pick another tumor type")
-    depth = ndimage.distance_transform_edt(host, sampling=spacing)
+    # The edge of the volume counts as outside: an organ cut by the field of view is not deep there
+    # (the lesion is painted only inside the host's core, which stops one voxel short of the edge).
+    depth = ndimage.distance_transform_edt(np.pad(host, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    core = _core(host)
+    if core.any():
+        depth = np.where(core, depth, 0.0)
     deep_enough = np.argwhere(depth >= min(radius_mm, 0.8 * float(depth.max())))
     centre = deep_enough[int(rng.integers(len(deep_enough)))]
     return insert_tumor(labels, tumor, centre, radius_mm, spacing)

@@ -553,7 +553,9 @@ def compare_side_by_side(scene, reference, synthetic, segmentation=None) -> None
     for slice_node, _ in views:
         if not slice_node.SetOrientation("Axial"):
             slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
-            slice_node.AddSliceOrientationPreset("Axial", scene.GetDefaultNodeByClass("vtkMRMLSliceNode").GetSliceOrientationPreset("Axial"))
+            slice_node.AddSliceOrientationPreset(
+                "Axial", scene.GetDefaultNodeByClass("vtkMRMLSliceNode").GetSliceOrientationPreset("Axial")
+            )
             slice_node.SetOrientation("Axial")
     (_, left), (_, right) = views
     left.SetBackgroundVolumeID(reference.GetID() if reference is not None else synthetic.GetID())

@@ -128,11 +128,13 @@ def train_controlnet(folder: Path, contrastive: bool, steps: int | None) -> Path
 def contrastive(args) -> None:
     cases = heldout(args.cases)
     variants = {}
-    if args.retrain:
+    if args.on:  # a ControlNet trained elsewhere with the same schedule as `--off`
+        variants["on"] = args.on
+    elif args.retrain:
         variants["on"] = train_controlnet(RUNS / "contrastive_on", True, args.steps)
     else:  # the shipped ControlNet was trained by scripts/train_demo.sh with exactly these settings
         variants["on"] = DEMO
-    variants["off"] = train_controlnet(RUNS / "contrastive_off", False, args.steps)
+    variants["off"] = args.off or train_controlnet(RUNS / "contrastive_off", False, args.steps)
     data = {}
     for name, model in variants.items():
         log(f"evaluating contrastive {name} ({model}) on {cases}")
@@ -411,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="ControlNet training steps (default: the demo's)")
     p.add_argument("--retrain", action="store_true", help="also retrain the contrastive ControlNet (else the shipped one)")
+    p.add_argument("--on", type=Path, help="model folder of an already trained contrastive ControlNet (instead of the shipped one)")
+    p.add_argument("--off", type=Path, help="model folder of an already trained ControlNet without the loss (skip training it)")
     p.set_defaults(run=contrastive)
     p = sub.add_parser("steps", help="slice Fréchet distance and organ HU error vs sampling steps")
     p.add_argument("--cases", type=int, default=8)

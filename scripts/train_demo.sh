@@ -1,30 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce the embedded demo model (Resources/models/demo) from scratch on the CPU.
-# Writes phantoms and the run state under runs/demo/; the weights land in Resources/models/demo/.
-# Wall times go to runs/demo/timing.txt (see Resources/models/demo/TRAINING.md for ours).
+# Reproduce the embedded demo model (Resources/models/demo) from scratch on the CPU: the v3 recipe
+# (scripts/train_v3.sh: phantoms → VAE in six stages → UNet on μ → ControlNet in three stages, run
+# state in runs/v3/), then its final model folder copied into Resources/models/demo.
+# `scripts/train_demo.sh --resume` continues every stage after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
-PY=.venv/bin/python
-CONFIG=Resources/models/demo/train.json
-MODEL=Resources/models/demo
-mkdir -p runs/demo
-stamp() { echo "$1 $(date +%s)" >> runs/demo/timing.txt; }
-: > runs/demo/timing.txt
-stamp start
-# 32 training phantoms (all five tumor types each) at the demo grid: 128×128×64 voxels, 3×3×5 mm.
-$PY -m MaisiSynthLib phantoms --count 32 --out runs/demo/phantoms/train --size 128 128 64 --spacing 3 3 5 --seed 0
-stamp phantoms
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --quiet "$@"
-stamp vae
-# The decoder alone on whole 128×128×64 volumes: GroupNorm statistics of 48³ patches differ from
-# those of the whole volume the demo decodes, which shifts soft-tissue HU by ~40 (see TRAINING.md).
-$PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir runs/demo/decoder --base-model-dir "$MODEL" \
-    --set model_dir=. --set vae.decoder_only=true --set "vae.patch_size=[128,128,64]" --set vae.batch_size=1 \
-    --set vae.steps=150 --set vae.lr=2e-4 --set vae.warmup_steps=10 --set vae.log_every=10 \
-    --set vae.checkpoint_every=50 --quiet "$@"
-stamp vae_decoder
-for stage in unet controlnet; do
-    $PY -m MaisiSynthLib train "$stage" --config "$CONFIG" --quiet "$@"
-    stamp "$stage"
+scripts/train_v3.sh "$@"
+for name in config_network_rflow.json autoencoder_v1.pt diff_unet_3d_rflow-ct.pt controlnet_3d_rflow-ct.pt; do
+    cp "runs/v3/cnd/model/$name" "Resources/models/demo/$name"
 done
+echo "wrote Resources/models/demo"

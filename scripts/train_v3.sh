@@ -55,8 +55,24 @@ vae windows "" --set seed=4 "${WINDOWS[@]}" --set vae.steps=1200 --set vae.lr=3e
 vae final "" --set seed=5 "${WHOLE[@]}" "${WINDOWS[@]}" --set vae.steps=150
 
 # 2. The diffusion UNet and 3. the ControlNet, on the posterior means of the final VAE.
-# The UNet was stopped at step 4000 of its 6000-step schedule (session time), the ControlNet ran 600.
+# The UNet was stopped at step 4000 of its 6000-step schedule (session time). The ControlNet ran 600
+# steps, then a second 3000-step schedule (lr 1e-3, cosine) from those weights into $RUN/cn3000: its
+# model folder has the VAE and UNet copied in from $MODEL.
 $PY -m MaisiSynthLib train unet --config "$CONFIG" --stop-after 4000 --quiet "$@"
 stamp unet
 $PY -m MaisiSynthLib train controlnet --config "$CONFIG" --quiet "$@"
 stamp controlnet
+mkdir -p "$RUN/cn3000"
+[ -e "$RUN/cn3000/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/cn3000/latents"  # same VAE: reuse its latents
+$PY -m MaisiSynthLib train controlnet --config "$CONFIG" --output-dir "$RUN/cn3000" --base-model-dir "$MODEL" \
+    --set model_dir="$PWD/$RUN/cn3000/model" --set controlnet.steps=3000 --quiet "$@"
+stamp controlnet3000
+# With δ = 2 that ControlNet overdraws lesions (hepatic −354 HU against a real −58; colon lesions as
+# air): 400 more steps with δ = 0.25 (already exceeded, so the ROI push stops and the flow loss sets
+# the contrast), lr 3e-4. Its model folder, $RUN/cnd/model, is what Resources/models/demo ships.
+mkdir -p "$RUN/cnd"
+[ -e "$RUN/cnd/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/cnd/latents"
+$PY -m MaisiSynthLib train controlnet --config "$CONFIG" --output-dir "$RUN/cnd" --base-model-dir "$RUN/cn3000/model" \
+    --set model_dir="$PWD/$RUN/cnd/model" --set controlnet.steps=400 --set controlnet.lr=3e-4 \
+    --set controlnet.warmup_steps=20 --set controlnet.contrastive_delta=0.25 --quiet "$@"
+stamp controlnet_delta

@@ -62,3 +62,16 @@ def test_random_tumor_places_a_whole_lesion_deep_enough():
     assert ndimage.label(lesion)[1] == 1
     with pytest.raises(MaskError, match="no host organ"):
         random_tumor(labels, L.LUNG_TUMOR, 6.0, (2.0, 2.0, 3.0), rng)
+
+
+def test_random_tumor_treats_the_edge_of_the_volume_as_outside_the_host():
+    # A vertebral column cut by the field of view: deepest at the top and bottom slices if the edge
+    # of the volume were not the edge of the organ, and a lesion centred there has no host core.
+    labels = np.full((30, 30, 12), L.BODY, np.int16)
+    labels[10:20, 10:20, :] = 33  # a vertebra through every slice
+    for seed in range(20):
+        out = random_tumor(labels, L.BONE_LESION, 10.0, (3.0, 3.0, 5.0), np.random.default_rng(seed))
+        lesion = np.argwhere(out == L.BONE_LESION)
+        # radius 10 mm at 5 mm slices: a lesion centred deep enough spans at least 3 slices; one centred
+        # on the first or last slice is cut to 2 (the edge slice is not host core)
+        assert len(np.unique(lesion[:, 2])) >= 3, f"seed {seed}: lesion on slices {np.unique(lesion[:, 2])}"
