@@ -47,7 +47,19 @@ def insert_tumor(
     centre is not in the host or no host voxel would change.
     """
     labels = np.asarray(labels)
-    host = host_region(labels, tumor)
+    return _insert(labels, tumor, centre, radius_mm, spacing, host_region(labels, tumor), None)
+
+
+def _insert(
+    labels: np.ndarray,
+    tumor: int,
+    centre: Sequence[float],
+    radius_mm: float | Sequence[float],
+    spacing: Sequence[float],
+    host: np.ndarray,
+    core: np.ndarray | None,
+) -> np.ndarray:
+    """insert_tumor with the host map (and its core, when the caller has it) already computed."""
     spacing = np.asarray(spacing, dtype=float)
     centre = np.asarray(centre, dtype=float)
     radii = np.broadcast_to(np.asarray(radius_mm, dtype=float), (3,))
@@ -69,8 +81,7 @@ def insert_tumor(
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     grids = np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")
     inside = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip(grids, centre, spacing, radii)) <= 1.0
-    core = _core(host)[box]
-    lesion = inside & core
+    lesion = inside & (_core(host) if core is None else core)[box]
     if not lesion.any():
         raise MaskError(
             f"a {L.name_of(int(tumor))} of {tuple(radii)} mm at {nearest} leaves no voxel inside its host",
@@ -103,4 +114,4 @@ def random_tumor(
         depth = np.where(core, depth, 0.0)
     deep_enough = np.argwhere(depth >= min(radius_mm, 0.8 * float(depth.max())))
     centre = deep_enough[int(rng.integers(len(deep_enough)))]
-    return insert_tumor(labels, tumor, centre, radius_mm, spacing)
+    return _insert(np.asarray(labels), tumor, centre, radius_mm, spacing, host, core)

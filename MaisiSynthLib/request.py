@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from .errors import MaisiSynthError
@@ -225,14 +226,14 @@ def _check_cfg_scale(value: Any) -> float:
     return float(value)
 
 
-def _check_choice(value: Any, what: str, names) -> str:
+def _check_choice(value: Any, what: str, names: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in names:
         raise RequestError(f"unknown {what} {_show(value)}", f"use one of {', '.join(names)}")
     return value
 
 
 def _check_solver(value: Any) -> str:
-    return _check_choice(value, 'solver', SOLVER_NAMES)
+    return _check_choice(value, "solver", SOLVER_NAMES)
 
 
 def _check_output_size(value: Any) -> tuple | str:
@@ -255,7 +256,7 @@ def _check_device(value: Any) -> str:
 
 
 def _check_precision(value: Any) -> str:
-    return _check_choice(value, 'precision', PRECISIONS)
+    return _check_choice(value, "precision", PRECISIONS)
 
 
 def _check_decode_window(value: Any) -> tuple:
@@ -275,7 +276,7 @@ def _check_controlnet(value: Any) -> bool:
 
 
 def _check_modality(value: Any) -> str:
-    return _check_choice(value, 'modality', CT_MODALITIES)
+    return _check_choice(value, "modality", CT_MODALITIES)
 
 
 # Field → checker of a present, non-null value (None means "the default" for every optional field).

@@ -153,7 +153,9 @@ def contrastive(args) -> None:
             f"{fmt(s['tumor_conspicuity_hu'][t]['synthetic'])} / {fmt(s['tumor_conspicuity_hu'][t]['real'])}"
             for t in tumors
         ]
-        rows.append(f"| {name} | {fmt(s['roi_change_hu'])} | {fmt(s['background_change_hu'])} | " + " | ".join(cells) + " |")
+        rows.append(
+            f"| {name} | {fmt(s['roi_change_hu'])} | {fmt(s['background_change_hu'])} | " + " | ".join(cells) + " |"
+        )
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     axes[0].bar(["ROI on", "ROI off", "bg on", "bg off"], [
@@ -367,7 +369,10 @@ def downstream(args) -> None:
     for i, means in enumerate(summary.values()):
         ax.scatter([i] * len(means), means, color="black", zorder=3)
         ax.bar(i, np.mean(means), color=["tab:blue", "tab:red"][i], alpha=0.6)
-    ax.set_xticks(range(len(summary)), [f"{k}\n({len(real) if k == 'real' else len(real) + len(synthetic)} cases)" for k in summary])
+    ax.set_xticks(
+        range(len(summary)),
+        [f"{k}\n({len(real) if k == 'real' else len(real) + len(synthetic)} cases)" for k in summary],
+    )
     ax.set_ylabel("tumor Dice on held-out phantoms")
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -412,9 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=8, help="held-out phantoms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="ControlNet training steps (default: the demo's)")
-    p.add_argument("--retrain", action="store_true", help="also retrain the contrastive ControlNet (else the shipped one)")
-    p.add_argument("--on", type=Path, help="model folder of an already trained contrastive ControlNet (instead of the shipped one)")
-    p.add_argument("--off", type=Path, help="model folder of an already trained ControlNet without the loss (skip training it)")
+    p.add_argument(
+        "--retrain", action="store_true", help="also retrain the contrastive ControlNet (else the shipped one)"
+    )
+    p.add_argument(
+        "--on", type=Path, help="model folder of an already trained contrastive ControlNet (instead of the shipped one)"
+    )
+    p.add_argument(
+        "--off", type=Path, help="model folder of an already trained ControlNet without the loss (skip training it)"
+    )
     p.set_defaults(run=contrastive)
     p = sub.add_parser("steps", help="slice Fréchet distance and organ HU error vs sampling steps")
     p.add_argument("--cases", type=int, default=8)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train the demo v3 candidate (issue 13; not shipped yet, see Resources/models/demo/TRAINING.md) from
-# scratch on the CPU. Phantoms, run state and weights go to runs/v3/ (model in runs/v3/model).
+# Train the demo model v3 (what Resources/models/demo ships since issue 13; scripts/train_demo.sh
+# runs this and copies the result there) from scratch on the CPU. Phantoms, run state and weights go
+# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnd/model.
 # Every stage is resumable: rerun this script with --resume after an interruption (each training
-# command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in the v3 section of
+# command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in
 # Resources/models/demo/TRAINING.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,17 +63,19 @@ $PY -m MaisiSynthLib train unet --config "$CONFIG" --stop-after 4000 --quiet "$@
 stamp unet
 $PY -m MaisiSynthLib train controlnet --config "$CONFIG" --quiet "$@"
 stamp controlnet
-mkdir -p "$RUN/cn3000"
-[ -e "$RUN/cn3000/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/cn3000/latents"  # same VAE: reuse its latents
-$PY -m MaisiSynthLib train controlnet --config "$CONFIG" --output-dir "$RUN/cn3000" --base-model-dir "$MODEL" \
-    --set model_dir="$PWD/$RUN/cn3000/model" --set controlnet.steps=3000 --quiet "$@"
-stamp controlnet3000
+# controlnet_stage NAME BASE --set ... : fine-tune the ControlNet of model folder BASE in $RUN/NAME
+# (same VAE, so its cached latents are shared).
+controlnet_stage() {
+    local name=$1 base=$2; shift 2
+    mkdir -p "$RUN/$name"
+    [ -e "$RUN/$name/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/$name/latents"
+    $PY -m MaisiSynthLib train controlnet --config "$CONFIG" --output-dir "$RUN/$name" --base-model-dir "$base" \
+        --set model_dir="$PWD/$RUN/$name/model" --quiet "$@" "${RESUME[@]}"
+    stamp "controlnet_$name"
+}
+controlnet_stage cn3000 "$MODEL" --set controlnet.steps=3000
 # With δ = 2 that ControlNet overdraws lesions (hepatic −354 HU against a real −58; colon lesions as
 # air): 400 more steps with δ = 0.25 (already exceeded, so the ROI push stops and the flow loss sets
 # the contrast), lr 3e-4. Its model folder, $RUN/cnd/model, is what Resources/models/demo ships.
-mkdir -p "$RUN/cnd"
-[ -e "$RUN/cnd/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/cnd/latents"
-$PY -m MaisiSynthLib train controlnet --config "$CONFIG" --output-dir "$RUN/cnd" --base-model-dir "$RUN/cn3000/model" \
-    --set model_dir="$PWD/$RUN/cnd/model" --set controlnet.steps=400 --set controlnet.lr=3e-4 \
-    --set controlnet.warmup_steps=20 --set controlnet.contrastive_delta=0.25 --quiet "$@"
-stamp controlnet_delta
+controlnet_stage cnd "$RUN/cn3000/model" --set controlnet.steps=400 --set controlnet.lr=3e-4 \
+    --set controlnet.warmup_steps=20 --set controlnet.contrastive_delta=0.25
