@@ -29,6 +29,8 @@ BONE_LESION = 128
 LEFT_KIDNEY_CYST = 116
 RIGHT_KIDNEY_CYST = 117
 COSTAL_CARTILAGES = 114
+# What the training losses can weight as bone: the bones and the cartilage that joins the ribs.
+BONE_REGION: tuple[int, ...] = BONES + (COSTAL_CARTILAGES,)
 
 # Tumor id → candidate host ids. A single candidate is a fixed host (hepatic tumor → liver). Several
 # candidates mean "the candidate that surrounds the lesion most" (a lung tumor takes the majority lobe

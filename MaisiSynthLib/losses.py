@@ -13,6 +13,19 @@ ControlNet + UNet on the same noisy latent, and
               official: |v(c') − (x0 − noise)|  (the perturbed prediction is a good flow outside)
     L     = L_flow + λ (L_roi + L_bg),  λ = 0.01, δ = 2.
 
+A constant δ pushes every lesion equally far: a faint hepatic lesion (−60 HU) is overdrawn long before
+a lung nodule (+700 HU) reaches δ. With margin "target" (`lesion_margin`) each sample's δ is how far
+its own lesion's latent lies from the surrounding tissue, mean over the ROI of |x0 − host|, host being
+the per-channel mean of x0 in a one-voxel latent ring around the ROI, capped at the constant δ. The
+push then stops where the real image stops; the true velocity gap at timestep fraction s is that
+distance / s, so the margin is the gap at the noisiest step and an underestimate elsewhere (the flow
+loss, not the push, sets the contrast there).
+
+|v − v'| has no sign: a push that only asks for distance may darken a lesion the real image shows
+bright (colon masses drawn as bowel gas). Margin "signed" also measures v − v' along
+sign(x0 − host) — v(c) − v(c') = (x̂0(c) − x̂0(c')) / s on the same x_t, and x̂0(c') is host tissue —
+so only moving towards the real lesion counts, up to the same margin.
+
 The ROI is where c and c' differ (at image resolution, as in the official code); the background is
 the complement of the ROI dilated by one voxel (3×3×3). Both are brought to latent resolution by
 max-pooling — a latent voxel touched by the ROI counts as ROI, and counts as background only if its
@@ -32,6 +45,7 @@ from . import labels as L
 from .masks import remove_tumors
 
 BACKGROUND_TERMS = ("paper", "official")
+MARGINS = ("constant", "target", "signed")
 PERTURBATIONS = ("host", "background")
 
 
@@ -93,21 +107,44 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
 
 
+def lesion_contrast(x0: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+    """x0 − host (B, C, ...): how the clean latent differs from the tissue around the ROI.
+
+    `x0` is the clean latent (B, C, ...), `roi` the latent-resolution ROI (B, 1, ...) from `roi_masks`;
+    host is x0's per-channel mean over the ROI dilated by one latent voxel, minus the ROI.
+    """
+    x0 = x0.float()
+    ring = F.max_pool3d(roi, kernel_size=3, stride=1, padding=1) - roi
+    dims = tuple(range(2, x0.ndim))
+    host = (x0 * ring).sum(dim=dims) / ring.sum(dim=dims).clamp(min=1)  # (B, C)
+    return x0 - host.reshape(*host.shape, *([1] * len(dims)))
+
+
+def lesion_margin(x0: torch.Tensor, roi: torch.Tensor, delta: float) -> torch.Tensor:
+    """Per-sample δ (B,): mean over the ROI of |x0 − host|, capped at `delta`; 0 where the ROI is empty."""
+    return _masked_mean(lesion_contrast(x0, roi).abs(), roi).clamp(max=delta)
+
+
 def region_contrastive_loss(
     v: torch.Tensor,
     v_perturbed: torch.Tensor,
     v_target: torch.Tensor,
     roi: torch.Tensor,
     background: torch.Tensor,
-    delta: float = 2.0,
+    delta: float | torch.Tensor = 2.0,
     background_term: str = "paper",
+    direction: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_roi, L_bg), each averaged over the batch; see the module docstring."""
+    """(L_roi, L_bg), each averaged over the batch; `delta` a number or one per sample (B,).
+
+    With `direction` (±1 like v) the ROI term measures v − v' along it instead of |v − v'|.
+    """
     if background_term not in BACKGROUND_TERMS:
         raise ValueError(f"background term must be one of {BACKGROUND_TERMS}, got {background_term!r}")
     v, v_perturbed, v_target = v.float(), v_perturbed.float(), v_target.float()
-    d_roi = _masked_mean((v - v_perturbed).abs(), roi)
-    l_roi = -torch.clamp(d_roi, max=delta)
+    gap = (v - v_perturbed).abs() if direction is None else (v - v_perturbed) * direction
+    d_roi = _masked_mean(gap, roi)
+    l_roi = -torch.minimum(d_roi, torch.as_tensor(delta, dtype=d_roi.dtype, device=d_roi.device))
     if background_term == "paper":
         l_bg = _masked_mean((v - v_perturbed).abs(), background)
     else:

@@ -264,16 +264,19 @@ def edited_masks(real: Path, out: Path, per_case: int, seed: int) -> list[Path]:
 
 
 def synthesize(masks: list[Path], folder: Path) -> Path:
-    """CTs from the demo model for `masks`, as *_image/*_label pairs in `folder`."""
+    """CTs from the demo model for `masks`, as *_image/*_label pairs in `folder`.
+
+    Always drawn anew (≈ 10 s each): CTs left there by an earlier model would measure that model.
+    """
     from MaisiSynthLib.models import load_models
     from MaisiSynthLib.pipeline import GenerateRequest, generate
 
     models = load_models(DEMO, "auto")
     for i, mask in enumerate(masks):
         name = mask.name.replace("_label.nii.gz", "")
-        image = folder / f"{name}_image.nii.gz"
-        if not image.is_file():
-            generate(GenerateRequest(mask=mask, output=image, model_dir=DEMO, seed=i), models=models)
+        generate(
+            GenerateRequest(mask=mask, output=folder / f"{name}_image.nii.gz", model_dir=DEMO, seed=i), models=models
+        )
     return folder
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the demo model v3 (what Resources/models/demo ships since issue 13; scripts/train_demo.sh
 # runs this and copies the result there) from scratch on the CPU. Phantoms, run state and weights go
-# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnd/model.
+# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnsl/model.
 # Every stage is resumable: rerun this script with --resume after an interruption (each training
 # command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in
 # Resources/models/demo/TRAINING.md).
@@ -76,6 +76,16 @@ controlnet_stage() {
 controlnet_stage cn3000 "$MODEL" --set controlnet.steps=3000
 # With δ = 2 that ControlNet overdraws lesions (hepatic −354 HU against a real −58; colon lesions as
 # air): 400 more steps with δ = 0.25 (already exceeded, so the ROI push stops and the flow loss sets
-# the contrast), lr 3e-4. Its model folder, $RUN/cnd/model, is what Resources/models/demo ships.
-controlnet_stage cnd "$RUN/cn3000/model" --set controlnet.steps=400 --set controlnet.lr=3e-4 \
-    --set controlnet.warmup_steps=20 --set controlnet.contrastive_delta=0.25
+# the contrast), lr 3e-4; lung nodules and bone lesions come out faint, colon lesions dark.
+SHORT=(--set controlnet.steps=400 --set controlnet.lr=3e-4 --set controlnet.warmup_steps=20)
+controlnet_stage cnd "$RUN/cn3000/model" "${SHORT[@]}" --set controlnet.contrastive_delta=0.25
+# Then 400-step stages with a margin per lesion (losses.py): "target" stops each lesion's push at its
+# own latent contrast; "signed" counts only the push towards the real lesion (colon lesions were drawn
+# dark); the flow loss ×3 on bones; and λ = 0.05, safe once the push cannot go past the real lesion.
+# The last model folder, $RUN/cnsl/model, is what Resources/models/demo ships.
+controlnet_stage cnt "$RUN/cnd/model" "${SHORT[@]}" --set controlnet.contrastive_margin=target
+controlnet_stage cns "$RUN/cnt/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed
+controlnet_stage cnsb "$RUN/cns/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed \
+    --set controlnet.bone_weight=3
+controlnet_stage cnsl "$RUN/cnsb/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed \
+    --set controlnet.bone_weight=3 --set controlnet.contrastive_weight=0.05

@@ -87,10 +87,12 @@ DEFAULTS: dict[str, Any] = {
         "contrastive": True,  # the region-specific contrastive loss
         "contrastive_weight": 0.01,  # λ
         "contrastive_delta": 2.0,  # δ
+        "contrastive_margin": "constant",  # constant: δ; target: the lesion's latent contrast ≤ δ; signed: + its sign
         "background_term": "paper",  # paper: v(c) ≈ v(c') outside; official: v(c') ≈ x0 − noise outside
         "perturbation": "host",  # host: tumor → host organ (official); background: tumor → 0
         "tumor_weight": 1.0,  # > 1 weights the flow loss inside tumors (latent resolution)
         "tumor_labels": [23, 24, 26, 27, 128],
+        "bone_weight": 1.0,  # > 1 weights the flow loss on bones and costal cartilages (latent resolution)
         "coarse_probability": 0.0,  # share of samples whose mask is coarsened (see training.controlnet)
         "unet_lr": 0.0,  # > 0: fine-tune the UNet jointly at this learning rate (0: frozen, official)
         "zero_init_scale": 0.0,  # > 0: small random weights instead of zeros in the output convolutions

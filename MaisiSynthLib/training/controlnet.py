@@ -24,7 +24,17 @@ import torch.nn.functional as F
 
 from .. import labels as L
 from ..errors import OptionError
-from ..losses import BACKGROUND_TERMS, PERTURBATIONS, flow_loss, perturb_mask, region_contrastive_loss, roi_masks
+from ..losses import (
+    BACKGROUND_TERMS,
+    MARGINS,
+    PERTURBATIONS,
+    flow_loss,
+    lesion_contrast,
+    lesion_margin,
+    perturb_mask,
+    region_contrastive_loss,
+    roi_masks,
+)
 from ..masks import COARSE_KEEP, binary_code, merge_vessels
 from ..models import (
     CONTROLNET_FILE,
@@ -89,6 +99,10 @@ class ControlNetStage(Stage):
             )
         if cfg["perturbation"] not in PERTURBATIONS:
             raise OptionError(f"controlnet.perturbation is '{cfg['perturbation']}'", f"use one of {PERTURBATIONS}")
+        if cfg["contrastive_margin"] not in MARGINS:
+            raise OptionError(
+                f"controlnet.contrastive_margin is '{cfg['contrastive_margin']}'", f"use one of {MARGINS}"
+            )
         self.network = network_config(self.config)
         self.seed = int(self.config["seed"])
         self.cases = load_cases(self.config["cases"], size_multiple_of(self.network))
@@ -108,7 +122,9 @@ class ControlNetStage(Stage):
         base = find_weight(self.config["base_model_dir"], CONTROLNET_FILE)
         if base is not None:  # fine-tune an existing ControlNet
             checkpoint = load_checkpoint(base)
-            load_weights(controlnet, checkpoint_state_dict(checkpoint, "controlnet_state_dict", base), base, "ControlNet")
+            load_weights(
+                controlnet, checkpoint_state_dict(checkpoint, "controlnet_state_dict", base), base, "ControlNet"
+            )
         else:
             from monai.networks.utils import copy_model_state
 
@@ -174,10 +190,7 @@ class ControlNetStage(Stage):
         conditions = [self.condition(i, step, pos) for (pos, _), i in zip(local, b.cases)]
         labels = torch.stack([c[0] for c in conditions]).to(self.device)
         latent_size = tuple(b.latents.shape[2:])
-        weights = None
-        if float(cfg["tumor_weight"]) != 1.0:
-            tumor = torch.isin(labels, torch.tensor(cfg["tumor_labels"], device=self.device)).float()
-            weights = 1.0 + (float(cfg["tumor_weight"]) - 1.0) * F.adaptive_max_pool3d(tumor, latent_size)
+        weights = self.region_weights(labels, latent_size)
         metrics: dict[str, float] = {}
         if not cfg["contrastive"]:
             v = model(b.noisy, b.timesteps, binary_code(labels), b.spacing, b.modality)
@@ -196,18 +209,31 @@ class ControlNetStage(Stage):
         )
         v, v_perturbed = v_both.chunk(2)
         flow = flow_loss(v, b.latents, b.noise, cfg["loss"], weights)
+        delta, direction = float(cfg["contrastive_delta"]), None
+        if cfg["contrastive_margin"] != "constant":
+            delta = lesion_margin(b.latents, roi, delta)
+            metrics["margin"] = float(delta.mean())
+        if cfg["contrastive_margin"] == "signed":
+            direction = torch.sign(lesion_contrast(b.latents, roi))
         l_roi, l_bg = region_contrastive_loss(
-            v,
-            v_perturbed,
-            b.latents - b.noise,
-            roi,
-            background,
-            float(cfg["contrastive_delta"]),
-            cfg["background_term"],
+            v, v_perturbed, b.latents - b.noise, roi, background, delta, cfg["background_term"], direction
         )
         loss = flow + float(cfg["contrastive_weight"]) * (l_roi + l_bg)
         metrics.update({"flow": float(flow.detach()), "roi": float(l_roi.detach()), "background": float(l_bg.detach())})
         return loss, metrics
+
+    def region_weights(self, labels: torch.Tensor, latent_size: tuple[int, ...]) -> torch.Tensor | None:
+        """Flow-loss weights at latent resolution: `tumor_weight` / `bone_weight` on every latent voxel
+        that a lesion / bone voxel falls in (the larger where both do), 1 elsewhere; None if all 1."""
+        weights = None
+        for ids, key in ((self.cfg["tumor_labels"], "tumor_weight"), (L.BONE_REGION, "bone_weight")):
+            w = float(self.cfg[key])
+            if w == 1.0:
+                continue
+            inside = torch.isin(labels, torch.tensor(list(ids), device=labels.device)).float()
+            region = 1.0 + (w - 1.0) * F.adaptive_max_pool3d(inside, latent_size)
+            weights = region if weights is None else torch.maximum(weights, region)
+        return weights
 
     def param_groups(self, module: torch.nn.Module) -> list[dict]:
         """The ControlNet at `lr`; a jointly trained UNet at its own (usually smaller) `unet_lr`."""

@@ -94,7 +94,7 @@ class VaeStage(Stage):
         shapes = [(0,)] * len(self.cases) if self.patch else [case.shape for case in self.cases]
         self.sampler = BucketSampler(shapes, self.global_batch, int(self.config["seed"]))
         self.region_ids = {
-            "bone": torch.tensor(L.BONES + (L.COSTAL_CARTILAGES,)),
+            "bone": torch.tensor(L.BONE_REGION),
             "tumor": torch.tensor(L.TUMORS),
         }
         autoencoder = build_network(self.network, "autoencoder_def", "cpu")
@@ -158,7 +158,11 @@ class VaeStage(Stage):
             patches.append(crop_patch(case.image, origin, patch, fill=0.0))
             eps.append(torch.randn((latent_channels, *(p // c for p in patch)), generator=g))
             weights.append(self.region_weights(crop_patch(case.labels, origin, patch, fill=0)))
-        return torch.stack(patches).to(self.device), torch.stack(eps).to(self.device), torch.stack(weights).to(self.device)
+        return (
+            torch.stack(patches).to(self.device),
+            torch.stack(eps).to(self.device),
+            torch.stack(weights).to(self.device),
+        )
 
     def region_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """1 everywhere, `bone_weight` / `tumor_weight` on bone / lesion voxels and the voxel around them."""

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from MaisiSynthLib import labels as L
-from MaisiSynthLib.losses import flow_loss, flow_target, perturb_mask, region_contrastive_loss, roi_masks
+from MaisiSynthLib.losses import (
+    flow_loss,
+    flow_target,
+    lesion_contrast,
+    lesion_margin,
+    perturb_mask,
+    region_contrastive_loss,
+    roi_masks,
+)
 
 
 def test_flow_target_follows_monais_add_noise():
@@ -59,6 +67,46 @@ def test_roi_term_is_capped_at_delta():
     assert l_roi.item() == pytest.approx(-2.0)
     l_roi.backward()
     assert torch.count_nonzero(v.grad) == 0  # beyond the cap there is nothing left to push
+
+
+def test_lesion_margin_is_the_lesions_distance_from_its_ring_by_hand():
+    """Two samples, two channels, five latent voxels in a row; the ROI is voxel 2 (sample 0) or empty."""
+    x0 = torch.tensor(
+        [
+            [[1.0, 1.0, 3.0, 3.0, 9.0], [0.0, 2.0, -1.0, 0.0, 9.0]],
+            [[5.0, 5.0, 5.0, 5.0, 5.0], [5.0, 5.0, 5.0, 5.0, 5.0]],
+        ]
+    ).view(2, 2, 1, 1, 5)
+    roi = torch.tensor([[0.0, 0, 1, 0, 0], [0.0, 0, 0, 0, 0]]).view(2, 1, 1, 1, 5)
+    margin = lesion_margin(x0, roi, delta=10.0)
+    # ring = voxels 1 and 3 (voxel 4 is two away): host = (2, 1); |3 − 2| and |−1 − 1| → mean 1.5
+    torch.testing.assert_close(margin, torch.tensor([1.5, 0.0]))
+    torch.testing.assert_close(lesion_margin(x0, roi, delta=1.0), torch.tensor([1.0, 0.0]))
+
+
+def test_roi_term_takes_one_delta_per_sample():
+    """Sample 0 is capped at its own δ = 0.25 (no push left), sample 1 is below its δ = 2 (pushed)."""
+    roi = torch.ones(2, 1, 1, 1, 2)
+    v = torch.full((2, 1, 1, 1, 2), 0.5, requires_grad=True)
+    zero = torch.zeros_like(v)
+    l_roi, _ = region_contrastive_loss(v, zero, zero, roi, torch.zeros_like(roi), delta=torch.tensor([0.25, 2.0]))
+    assert l_roi.item() == pytest.approx(-(0.25 + 0.5) / 2)
+    (grad,) = torch.autograd.grad(l_roi, v)
+    assert grad[0].abs().max() == 0 and grad[1].abs().min() > 0
+
+
+def test_signed_roi_term_only_counts_moving_towards_the_lesion():
+    """v − v' = (+0.5, −0.5) in a 2-voxel ROI; the real lesion is brighter in both voxels."""
+    roi = torch.ones(1, 1, 1, 1, 2)
+    v = torch.tensor([0.5, -0.5]).view(1, 1, 1, 1, 2).requires_grad_(True)
+    zero = torch.zeros_like(v)
+    x0 = torch.tensor([3.0, 3.0]).view(1, 1, 1, 1, 2)  # no ring: host 0, so x0 − host = x0
+    direction = torch.sign(lesion_contrast(x0, roi))
+    unsigned, _ = region_contrastive_loss(v, zero, zero, roi, torch.zeros_like(roi), delta=2.0)
+    signed, _ = region_contrastive_loss(v, zero, zero, roi, torch.zeros_like(roi), delta=2.0, direction=direction)
+    assert unsigned.item() == pytest.approx(-0.5) and signed.item() == pytest.approx(0.0)  # the darkening cancels
+    (grad,) = torch.autograd.grad(signed, v)
+    assert (grad < 0).all()  # descending the loss raises both voxels, the one drawn darker too
 
 
 def test_empty_roi_gives_zero_and_no_gradient():

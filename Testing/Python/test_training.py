@@ -425,3 +425,39 @@ def test_window_l1_sees_soft_tissue_contrast_the_plain_l1_hardly_does():
     both = float(window_l1(recon, real, [[-200, 200, 1.0], [-1000, 0, 0.5]]))
     assert both == pytest.approx(soft + 0.5 * (50 / 1000 / 4), rel=1e-4)
     assert window_l1(recon, real, []) is None
+
+
+def test_target_margin_caps_each_lesions_push_at_its_own_latent_contrast(workspace, tmp_path):
+    config = _config(tmp_path, controlnet={"steps": 3, "contrastive_margin": "target", "contrastive_delta": 5.0})
+    config.update(cases=str(workspace / "cases"), output_dir="margin", base_model_dir=str(workspace / "run" / "model"))
+    (tmp_path / "m.json").write_text(json.dumps(config))
+    result = run_cli("train", "controlnet", "--config", str(tmp_path / "m.json"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = read_log(tmp_path / "margin" / "logs" / "controlnet.csv")
+    margins = [r["margin"] for r in rows]
+    assert max(margins) > 0 and all(0 <= m < 5.0 for m in margins)  # each phantom has lesions; not the cap
+    assert all(-r["roi"] <= r["margin"] + 1e-6 for r in rows)  # the push never goes past the margin
+
+    bad = run_cli(
+        "train", "controlnet", "--config", str(tmp_path / "m.json"), "--set", "controlnet.contrastive_margin=tumor"
+    )
+    assert bad.returncode == 2 and "contrastive_margin" in bad.stderr and "target" in bad.stderr
+
+
+def test_controlnet_flow_weights_on_lesions_and_bones_at_latent_resolution(tmp_path):
+    from MaisiSynthLib import labels as L
+    from MaisiSynthLib.distributed import DistContext
+    from MaisiSynthLib.training.controlnet import ControlNetStage
+
+    config = load_config(None, [], output_dir=str(tmp_path))
+    stage = ControlNetStage(config, DistContext())
+    labels = torch.ones(1, 1, 8, 8, 8, dtype=torch.long)  # liver; 4×4×4 image voxels per latent voxel
+    assert stage.region_weights(labels, (2, 2, 2)) is None  # both weights 1: the plain flow loss
+    labels[0, 0, 0, 0, 0] = L.HEPATIC_TUMOR  # one voxel is enough for its latent voxel
+    labels[0, 0, 5, 5, 5] = 33  # a vertebra (C1)
+    labels[0, 0, 1, 5, 1] = L.HEPATIC_TUMOR  # lesion and cartilage in the same latent voxel
+    labels[0, 0, 2, 6, 2] = L.COSTAL_CARTILAGES
+    stage.cfg.update(tumor_weight=3.0, bone_weight=2.0)
+    weights = stage.region_weights(labels, (2, 2, 2))[0, 0]
+    assert weights[0, 0, 0] == 3.0 and weights[1, 1, 1] == 2.0 and weights[0, 1, 0] == 3.0
+    assert weights.sum() == 3.0 + 2.0 + 3.0 + 5 * 1.0
