@@ -120,9 +120,10 @@ def lesion_contrast(x0: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
     return x0 - host.reshape(*host.shape, *([1] * len(dims)))
 
 
-def lesion_margin(x0: torch.Tensor, roi: torch.Tensor, delta: float) -> torch.Tensor:
-    """Per-sample δ (B,): mean over the ROI of |x0 − host|, capped at `delta`; 0 where the ROI is empty."""
-    return _masked_mean(lesion_contrast(x0, roi).abs(), roi).clamp(max=delta)
+def lesion_margin(contrast: torch.Tensor, roi: torch.Tensor, delta: float) -> torch.Tensor:
+    """Per-sample δ (B,): mean over the ROI of |x0 − host| (`lesion_contrast`), capped at `delta`; 0
+    where the ROI is empty."""
+    return _masked_mean(contrast.abs(), roi).clamp(max=delta)
 
 
 def region_contrastive_loss(

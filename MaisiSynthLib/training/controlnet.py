@@ -211,10 +211,11 @@ class ControlNetStage(Stage):
         flow = flow_loss(v, b.latents, b.noise, cfg["loss"], weights)
         delta, direction = float(cfg["contrastive_delta"]), None
         if cfg["contrastive_margin"] != "constant":
-            delta = lesion_margin(b.latents, roi, delta)
+            contrast = lesion_contrast(b.latents, roi)
+            delta = lesion_margin(contrast, roi, delta)
             metrics["margin"] = float(delta.mean())
-        if cfg["contrastive_margin"] == "signed":
-            direction = torch.sign(lesion_contrast(b.latents, roi))
+            if cfg["contrastive_margin"] == "signed":
+                direction = torch.sign(contrast)
         l_roi, l_bg = region_contrastive_loss(
             v, v_perturbed, b.latents - b.noise, roi, background, delta, cfg["background_term"], direction
         )

@@ -78,10 +78,11 @@ def test_lesion_margin_is_the_lesions_distance_from_its_ring_by_hand():
         ]
     ).view(2, 2, 1, 1, 5)
     roi = torch.tensor([[0.0, 0, 1, 0, 0], [0.0, 0, 0, 0, 0]]).view(2, 1, 1, 1, 5)
-    margin = lesion_margin(x0, roi, delta=10.0)
+    contrast = lesion_contrast(x0, roi)
+    margin = lesion_margin(contrast, roi, delta=10.0)
     # ring = voxels 1 and 3 (voxel 4 is two away): host = (2, 1); |3 − 2| and |−1 − 1| → mean 1.5
     torch.testing.assert_close(margin, torch.tensor([1.5, 0.0]))
-    torch.testing.assert_close(lesion_margin(x0, roi, delta=1.0), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(lesion_margin(contrast, roi, delta=1.0), torch.tensor([1.0, 0.0]))
 
 
 def test_roi_term_takes_one_delta_per_sample():
