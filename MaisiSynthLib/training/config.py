@@ -112,8 +112,29 @@ def _merge(base: dict, update: dict, path: str = "") -> dict:
         if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
             out[key] = _merge(base[key], value, f"{where}.")
         else:
-            out[key] = value
+            out[key] = _check_type(where, base[key], value)
     return out
+
+
+def _check_type(where: str, default: Any, value: Any) -> Any:
+    """`value` if it has the default's kind (an int where a float goes). null passes: some settings
+    take it as "none" (`vae.patch_size: null` trains on whole volumes), and any where the default is."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind = (
+            isinstance(value, type(default)),
+            {str: "a string", list: "a list", dict: "an object"}.get(type(default), type(default).__name__),
+        )
+    if not ok:
+        raise OptionError(f"training setting '{where}' is {json.dumps(value, default=str)}", f"give {kind}")
+    return value
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

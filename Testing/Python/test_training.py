@@ -461,3 +461,25 @@ def test_controlnet_flow_weights_on_lesions_and_bones_at_latent_resolution(tmp_p
     weights = stage.region_weights(labels, (2, 2, 2))[0, 0]
     assert weights[0, 0, 0] == 3.0 and weights[1, 1, 1] == 2.0 and weights[0, 1, 0] == 3.0
     assert weights.sum() == 3.0 + 2.0 + 3.0 + 5 * 1.0
+
+
+def test_a_setting_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path):
+    from MaisiSynthLib.errors import OptionError
+
+    for override, kind in (
+        ("controlnet.bone_weight=heavy", "a number"),
+        ("controlnet.steps=2.5", "a whole number"),
+        ("controlnet.contrastive=1", "true or false"),
+        ("controlnet.contrastive_margin=3", "a string"),
+        ("controlnet.tumor_labels=26", "a list"),
+    ):
+        with pytest.raises(OptionError) as refused:
+            load_config(None, [override], output_dir=str(tmp_path))
+        assert override.split("=")[0] in refused.value.message and refused.value.hint == f"give {kind}"
+    config = load_config(None, ["controlnet.lr=1", "vae.patch_size=null"], output_dir=str(tmp_path))
+    assert config["controlnet"]["lr"] == 1 and config["vae"]["patch_size"] is None  # an int is a number; null passes
+    result = run_cli(
+        "train", "controlnet", "--output-dir", str(tmp_path / "run"), "--set", "controlnet.bone_weight=heavy"
+    )
+    assert result.returncode == 2 and "controlnet.bone_weight" in result.stderr and "number" in result.stderr
+    assert not (tmp_path / "run").exists()
