@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the demo model v3 (what Resources/models/demo ships since issue 13; scripts/train_demo.sh
 # runs this and copies the result there) from scratch on the CPU. Phantoms, run state and weights go
-# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnsl/model.
+# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnso/model.
 # Every stage is resumable: rerun this script with --resume after an interruption (each training
 # command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in
 # Resources/models/demo/TRAINING.md).
@@ -81,11 +81,15 @@ SHORT=(--set controlnet.steps=400 --set controlnet.lr=3e-4 --set controlnet.warm
 controlnet_stage cnd "$RUN/cn3000/model" "${SHORT[@]}" --set controlnet.contrastive_delta=0.25
 # Then 400-step stages with a margin per lesion (losses.py): "target" stops each lesion's push at its
 # own latent contrast; "signed" counts only the push towards the real lesion (colon lesions were drawn
-# dark); the flow loss ×3 on bones; and λ = 0.05, safe once the push cannot go past the real lesion.
-# The last model folder, $RUN/cnsl/model, is what Resources/models/demo ships.
+# dark); the flow loss ×3 on bones; and λ = 0.05, safe once the push cannot go past the real lesion,
+# twice (lung nodules and colon lesions were still getting stronger); then the flow loss ×3 also on
+# spleen, pancreas and kidneys (the spleen was drawn 45 HU too dark).
+# The last model folder, $RUN/cnso/model, is what Resources/models/demo ships.
 controlnet_stage cnt "$RUN/cnd/model" "${SHORT[@]}" --set controlnet.contrastive_margin=target
 controlnet_stage cns "$RUN/cnt/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed
 controlnet_stage cnsb "$RUN/cns/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed \
     --set controlnet.bone_weight=3
-controlnet_stage cnsl "$RUN/cnsb/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed \
-    --set controlnet.bone_weight=3 --set controlnet.contrastive_weight=0.05
+SIGNED=(--set controlnet.contrastive_margin=signed --set controlnet.bone_weight=3 --set controlnet.contrastive_weight=0.05)
+controlnet_stage cnsl "$RUN/cnsb/model" "${SHORT[@]}" "${SIGNED[@]}"
+controlnet_stage cnsl2 "$RUN/cnsl/model" "${SHORT[@]}" "${SIGNED[@]}"
+controlnet_stage cnso "$RUN/cnsl2/model" "${SHORT[@]}" "${SIGNED[@]}" --set controlnet.organ_weight=3

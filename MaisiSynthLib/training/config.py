@@ -93,6 +93,8 @@ DEFAULTS: dict[str, Any] = {
         "tumor_weight": 1.0,  # > 1 weights the flow loss inside tumors (latent resolution)
         "tumor_labels": [23, 24, 26, 27, 128],
         "bone_weight": 1.0,  # > 1 weights the flow loss on bones and costal cartilages (latent resolution)
+        "organ_weight": 1.0,  # > 1 weights the flow loss on the organs in organ_labels (latent resolution)
+        "organ_labels": [3, 4, 5, 14],  # spleen, pancreas, kidneys: small organs the ControlNet draws too faintly
         "coarse_probability": 0.0,  # share of samples whose mask is coarsened (see training.controlnet)
         "unet_lr": 0.0,  # > 0: fine-tune the UNet jointly at this learning rate (0: frozen, official)
         "zero_init_scale": 0.0,  # > 0: small random weights instead of zeros in the output convolutions
@@ -134,6 +136,10 @@ def _check_type(where: str, default: Any, value: Any) -> Any:
         )
     if not ok:
         raise OptionError(f"training setting '{where}' is {json.dumps(value, default=str)}", f"give {kind}")
+    if isinstance(default, list) and default:
+        # label ids and patch sizes: every item of the default's kind (["3"] is not label 3)
+        for i, item in enumerate(value):
+            _check_type(f"{where}[{i}]", default[0], item)
     return value
 
 

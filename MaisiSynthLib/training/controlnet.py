@@ -224,10 +224,16 @@ class ControlNetStage(Stage):
         return loss, metrics
 
     def region_weights(self, labels: torch.Tensor, latent_size: tuple[int, ...]) -> torch.Tensor | None:
-        """Flow-loss weights at latent resolution: `tumor_weight` / `bone_weight` on every latent voxel
-        that a lesion / bone voxel falls in (the larger where both do), 1 elsewhere; None if all 1."""
+        """Flow-loss weights at latent resolution: `tumor_weight` / `bone_weight` / `organ_weight` on
+        every latent voxel that a lesion / bone / listed organ voxel falls in (the largest where several
+        do), 1 elsewhere; None if all 1."""
         weights = None
-        for ids, key in ((self.cfg["tumor_labels"], "tumor_weight"), (L.BONE_REGION, "bone_weight")):
+        regions = (
+            (self.cfg["tumor_labels"], "tumor_weight"),
+            (L.BONE_REGION, "bone_weight"),
+            (self.cfg["organ_labels"], "organ_weight"),
+        )
+        for ids, key in regions:
             w = float(self.cfg[key])
             if w == 1.0:
                 continue

@@ -42,7 +42,7 @@ def evaluated(tmp_path_factory, tiny_model):
 def test_organ_errors_and_conspicuity_match_a_hand_computation(evaluated):
     root, summary, stdout = evaluated
     assert "organ" in stdout and "ROI sensitivity" in stdout
-    liver_errors, fat_errors, contrast_syn = [], [], []
+    liver_errors, fat_errors, contrast_syn, liver_real = [], [], [], []
     for case in summary["cases"]:
         name = case["name"]
         real = _array(root / "cases" / f"{name}_image.nii.gz")
@@ -61,9 +61,16 @@ def test_organ_errors_and_conspicuity_match_a_hand_computation(evaluated):
         contrast_syn.append(np.median(synthetic[tumor]) - np.median(synthetic[liver]))
         assert case["contrast_synthetic"]["26"] == pytest.approx(contrast_syn[-1])
         liver_errors.append(expected)
+        liver_real.append(np.median(real[liver]))
         fat_errors.append(case["organ_error"]["fat"])
     assert summary["organ_median_abs_error_hu"]["liver"] == pytest.approx(np.mean(liver_errors))
     assert summary["organ_median_abs_error_hu"]["fat"] == pytest.approx(np.mean(fat_errors))
+    # the floor: drawing the liver at the cases' median HU; two cases sit half their gap from it
+    assert liver_real[0] != liver_real[1]
+    floor = summary["organ_error_floor_hu"]["liver"]
+    assert floor == pytest.approx(abs(liver_real[0] - liver_real[1]) / 2)
+    liver_line = next(line for line in stdout.splitlines() if line.strip().startswith("liver"))
+    assert liver_line.split()[-1] == f"{floor:.1f}"
     assert summary["tumor_conspicuity_hu"]["hepatic tumor"]["synthetic"] == pytest.approx(np.mean(contrast_syn))
 
 

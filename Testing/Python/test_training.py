@@ -461,6 +461,12 @@ def test_controlnet_flow_weights_on_lesions_and_bones_at_latent_resolution(tmp_p
     weights = stage.region_weights(labels, (2, 2, 2))[0, 0]
     assert weights[0, 0, 0] == 3.0 and weights[1, 1, 1] == 2.0 and weights[0, 1, 0] == 3.0
     assert weights.sum() == 3.0 + 2.0 + 3.0 + 5 * 1.0
+    labels[0, 0, 4:, :4, :4] = 3  # spleen fills one latent voxel, a kidney touches one with a vertebra
+    labels[0, 0, 7, 7, 7] = 5
+    stage.cfg.update(organ_weight=4.0, organ_labels=[3, 5])
+    weights = stage.region_weights(labels, (2, 2, 2))[0, 0]
+    assert weights[1, 0, 0] == 4.0 and weights[1, 1, 1] == 4.0  # the largest weight where two regions meet
+    assert weights.sum() == 3.0 + 3.0 + 4.0 + 4.0 + 4 * 1.0  # lesions keep theirs; livers stay at 1
 
 
 def test_a_setting_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path):
@@ -472,6 +478,8 @@ def test_a_setting_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path):
         ("controlnet.contrastive=1", "true or false"),
         ("controlnet.contrastive_margin=3", "a string"),
         ("controlnet.tumor_labels=26", "a list"),
+        ('controlnet.organ_labels=[3, "5"]', "a whole number"),  # each label id, not only the list
+        ("vae.patch_size=[64, 64, 32.5]", "a whole number"),
     ):
         with pytest.raises(OptionError) as refused:
             load_config(None, [override], output_dir=str(tmp_path))
