@@ -48,6 +48,9 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/maisi",
     "model_dir": None,  # default <output_dir>/model
     "base_model_dir": None,  # take the VAE/UNet this stage needs from another model folder
+    # Held-out caseNNNN_image/_label pairs: each ControlNet checkpoint generates them and logs per-organ
+    # HU errors and lesion conspicuity to logs/validation.csv (training.validation); null: off.
+    "validation_cases": None,
     "model_settings": {},  # written as maisi_synth.json beside the config
     "seed": 0,
     "device": "auto",
@@ -98,11 +101,12 @@ DEFAULTS: dict[str, Any] = {
         "coarse_probability": 0.0,  # share of samples whose mask is coarsened (see training.controlnet)
         "unet_lr": 0.0,  # > 0: fine-tune the UNet jointly at this learning rate (0: frozen, official)
         "zero_init_scale": 0.0,  # > 0: small random weights instead of zeros in the output convolutions
+        "validate_steps": 10,  # Euler steps of the validation CTs (with validation_cases)
     },
 }
 
 
-_PATH_KEYS = ("network", "cases", "output_dir", "model_dir", "base_model_dir")
+_PATH_KEYS = ("network", "cases", "output_dir", "model_dir", "base_model_dir", "validation_cases")
 
 
 def _merge(base: dict, update: dict, path: str = "") -> dict:

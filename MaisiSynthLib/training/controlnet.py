@@ -62,6 +62,7 @@ from .common import (
 from .config import network_config
 from .data import BucketSampler, generator, load_cases
 from .trainer import Stage
+from .validation import check_validation, validate_checkpoint
 
 
 class _ControlledVelocity(torch.nn.Module):
@@ -105,6 +106,9 @@ class ControlNetStage(Stage):
             )
         self.network = network_config(self.config)
         self.seed = int(self.config["seed"])
+        # checked on every process, so a bad folder stops all of them, not the main one alone
+        validation = check_validation(self.config, cfg["validate_steps"])
+        self.validation = validation if self.ctx.is_main else None
         self.cases = load_cases(self.config["cases"], size_multiple_of(self.network))
         autoencoder = load_autoencoder(self.config, self.network, self.name)
         self.latents = cached_latents(self.config, self.ctx, self.cases, autoencoder)
@@ -262,6 +266,8 @@ class ControlNetStage(Stage):
                 epoch=step,
                 loss=loss,
             )
+        if self.validation is not None:  # save() runs on the main process only
+            validate_checkpoint(self.config, int(self.cfg["validate_steps"]), str(self.device), step)
 
 
 def _break_zero_init(controlnet: torch.nn.Module, scale: float, seed: int) -> None:

@@ -491,3 +491,57 @@ def test_a_setting_of_the_wrong_kind_is_refused_before_anything_runs(tmp_path):
     )
     assert result.returncode == 2 and "controlnet.bone_weight" in result.stderr and "number" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validation_cases_log_what_each_checkpoint_draws(workspace, tmp_path):
+    """With `validation_cases`, each ControlNet checkpoint generates the held-out cases from the model
+    folder just saved and logs per-organ HU errors and lesion conspicuity; resume redoes rows."""
+    import csv
+
+    from MaisiSynthLib.errors import OptionError
+    from MaisiSynthLib.evaluation import evaluate
+
+    held_out = tmp_path / "held_out"
+    write_phantoms(held_out, 1, size=SIZE, spacing=SPACING, seed=1001, tumors="all")
+
+    def run(out: str, cases: object = str(held_out), **kwargs):
+        config = _config(tmp_path, controlnet={"steps": 2, "checkpoint_every": 1, "validate_steps": 2})
+        config.update(
+            cases=str(workspace / "cases"),
+            output_dir=out,
+            base_model_dir=str(workspace / "run" / "model"),
+            validation_cases=cases,
+        )
+        (tmp_path / f"{out}.json").write_text(json.dumps(config))
+        return train("controlnet", str(tmp_path / f"{out}.json"), progress=False, **kwargs)
+
+    def rows(out: str) -> list[dict]:
+        with (tmp_path / out / "logs" / "validation.csv").open(newline="") as f:
+            return list(csv.DictReader(f))
+
+    run("val", stop_after=1)
+    assert [r["step"] for r in rows("val")] == ["1"]
+    state = tmp_path / "val" / "state" / "controlnet.pt"
+    at_step_1 = state.read_bytes()
+    run("val", resume=True)
+    assert [r["step"] for r in rows("val")] == ["1", "2"]
+    state.write_bytes(at_step_1)  # as if interrupted after the step-2 row but before its state was kept
+    run("val", resume=True)
+    logged = rows("val")
+    assert [r["step"] for r in logged] == ["1", "2"]  # step 2 redone, its row replaced, not repeated
+    # the last row measures the saved model exactly as `maisi-synth evaluate` does at those settings
+    summary = evaluate(tmp_path / "val" / "model", held_out, steps=2, seed=3, device="cpu", roi=False)
+    for organ, error in summary["organ_median_abs_error_hu"].items():
+        if error is not None:
+            assert float(logged[-1][f"{organ} |error| HU"]) == pytest.approx(error, rel=1e-4), organ
+    assert float(logged[-1]["liver error HU"]) == pytest.approx(
+        summary["organ_median_signed_error_hu"]["liver"], rel=1e-4
+    )
+    tumor, c = next(iter(summary["tumor_conspicuity_hu"].items()))
+    assert float(logged[-1][f"{tumor} synthetic/real"]) == pytest.approx(c["ratio"], rel=1e-4)
+    # a folder without cases, or a number where the folder goes, is refused before the first step
+    for bad, words in ((str(tmp_path / "nowhere"), "not found"), (5, "validation_cases")):
+        with pytest.raises(OptionError) as refused:
+            run(f"bad{words[:3]}", cases=bad)
+        assert words in refused.value.message
+        assert not (tmp_path / f"bad{words[:3]}" / "state").exists()
