@@ -46,6 +46,9 @@ from .masks import remove_tumors
 
 BACKGROUND_TERMS = ("paper", "official")
 MARGINS = ("constant", "target", "signed")
+# Which predictions the ROI term moves: both (the paper) or only the one for the real mask, leaving
+# the tumor-free prediction to the background term.
+PUSHES = ("both", "mask")
 PERTURBATIONS = ("host", "background")
 
 
@@ -135,15 +138,20 @@ def region_contrastive_loss(
     delta: float | torch.Tensor = 2.0,
     background_term: str = "paper",
     direction: torch.Tensor | None = None,
+    push: str = "both",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_roi, L_bg), each averaged over the batch; `delta` a number or one per sample (B,).
 
-    With `direction` (±1 like v) the ROI term measures v − v' along it instead of |v − v'|.
+    With `direction` (±1 like v) the ROI term measures v − v' along it instead of |v − v'|. With
+    `push="mask"` the ROI term moves v only (v' is a constant there).
     """
     if background_term not in BACKGROUND_TERMS:
         raise ValueError(f"background term must be one of {BACKGROUND_TERMS}, got {background_term!r}")
+    if push not in PUSHES:
+        raise ValueError(f"push must be one of {PUSHES}, got {push!r}")
     v, v_perturbed, v_target = v.float(), v_perturbed.float(), v_target.float()
-    gap = (v - v_perturbed).abs() if direction is None else (v - v_perturbed) * direction
+    pushed = v_perturbed.detach() if push == "mask" else v_perturbed
+    gap = (v - pushed).abs() if direction is None else (v - pushed) * direction
     d_roi = _masked_mean(gap, roi)
     l_roi = -torch.minimum(d_roi, torch.as_tensor(delta, dtype=d_roi.dtype, device=d_roi.device))
     if background_term == "paper":

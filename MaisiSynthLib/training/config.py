@@ -91,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         "contrastive_weight": 0.01,  # λ
         "contrastive_delta": 2.0,  # δ
         "contrastive_margin": "constant",  # constant: δ; target: the lesion's latent contrast ≤ δ; signed: + its sign
+        "contrastive_push": "both",  # both: v and v' pushed apart (paper); mask: v only, v' left alone
         "background_term": "paper",  # paper: v(c) ≈ v(c') outside; official: v(c') ≈ x0 − noise outside
         "perturbation": "host",  # host: tumor → host organ (official); background: tumor → 0
         "tumor_weight": 1.0,  # > 1 weights the flow loss inside tumors (latent resolution)

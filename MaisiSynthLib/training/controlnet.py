@@ -28,6 +28,7 @@ from ..losses import (
     BACKGROUND_TERMS,
     MARGINS,
     PERTURBATIONS,
+    PUSHES,
     flow_loss,
     lesion_contrast,
     lesion_margin,
@@ -100,6 +101,8 @@ class ControlNetStage(Stage):
             )
         if cfg["perturbation"] not in PERTURBATIONS:
             raise OptionError(f"controlnet.perturbation is '{cfg['perturbation']}'", f"use one of {PERTURBATIONS}")
+        if cfg["contrastive_push"] not in PUSHES:
+            raise OptionError(f"controlnet.contrastive_push is '{cfg['contrastive_push']}'", f"use one of {PUSHES}")
         if cfg["contrastive_margin"] not in MARGINS:
             raise OptionError(
                 f"controlnet.contrastive_margin is '{cfg['contrastive_margin']}'", f"use one of {MARGINS}"
@@ -221,7 +224,15 @@ class ControlNetStage(Stage):
             if cfg["contrastive_margin"] == "signed":
                 direction = torch.sign(contrast)
         l_roi, l_bg = region_contrastive_loss(
-            v, v_perturbed, b.latents - b.noise, roi, background, delta, cfg["background_term"], direction
+            v,
+            v_perturbed,
+            b.latents - b.noise,
+            roi,
+            background,
+            delta,
+            cfg["background_term"],
+            direction,
+            cfg["contrastive_push"],
         )
         loss = flow + float(cfg["contrastive_weight"]) * (l_roi + l_bg)
         metrics.update({"flow": float(flow.detach()), "roi": float(l_roi.detach()), "background": float(l_bg.detach())})

@@ -149,6 +149,26 @@ def test_gradients_stay_in_their_regions():
     assert grad_vp[~in_bg].abs().max() == 0
 
 
+def test_mask_push_moves_only_the_prediction_for_the_real_mask():
+    """push="mask": the ROI term has the same value, but no gradient reaches v' (the tumor-free
+    prediction), while the background term still ties v' to v outside."""
+    labels = torch.full((1, 1, 16, 16, 16), 1, dtype=torch.long)
+    labels[0, 0, 6:9, 6:9, 6:9] = L.HEPATIC_TUMOR
+    roi, bg = roi_masks(labels, perturb_mask(labels), (4, 4, 4))
+    v = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    v_p = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    target = torch.randn(1, 4, 4, 4, 4)
+    both, _ = region_contrastive_loss(v, v_p, target, roi, bg, delta=100.0)
+    mask_only, l_bg = region_contrastive_loss(v, v_p, target, roi, bg, delta=100.0, push="mask")
+    assert mask_only.item() == pytest.approx(both.item())
+    grad_v, grad_vp = torch.autograd.grad(mask_only, (v, v_p), allow_unused=True)
+    assert grad_v.abs().max() > 0 and (grad_vp is None or grad_vp.abs().max() == 0)
+    assert torch.autograd.grad(both, v_p)[0].abs().max() > 0
+    assert torch.autograd.grad(l_bg, v_p)[0].abs().max() > 0
+    with pytest.raises(ValueError, match="push"):
+        region_contrastive_loss(v, v_p, target, roi, bg, push="tumor")
+
+
 def test_roi_masks_at_latent_resolution():
     labels = torch.full((1, 1, 16, 16, 16), 1, dtype=torch.long)
     labels[0, 0, 5, 5, 5] = L.HEPATIC_TUMOR  # one image voxel: smaller than a latent voxel
