@@ -6,7 +6,7 @@ With `validation_cases` set, every checkpoint generates a CT for each held-out c
 `controlnet.validate_steps` Euler steps, seed = the training seed, no tumor-free second pass) from
 the model folder just saved and appends one row to `logs/validation.csv`: per organ the mean |median-HU
 error| and its sign, per lesion type the conspicuity synthetic / real. At 10 steps the organ errors
-are within about 1 HU of 30 steps' (docs/results.md, table 2), at a third of the cost.
+are within about 1 HU of 30 steps' (docs/results.md, table 2) in about half the time.
 """
 
 from __future__ import annotations
