@@ -371,7 +371,9 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(dependencies.summary(report))
         lacking = dependencies.missing(report) if "error" not in report else []
         if lacking and self.options().python:  # an external Python: the user installs there
-            slicer.util.infoDisplay("Install the missing packages with:\n\n" + dependencies.install_hint(python, lacking))
+            slicer.util.infoDisplay(
+                "Install the missing packages with:\n\n" + dependencies.install_hint(python, lacking)
+            )
         elif lacking and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
             self.logic.installIntoSlicer(lacking)
             self.ui.logTextEdit.appendPlainText(dependencies.summary(dependencies.probe(python)))

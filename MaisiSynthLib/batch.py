@@ -283,7 +283,11 @@ def sha256_of(path: Path) -> str:
 
 
 def _valid_entry(entry: object) -> bool:
-    if not isinstance(entry, dict) or not isinstance(entry.get("case"), str) or entry.get("status") not in ("ok", "failed"):
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("case"), str)
+        or entry.get("status") not in ("ok", "failed")
+    ):
         return False
     if entry["status"] == "ok":
         return all(isinstance(entry.get(k), str) for k in ("image", "label", "image_sha256", "label_sha256"))
@@ -301,7 +305,9 @@ def read_manifest(out: Path) -> dict[str, dict]:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
-            raise OptionError(f"cannot read {path}: {exc}", "delete it to redo every pair, or use a new --out") from None
+            raise OptionError(
+                f"cannot read {path}: {exc}", "delete it to redo every pair, or use a new --out"
+            ) from None
         for number, line in enumerate(lines, start=1):
             try:
                 entry = json.loads(line)

@@ -88,7 +88,9 @@ def summary(report: dict) -> str:
         if report.get("cuda_available")
         else ("CPU-only torch" if packages.get("torch") else "no torch")
     )
-    text = f"Python {report['python']}: torch {packages.get('torch') or '—'}, {cuda}, MONAI {packages.get('monai') or '—'}"
+    text = (
+        f"Python {report['python']}: torch {packages.get('torch') or '—'}, {cuda}, MONAI {packages.get('monai') or '—'}"
+    )
     lacking = missing(report)
     return text + (f"; missing: {', '.join(lacking)}" if lacking else "; everything the worker needs is installed")
 

@@ -131,7 +131,9 @@ def read_mask(path: str | os.PathLike) -> Mask:
         if volume.format == "nrrd" and _is_segmentation_header(volume.header.get("nrrd_header", {})):
             volume = _segmentation_to_labels(path)
     labels = validate_labels(volume.array, path.name)
-    return Mask(labels=labels, affine=volume.affine, source=str(path), volume=volume, notes=list(volume.header.get("notes", [])))
+    return Mask(
+        labels=labels, affine=volume.affine, source=str(path), volume=volume, notes=list(volume.header.get("notes", []))
+    )
 
 
 def validate_labels(array: np.ndarray, name: str = "mask") -> np.ndarray:

@@ -125,7 +125,11 @@ def check_network_size(key: str, kwargs: dict) -> None:
     for name in _CHANNEL_KEYS:
         if name in kwargs:
             values = kwargs[name] if isinstance(kwargs[name], (list, tuple)) else [kwargs[name]]
-            if not values or len(values) > MAX_LEVELS or not all(isinstance(v, int) and 0 < v <= MAX_CHANNELS for v in values):
+            if (
+                not values
+                or len(values) > MAX_LEVELS
+                or not all(isinstance(v, int) and 0 < v <= MAX_CHANNELS for v in values)
+            ):
                 raise ModelError(
                     f"config entry {key}.{name} is {str(values)[:80]}: at most {MAX_LEVELS} levels of 1 to {MAX_CHANNELS} channels",
                     "use the official network definitions (at most 512 channels per level)",
@@ -469,12 +473,17 @@ def load_models(
     ae_ckpt = load_checkpoint(folder.autoencoder_path)
     ae_key = "unet_state_dict" if isinstance(ae_ckpt, dict) and "unet_state_dict" in ae_ckpt else None
     load_weights(
-        autoencoder, checkpoint_state_dict(ae_ckpt, ae_key, folder.autoencoder_path), folder.autoencoder_path, "autoencoder"
+        autoencoder,
+        checkpoint_state_dict(ae_ckpt, ae_key, folder.autoencoder_path),
+        folder.autoencoder_path,
+        "autoencoder",
     )
 
     unet = build_network(config, "diffusion_unet_def", "cpu")
     unet_ckpt = load_checkpoint(folder.unet_path)
-    load_weights(unet, checkpoint_state_dict(unet_ckpt, "unet_state_dict", folder.unet_path), folder.unet_path, "diffusion UNet")
+    load_weights(
+        unet, checkpoint_state_dict(unet_ckpt, "unet_state_dict", folder.unet_path), folder.unet_path, "diffusion UNet"
+    )
     if "scale_factor" not in unet_ckpt:
         raise ModelError(f"{folder.unet_path.name} has no 'scale_factor'", "save the latent scale factor with the UNet")
     scale_factor = torch.as_tensor(np.asarray(unet_ckpt["scale_factor"], dtype=np.float32)).reshape(())
@@ -680,7 +689,12 @@ class ModelCache:
         self.last_reused = False
 
     def get(self, folder, device, precision: str):
-        key = (str(folder.root.resolve()), str(device), resolve_precision(precision, device), _folder_fingerprint(folder))
+        key = (
+            str(folder.root.resolve()),
+            str(device),
+            resolve_precision(precision, device),
+            _folder_fingerprint(folder),
+        )
         if self._models is not None and key == self._key:
             self.last_reused = True
             return self._models

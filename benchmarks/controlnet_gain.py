@@ -52,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         path = find_weight(folder, CONTROLNET_FILE)
         if path is None:
             p.error(f"no {CONTROLNET_FILE} in {folder}")
-        load_weights(net, checkpoint_state_dict(load_checkpoint(path), "controlnet_state_dict", path), path, "ControlNet")
+        load_weights(
+            net, checkpoint_state_dict(load_checkpoint(path), "controlnet_state_dict", path), path, "ControlNet"
+        )
         controlnets[name] = net.eval()
         # a ControlNet trained jointly with its UNet is measured with that UNet
         own = find_weight(folder, UNET_FILE)
         unets[name] = stage.unet
         if own is not None and (base_unet is None or own.resolve() != base_unet.resolve()):
             unet = copy.deepcopy(stage.unet)
-            load_weights(unet, checkpoint_state_dict(load_checkpoint(own), "unet_state_dict", own), own, "diffusion UNet")
+            load_weights(
+                unet, checkpoint_state_dict(load_checkpoint(own), "unet_state_dict", own), own, "diffusion UNet"
+            )
             unets[name] = unet.eval()
 
     errors: dict[str, list[list[float]]] = {name: [[] for _ in range(BINS)] for name in ["UNet alone", *controlnets]}

@@ -94,7 +94,9 @@ def main() -> int:
     mean, sample = result["mean"], result["sample"]
     print(f"VAE reconstruction ({len(ratios)} cases); posterior σ̄ / std(μ) = {result['sigma_over_mu_std']:.3f}")
     print(f"{'':<14}{'decode(μ)':>22}{'decode(μ+σε)':>22}")
-    print(f"{'mean |error| in the body':<36}{mean['mean_abs_error_in_body_hu']:8.1f} HU{sample['mean_abs_error_in_body_hu']:14.1f} HU")
+    print(
+        f"{'mean |error| in the body':<36}{mean['mean_abs_error_in_body_hu']:8.1f} HU{sample['mean_abs_error_in_body_hu']:14.1f} HU"
+    )
     print("organ median error (signed / |error|)")
     for organ in mean["organ_median_error_hu"]:
         cells = "".join(

@@ -283,7 +283,9 @@ def test_a_long_legal_output_name_is_written(tmp_path, tiny_model):
     """A 242-character name is legal on every file system; its temporary file must be too."""
     mask = save_nifti(tmp_path / "m.nii.gz", torso_labels(64))
     out = tmp_path / ("c" * 235 + ".nii.gz")
-    result = run_cli("generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(tiny_model), "--steps", "1")
+    result = run_cli(
+        "generate", "--mask", str(mask), "--output", str(out), "--model-dir", str(tiny_model), "--steps", "1"
+    )
     assert result.returncode == 0, result.stderr
     assert out.exists() and len(out.name) == 242
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "m.nii.gz"])

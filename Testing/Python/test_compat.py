@@ -100,7 +100,9 @@ def test_the_worker_generates_without_posix_only_modules(tmp_path, tiny_model):
     """`resource` and `fcntl` do not exist on Windows: the worker must start and generate without them."""
     blocker = tmp_path / "blocker"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['resource'] = None\nsys.modules['fcntl'] = None\n")
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['resource'] = None\nsys.modules['fcntl'] = None\n"
+    )
     mask = save_nifti(tmp_path / "mask.nii.gz", torso_labels())
     client = WorkerClient(
         env={"CUDA_VISIBLE_DEVICES": "-1", "PYTHONPATH": str(blocker)}, worker_args=["--device", "cpu"]
@@ -108,7 +110,9 @@ def test_the_worker_generates_without_posix_only_modules(tmp_path, tiny_model):
     client.start()
     try:
         end = client.wait(
-            client.generate({"mask": str(mask), "output": str(tmp_path / "ct.nii.gz"), "model_dir": str(tiny_model), "steps": 2}),
+            client.generate(
+                {"mask": str(mask), "output": str(tmp_path / "ct.nii.gz"), "model_dir": str(tiny_model), "steps": 2}
+            ),
             180,
         )
     finally:
@@ -123,7 +127,9 @@ def test_the_dependency_check_names_what_the_worker_python_lacks(tmp_path):
 
     full = dependencies.probe(sys.executable)
     assert full["packages"]["torch"] and full["packages"]["monai"] and dependencies.missing(full) == []
-    assert "everything the worker needs" in dependencies.summary(full) and "CPU-only torch" in dependencies.summary(full)
+    assert "everything the worker needs" in dependencies.summary(full) and "CPU-only torch" in dependencies.summary(
+        full
+    )
     bare = _python("3.12") or _python("3.9")
     if bare is None:
         pytest.skip("no second Python")

@@ -218,7 +218,9 @@ def test_coarse_masks_merge_vessels_into_their_organ_and_fold_the_rest_into_the_
     assert not np.isin(merged, [119, 25]).any()
     assert merged[3, 0, 0] == 28 and merged[8, 0, 0] == 1
     assert merged[4, 1, 1] in (28, 32) and merged[4, 2, 2] in (28, 32)
-    np.testing.assert_array_equal(merged[labels != 119][labels[labels != 119] != 25], labels[(labels != 119) & (labels != 25)])
+    np.testing.assert_array_equal(
+        merged[labels != 119][labels[labels != 119] != 25], labels[(labels != 119) & (labels != 25)]
+    )
     coarse = coarsen_labels(labels)
     assert set(np.unique(coarse).tolist()) == {0, 200, 28, 32, 23, 26, 40}
     assert (coarse[8][labels[8] == 1] == 200).all() and coarse[8, 3, 3] == 26  # liver folded, its tumor kept

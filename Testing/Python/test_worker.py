@@ -175,9 +175,25 @@ def test_hostile_lines_get_one_error_each_and_the_worker_stays(worker, mask, tin
         worker.send_raw('{"type": "ping", "id": ' + "9" * 5000 + "}")
         worker.send_raw("[" * 100000)
         worker.send_raw('{"type": "ping", "id": "' + "x" * (1 << 21) + '"}')  # over the 1 MiB line limit
-        worker.send_raw(json.dumps({"type": "generate", "id": "t1", "params": {**params(mask, "o.nii.gz", tiny_model), "solver": ["euler"]}}))
-        worker.send_raw(json.dumps({"type": "generate", "id": "t2", "params": {**params(mask, "o.nii.gz", tiny_model), "spacing": "333"}}))
-        worker.send_raw(json.dumps({"type": "generate", "id": "t3", "params": {**params(mask, "o.nii.gz", tiny_model), "controlnet": "no"}}))
+        worker.send_raw(
+            json.dumps(
+                {
+                    "type": "generate",
+                    "id": "t1",
+                    "params": {**params(mask, "o.nii.gz", tiny_model), "solver": ["euler"]},
+                }
+            )
+        )
+        worker.send_raw(
+            json.dumps(
+                {"type": "generate", "id": "t2", "params": {**params(mask, "o.nii.gz", tiny_model), "spacing": "333"}}
+            )
+        )
+        worker.send_raw(
+            json.dumps(
+                {"type": "generate", "id": "t3", "params": {**params(mask, "o.nii.gz", tiny_model), "controlnet": "no"}}
+            )
+        )
         # the output names the input mask another way: refused, the mask is untouched
         before = mask.read_bytes()
         sneaky = mask.parent / "sub" / ".." / mask.name
@@ -210,7 +226,9 @@ def test_a_worker_starts_from_a_launcher_polluted_environment(tmp_path):
 
     slicer_python = None
     for version in ("3.12", "3.9"):
-        found = sp.run(["pyenv", "which", "python"], capture_output=True, text=True, env={**os.environ, "PYENV_VERSION": version})
+        found = sp.run(
+            ["pyenv", "which", "python"], capture_output=True, text=True, env={**os.environ, "PYENV_VERSION": version}
+        )
         if found.returncode == 0 and found.stdout.strip():
             slicer_python = found.stdout.strip()
             break
@@ -218,7 +236,9 @@ def test_a_worker_starts_from_a_launcher_polluted_environment(tmp_path):
         slicer_python = shutil.which("python3.12")
     if slicer_python is None:
         pytest.skip("no second Python to play Slicer's")
-    prefix = sp.run([slicer_python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()
+    prefix = sp.run(
+        [slicer_python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    ).stdout.strip()
     repo = str(Path(__file__).resolve().parents[2])
     script = tmp_path / "slicer_like.py"
     script.write_text(
@@ -268,9 +288,11 @@ def test_a_gui_session_never_waits_for_the_worker(tiny_model, mask, tmp_path):
 
     remote = ClientSession()
     shut = []
+
     class Server(RemoteClient):  # a shared server must not be stopped by one of its users
         def shutdown(self, timeout: float = 20.0) -> None:
             shut.append(True)
+
     remote.client, remote.key = Server("http://127.0.0.1:9"), ("remote", "x")
     remote.close()
     assert not shut
