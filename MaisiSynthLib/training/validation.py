@@ -4,25 +4,23 @@ The flow loss hardly moves between ControlNet stages while what the model draws 
 darker by a few HU per few hundred steps, a lesion type fades while another passes its real contrast.
 With `validation_cases` set, every checkpoint generates a CT for each held-out case (at
 `controlnet.validate_steps` Euler steps, seed = the training seed, no tumor-free second pass) from
-the model folder just saved and appends one row to `logs/validation.csv`: per organ the mean |median-HU
+the model folder just saved and adds one row to `logs/validation.csv`: per organ the mean |median-HU
 error| and its sign, per lesion type the conspicuity synthetic / real. At 10 steps the organ errors
 are within about 1 HU of 30 steps' (docs/results.md, table 2) in about half the time.
 """
 
 from __future__ import annotations
 
-import csv
-import math
 import sys
 from pathlib import Path
 
 from ..errors import OptionError
-from ..volumes import atomic_path
+from .trainer import _CsvLog
 
 LOG_NAME = "validation.csv"
 
 
-def check_validation(config: dict, steps: object) -> list | None:
+def check_validation(config: dict, steps: int) -> list | None:
     """The held-out pairs named by `validation_cases`, checked before the first training step (a typo
     must not surface at the first checkpoint, after minutes of training); None when unset."""
     from ..cases import find_pairs
@@ -35,7 +33,7 @@ def check_validation(config: dict, steps: object) -> list | None:
             f"training setting 'validation_cases' is {cases!r}",
             "give a folder of caseNNNN_image/_label.nii.gz pairs (or null for no validation)",
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if steps < 1:  # its type is checked when the config loads
         raise OptionError(f"training setting 'controlnet.validate_steps' is {steps!r}", "give a whole number ≥ 1")
     return find_pairs(cases)
 
@@ -53,31 +51,6 @@ def validation_row(summary: dict, step: int, seconds: float) -> dict:
     return row
 
 
-def append_row(path: Path, row: dict) -> None:
-    """Add `row` to the CSV at `path`, dropping rows of this step or later: after `--resume` those
-    checkpoints are redone. Rewritten whole and atomically (the file is a few rows)."""
-    rows: list[dict] = []
-    if path.exists():
-        with path.open(newline="") as f:
-            rows = [r for r in csv.DictReader(f) if float(r["step"]) < row["step"]]
-    fields = list(row)
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-
-
-def _cell(value):
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return ""
-    return f"{value:.6g}" if isinstance(value, float) else value
-
-
 def validate_checkpoint(config: dict, steps: int, device: str, step: int) -> dict:
     """Generate and measure the held-out cases with the model folder as saved at `step`; log the row."""
     import time
@@ -89,7 +62,9 @@ def validate_checkpoint(config: dict, steps: int, device: str, step: int) -> dic
         config["model_dir"], config["validation_cases"], steps=steps, seed=int(config["seed"]), device=device, roi=False
     )
     row = validation_row(summary, step, round(time.perf_counter() - started, 2))
-    append_row(Path(config["output_dir"]) / "logs" / LOG_NAME, row)
+    # the trainer's metrics log, opened as if resuming just before `step`: after `--resume` the rows
+    # of redone checkpoints are replaced, not repeated
+    _CsvLog(Path(config["output_dir"]) / "logs" / LOG_NAME, step - 1).write(row)
     errors = summary["organ_median_abs_error_hu"]
     shown = ", ".join(f"{k} {v:.0f}" for k, v in errors.items() if v is not None)
     print(f"validation at step {step}: organ |error| HU {shown}", file=sys.stderr)
