@@ -397,6 +397,7 @@ class BatchSettings:
     steps: int | None = DEFAULTS["steps"]
     solver: str = DEFAULTS["solver"]
     cfg_scale: float | None = DEFAULTS["cfg_scale"]
+    mask_guidance: float | None = DEFAULTS["mask_guidance"]
     device: str = DEFAULTS["device"]
     threads: int | None = None
     name: str = "MaisiSynth"
@@ -432,6 +433,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
         steps=settings.steps,
         solver=settings.solver,
         cfg_scale=settings.cfg_scale,
+        mask_guidance=settings.mask_guidance,
         device=settings.device,
     )
     rules = [parse_rule(r) for r in settings.edits]
@@ -563,6 +565,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             steps=settings.steps,
             seed=job.seed,
             cfg_scale=settings.cfg_scale,
+            mask_guidance=settings.mask_guidance,
             solver=settings.solver,
             device=device,
         )
@@ -586,6 +589,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             label_sha256=hashlib.sha256(label_bytes).hexdigest(),
             steps=result.steps,
             cfg_scale=result.cfg_scale,
+            mask_guidance=result.mask_guidance,
             shape=list(result.shape),
             spacing=list(result.spacing),
             device=result.device,

@@ -33,6 +33,11 @@ REQUEST_FLAGS: dict[str, dict] = {
     ),
     "seed": dict(type=int, default=DEFAULTS["seed"], help="noise seed (default 0)"),
     "cfg_scale": dict(type=float, help="tumor classifier-free guidance scale; 0 = off (default: the model's)"),
+    "mask_guidance": dict(
+        type=float,
+        help="mask guidance scale: > 1 amplifies what the mask adds to the UNet's velocity on the noisy half of "
+        "the steps; 1 = off (default: the model's; the demo model's 1.5)",
+    ),
     "solver": dict(default=DEFAULTS["solver"], choices=SOLVER_NAMES, help="ODE step (euler = official)"),
     "device": dict(default=DEFAULTS["device"], help="auto, cpu or cuda[:N]"),
     "precision": dict(default=DEFAULTS["precision"], choices=PRECISIONS),
@@ -83,7 +88,7 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
     p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
     p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
-    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "solver", "modality")
+    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "mask_guidance", "solver", "modality")
     p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
     p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
     add_request_options(p, "device", "precision")
@@ -108,6 +113,7 @@ def _run_generate(args) -> int:
         steps=args.steps,
         seed=args.seed,
         cfg_scale=args.cfg_scale,
+        mask_guidance=args.mask_guidance,
         solver=args.solver,
         output_size=_size(args.output_size) if args.output_size else None,
         spacing=_triple("--spacing", args.spacing),
@@ -257,7 +263,8 @@ def _run_info(args) -> int:
     )
     d = info["inference_defaults"]
     print(
-        f"defaults     {d['num_inference_steps']} steps, cfg {d['cfg_guidance_scale']}, decode window "
+        f"defaults     {d['num_inference_steps']} steps, cfg {d['cfg_guidance_scale']}, mask guidance "
+        f"{d['mask_guidance_scale']} (from t = {d['mask_guidance_from']} T), decode window "
         f"{d['autoencoder_sliding_window_infer_size']} (overlap {d['autoencoder_sliding_window_infer_overlap']})"
     )
     r = info["grid_rules"]
@@ -430,7 +437,7 @@ def _add_evaluate(sub) -> None:
     )
     add_request_options(p, "model_dir")
     p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
-    add_request_options(p, "steps", "seed", "solver", "device")
+    add_request_options(p, "steps", "seed", "solver", "mask_guidance", "device")
     p.add_argument("--json", dest="json_out", help="write the full results here (default: <cases>/evaluation.json)")
     p.add_argument("--save-dir", help="keep the synthetic CTs here")
     p.add_argument("--no-roi", action="store_true", help="skip the tumor-free generations (halves the time)")
@@ -455,6 +462,7 @@ def _run_evaluate(args) -> int:
         args.save_dir,
         roi=not args.no_roi,
         progress=lambda name: bar.update(1),
+        mask_guidance=args.mask_guidance,
     )
     bar.close()
     cases = Path(args.cases)
@@ -644,7 +652,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
-    add_request_options(p, "model_dir", "steps", "solver", "cfg_scale", "device")
+    add_request_options(p, "model_dir", "steps", "solver", "cfg_scale", "mask_guidance", "device")
     p.add_argument("--threads", type=int, help="torch threads per process (default 1 on the CPU, for identical bytes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_batch)
@@ -666,6 +674,7 @@ def _run_batch(args) -> int:
             steps=args.steps,
             solver=args.solver,
             cfg_scale=args.cfg_scale,
+            mask_guidance=args.mask_guidance,
             device=args.device,
             threads=args.threads,
             name=args.name,

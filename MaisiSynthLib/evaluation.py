@@ -179,6 +179,7 @@ def evaluate(
     save_dir: str | Path | None = None,
     roi: bool = True,
     progress: Callable[[str], None] | None = None,
+    mask_guidance: float | None = None,
 ) -> dict:
     """Generate a CT for every held-out case and measure it against the real one (see module doc)."""
     import time
@@ -191,7 +192,12 @@ def evaluate(
 
     # the request options once, before the model loads (each case's request is checked again)
     check_options(
-        model_dir=None if model_dir is None else str(model_dir), steps=steps, seed=seed, solver=solver, device=device
+        model_dir=None if model_dir is None else str(model_dir),
+        steps=steps,
+        seed=seed,
+        solver=solver,
+        device=device,
+        mask_guidance=mask_guidance,
     )
     choice = choose_model_dir(model_dir)
     folder = locate_model_folder(choice.path)
@@ -201,7 +207,9 @@ def evaluate(
     work = Path(save_dir) if save_dir else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    options = dict(model_dir=str(folder.root), steps=steps, seed=seed, solver=solver, device=device)
+    options = dict(
+        model_dir=str(folder.root), steps=steps, seed=seed, solver=solver, device=device, mask_guidance=mask_guidance
+    )
 
     def keep(path: Path, array: np.ndarray, affine: np.ndarray, like) -> None:
         with atomic_path(path) as tmp:
@@ -261,6 +269,7 @@ def evaluate(
         "steps": steps,
         "seed": seed,
         "solver": solver,
+        "mask_guidance": mask_guidance,  # None: the model's
     }
     summary["cases"] = [r.__dict__ for r in results]
     return summary

@@ -64,6 +64,10 @@ _SAFE_NUMPY = [
 DEFAULT_INFERENCE = {
     "num_inference_steps": 30,
     "cfg_guidance_scale": 0.0,
+    # Not in the official config (MaisiSynth's own, `sampling.velocity_model`): 1 = off, as the
+    # official sampler; guidance against the UNet alone on timesteps t ≥ mask_guidance_from · T.
+    "mask_guidance_scale": 1.0,
+    "mask_guidance_from": 0.5,
     "autoencoder_sliding_window_infer_size": [48, 48, 48],
     "autoencoder_sliding_window_infer_overlap": 0.6666,
     "modality": 1,

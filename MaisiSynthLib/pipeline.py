@@ -71,6 +71,8 @@ class GenerateRequest:
     steps: int | None = DEFAULTS["steps"]
     seed: int = DEFAULTS["seed"]
     cfg_scale: float | None = DEFAULTS["cfg_scale"]
+    # > 1 amplifies what the mask adds to the UNet's velocity (`sampling.velocity_model`); None: the model's
+    mask_guidance: float | None = DEFAULTS["mask_guidance"]
     solver: str = DEFAULTS["solver"]
     output_size: tuple[int, int, int] | str | None = DEFAULTS["output_size"]
     spacing: tuple[float, float, float] | None = DEFAULTS["spacing"]
@@ -118,6 +120,7 @@ class GenerateResult:
     notes: list[str] = field(default_factory=list)
     latent: torch.Tensor | None = None
     model: str = ""  # which model made it, in words (model_home.ModelChoice.describe)
+    mask_guidance: float = 1.0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -138,6 +141,10 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
     defaults = folder.inference
     steps = options["steps"] if options["steps"] is not None else int(defaults["num_inference_steps"])
     cfg = options["cfg_scale"] if options["cfg_scale"] is not None else float(defaults["cfg_guidance_scale"])
+    guidance = options["mask_guidance"]
+    if guidance is None:
+        guidance = defaults["mask_guidance_scale"]
+    guidance_from = defaults["mask_guidance_from"]
     window = options["decode_window"] or [int(w) for w in defaults["autoencoder_sliding_window_infer_size"]]
     overlap = (
         options["decode_overlap"]
@@ -148,12 +155,24 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
     try:
         steps, cfg = check_field("steps", steps), check_field("cfg_scale", cfg)
         window, overlap = check_field("decode_window", list(window)), check_field("decode_overlap", overlap)
+        guidance = check_field("mask_guidance", guidance)
+        if not (isinstance(guidance_from, (int, float)) and not isinstance(guidance_from, bool)) or not (
+            0 <= guidance_from <= 1
+        ):
+            raise RequestError(f"mask_guidance_from must be a number from 0 to 1, got {guidance_from!r}", "e.g. 0.5")
     except RequestError as exc:
         raise ModelError(
             f"the model's inference defaults are invalid: {exc.message}",
             f"fix {folder.root / 'maisi_synth.json'}, or pass the option explicitly",
         ) from None
-    return {"steps": steps, "cfg": cfg, "window": window, "overlap": overlap}
+    return {
+        "steps": steps,
+        "cfg": cfg,
+        "mask_guidance": guidance,
+        "mask_guidance_from": float(guidance_from),
+        "window": window,
+        "overlap": overlap,
+    }
 
 
 def _check_outputs(request: GenerateRequest) -> None:
@@ -296,6 +315,7 @@ class SyntheticCT:
     model_dir: str
     device: str
     model: str  # which model made it, in words (model_home.ModelChoice.describe)
+    mask_guidance: float = 1.0
     timings: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -409,7 +429,15 @@ def _synthesize(
             uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
         modality_id = L.modality_id(opts["modality"]) if opts["modality"] else int(folder.inference.get("modality", 1))
         modality = torch.tensor([modality_id], dtype=torch.long, device=device)
-        cond = Conditioning(control, spacing_condition(spacing), modality, settings["cfg"], uncond)
+        cond = Conditioning(
+            control,
+            spacing_condition(spacing),
+            modality,
+            settings["cfg"],
+            uncond,
+            mask_guidance=settings["mask_guidance"] if control is not None else 1.0,
+            mask_guidance_from=settings["mask_guidance_from"],
+        )
 
     # 4. Sampling.
     def on_step(info: dict) -> None:
@@ -422,6 +450,7 @@ def _synthesize(
         latent = sample_latent(
             models, cond, models.latent_shape(shape), opts["seed"], settings["steps"], opts["solver"], on_step
         )
+    guidance_used = float(cond.mask_guidance)
     del cond, control, uncond
 
     # 5. Decoding, then back onto the mask's grid.
@@ -465,6 +494,7 @@ def _synthesize(
         model_dir=str(folder.root),
         device=str(device),
         model=engine.choice.describe(),
+        mask_guidance=guidance_used,
         timings=stages.timings,
         peak_memory=peak,
         notes=notes,
@@ -535,4 +565,5 @@ def generate(
         notes=ct.notes,
         latent=ct.latent,
         model=ct.model,
+        mask_guidance=ct.mask_guidance,
     )

@@ -36,6 +36,8 @@ STAGES = ("load", "encode-mask", "sample", "decode", "write")  # progress events
 OUTPUT_FIELDS = ("output", "preview", "label_output")  # the files a generation writes
 STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 100.0)
+# mask guidance scale: 1 = off (the ControlNet-conditioned velocity as it is), > 1 amplifies what the mask adds
+MASK_GUIDANCE_RANGE = (1.0, 10.0)
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (numpy and torch generators take them)
 OFFICIAL_STEPS = 30  # the official inference config's num_inference_steps
 # CT modality classes of MAISI-v2's modality conditioning (data/modality_mapping.json: 1, 2, 3)
@@ -166,6 +168,7 @@ FIELDS = (
     "steps",
     "seed",
     "cfg_scale",
+    "mask_guidance",
     "solver",
     "output_size",
     "spacing",
@@ -186,6 +189,7 @@ DEFAULTS: dict = {
     "steps": None,
     "seed": 0,
     "cfg_scale": None,
+    "mask_guidance": None,  # the model's (its inference config's "mask_guidance_scale", 1 = off)
     "solver": "euler",
     "output_size": None,
     "spacing": None,
@@ -222,6 +226,16 @@ def _check_cfg_scale(value: Any) -> float:
         raise RequestError(
             f"CFG scale must be a number from {low:g} to {high:g}, got {_show(value)}",
             "pass e.g. --cfg-scale 0 (off) or 2",
+        )
+    return float(value)
+
+
+def _check_mask_guidance(value: Any) -> float:
+    low, high = MASK_GUIDANCE_RANGE
+    if not _is_number(value) or not low <= value <= high:
+        raise RequestError(
+            f"mask guidance must be a number from {low:g} to {high:g}, got {_show(value)}",
+            "pass e.g. --mask-guidance 1 (off) or 1.5",
         )
     return float(value)
 
@@ -289,6 +303,7 @@ _CHECKS = {
     "steps": _check_steps,
     "seed": _check_seed,
     "cfg_scale": _check_cfg_scale,
+    "mask_guidance": _check_mask_guidance,
     "solver": _check_solver,
     "output_size": _check_output_size,
     "spacing": _check_spacing,
@@ -301,7 +316,7 @@ _CHECKS = {
 }
 # None is a value only where it means "the default"; a required path or a flag cannot be null, and
 # seed, solver, device and precision have fixed defaults that a null would only hide.
-_NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "output_size", "spacing")
+_NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "mask_guidance", "output_size", "spacing")
 _NULLABLE += ("decode_window", "decode_overlap", "modality")
 
 

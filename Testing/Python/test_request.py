@@ -56,6 +56,7 @@ def test_the_command_line_flags_come_from_the_request():
         ("steps", [1, 1000, None], [0, 1001, 2.5, True, "30"]),
         ("seed", [0, 2**63 - 1], [-1, 2**63, None, 1.0]),
         ("cfg_scale", [0, 0.5, 100, None], [-0.1, 100.1, "2", float("nan")]),
+        ("mask_guidance", [1, 1.5, 10, None], [0, 0.99, 10.5, "2", True, float("inf")]),
         ("solver", list(R.SOLVER_NAMES), ["rk4", ["euler"], None]),
         ("device", ["auto", "cpu", "cuda", "cuda:1"], ["tpu", "cuda:x", None]),
         ("precision", list(R.PRECISIONS), ["fp64", None]),

@@ -153,3 +153,76 @@ def test_the_mask_embedding_is_computed_once_and_changes_nothing(models):
             assert torch.equal(mid_a, mid_b) and all(torch.equal(a, b) for a, b in zip(down_a, down_b))
     assert len(calls) == 1 + 3  # only the reference calls ran the embedding again
     hook.remove()
+
+
+def test_mask_guidance_amplifies_what_the_mask_adds_on_the_noisy_steps_only(models):
+    """v = v_unet + s (v_controlnet − v_unet) for t ≥ mask_guidance_from · T, the plain ControlNet
+    velocity below; with tumor CFG both branches are guided against the one UNet-alone pass."""
+    from MaisiSynthLib.sampling import Conditioning, velocity_model
+
+    gen = torch.Generator().manual_seed(0)
+    control = (torch.rand((1, 8, 32, 32, 32), generator=gen) > 0.5).float()
+    control_free = (torch.rand((1, 8, 32, 32, 32), generator=gen) > 0.5).float()
+    spacing = spacing_condition((3.0, 3.0, 3.0))
+    modality = torch.tensor([1]) if models.uses_modality else None
+    x = torch.randn((1, 4, 8, 8, 8), generator=gen)
+
+    def v(t, **kw):
+        return velocity_model(models, Conditioning(control, spacing, modality, **kw))(x, torch.tensor(t))
+
+    def v_unet(t):
+        with torch.no_grad():
+            ts = torch.tensor([float(t)])
+            return models.unet(x=x, timesteps=ts, spacing_tensor=spacing, class_labels=modality).float()
+
+    for t in (900.0, 600.0):
+        plain, alone = v(t), v_unet(t)
+        assert not torch.allclose(plain, alone)  # the tiny ControlNet adds something to amplify
+        guided = v(t, mask_guidance=2.5, mask_guidance_from=0.5)
+        assert torch.allclose(guided, alone + 2.5 * (plain - alone), atol=1e-5)
+    # below the interval the guided model is the plain one, bit for bit
+    assert torch.equal(v(300.0, mask_guidance=2.5, mask_guidance_from=0.5), v(300.0))
+    assert torch.equal(v(900.0, mask_guidance=2.5, mask_guidance_from=0.95), v(900.0))
+
+    both = dict(cfg_scale=3.0, control_uncond=control_free)
+    c = velocity_model(models, Conditioning(control, spacing, modality))(x, torch.tensor(800.0))
+    u = velocity_model(models, Conditioning(control_free, spacing, modality))(x, torch.tensor(800.0))
+    if modality is not None:  # the CFG branch runs with class label 0, the UNet-alone pass with the CT's
+        u = velocity_model(models, Conditioning(control_free, spacing, torch.zeros_like(modality)))(
+            x, torch.tensor(800.0)
+        )
+    alone = v_unet(800.0)
+    g_c, g_u = alone + 2.0 * (c - alone), alone + 2.0 * (u - alone)
+    assert torch.allclose(v(800.0, mask_guidance=2.0, **both), g_u + 3.0 * (g_c - g_u), atol=1e-4)
+
+
+def test_mask_guidance_comes_from_the_model_unless_the_request_sets_it(tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from MaisiSynthLib.errors import ModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    settings_path = folder / "maisi_synth.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    settings.setdefault("inference", {})["mask_guidance_scale"] = 2.0
+    settings_path.write_text(json.dumps(settings))
+    mask = save_nifti(tmp_path / "mask.nii.gz", torso_labels(64))
+
+    def run(name, **kw):
+        return generate(
+            GenerateRequest(mask=mask, output=tmp_path / name, model_dir=folder, steps=4, **kw), keep_latent=True
+        )
+
+    default, off, explicit = run("a.nii.gz"), run("b.nii.gz", mask_guidance=1.0), run("c.nii.gz", mask_guidance=2.0)
+    assert default.mask_guidance == 2.0 and off.mask_guidance == 1.0
+    assert torch.equal(default.latent, explicit.latent) and not torch.equal(default.latent, off.latent)
+    # without the ControlNet there is nothing to guide
+    assert run("d.nii.gz", controlnet=False).mask_guidance == 1.0
+
+    settings["inference"]["mask_guidance_from"] = 1.5
+    settings_path.write_text(json.dumps(settings))
+    with pytest.raises(ModelError, match="mask_guidance_from"):
+        run("e.nii.gz")
+    assert not (tmp_path / "e.nii.gz").exists()
