@@ -5,6 +5,7 @@
     .venv/bin/python scripts/results.py steps        # quality vs sampling steps, Euler vs Heun
     .venv/bin/python scripts/results.py downstream   # tumor segmentation: real vs real + synthetic
     .venv/bin/python scripts/results.py fov          # chest-only coarse and abdomen-only held-out masks
+    .venv/bin/python scripts/results.py guidance     # mask guidance scale and interval
 
 Each writes docs/results/<experiment>.json and .png and rewrites its table in docs/results.md
 (between `<!-- <experiment> -->` markers). Held-out cases are phantoms from seed 1000 (never used in
@@ -417,6 +418,58 @@ def fov(args) -> None:
     write_result("fov", data, "\n".join(rows))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Mask guidance
+
+
+def model_variant(folder: Path, guidance_from: float) -> Path:
+    """The demo model folder with another `mask_guidance_from` (a model setting, not a request field)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(DEMO, folder)
+    settings = json.loads((folder / SETTINGS_NAME).read_text(encoding="utf-8"))
+    settings.setdefault("inference", {})["mask_guidance_from"] = guidance_from
+    (folder / SETTINGS_NAME).write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    return folder
+
+
+def guidance(args) -> None:
+    """Chosen on the validation torsos (seed 5000), reported on the held-out ones (seed 1000)."""
+    organs = ["liver", "spleen", "kidneys", "pancreas", "lung", "muscle", "fat", "vertebrae"]
+    sets = {
+        "validation (4 torsos, seed 5000)": (phantoms(RUNS / "validation4", 4, 5000), False),
+        "held-out (8 torsos, seed 1000)": (heldout(args.cases), True),
+    }
+    data: dict = {}
+    rows = [
+        "| cases | scale | from t/T | " + " | ".join(f"{o} |error|" for o in organs)
+        + " | spleen / kidneys signed | tumors: lung / pancreatic / hepatic / colon / bone, synthetic ÷ real"
+        + " | ROI / background | slice Fréchet | s per case |",
+        "|---|---|---|" + "---|" * (len(organs) + 5),
+    ]  # fmt: skip
+    for set_name, (cases, roi) in sets.items():
+        for scale, start in args.variants:
+            model = model_variant(RUNS / f"guidance_from{start}", start)
+            log(f"{set_name}: mask guidance {scale} from t = {start} T")
+            t0 = time.perf_counter()
+            s = evaluate(model, cases, seed=args.seed, roi=roi, mask_guidance=scale)
+            seconds = (time.perf_counter() - t0) / len(s["cases"])
+            s.pop("cases")
+            s["seconds_per_case"] = seconds
+            data[f"{set_name}, {scale}, {start}"] = s
+            err, signed = s["organ_median_abs_error_hu"], s["organ_median_signed_error_hu"]
+            ratios = []
+            for t in ("lung tumor", "pancreatic tumor", "hepatic tumor", "colon cancer primaries", "bone lesion"):
+                c = s["tumor_conspicuity_hu"].get(t)
+                ratios.append("—" if c is None or not c["real"] else f"{c['synthetic'] / c['real']:.2f}")
+            roi_text = f"{fmt(s['roi_change_hu'])} / {fmt(s['background_change_hu'])}" if roi else "—"
+            rows.append(
+                f"| {set_name} | {scale:g} | {start:g} | " + " | ".join(fmt(err.get(o)) for o in organs)
+                + f" | {fmt(signed.get('spleen'))} / {fmt(signed.get('kidneys'))} | " + " / ".join(ratios)
+                + f" | {roi_text} | {fmt(s['slice_frechet'].get('mean'), 4)} | {seconds:.1f} |"
+            )  # fmt: skip
+    write_result("guidance", data, "\n".join(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", required=True)
@@ -452,6 +505,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=fov)
+    p = sub.add_parser("guidance", help="mask guidance: scale and interval, validation and held-out torsos")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--variants",
+        type=lambda text: tuple(float(v) for v in text.split(":")),
+        nargs="+",
+        default=[(1.0, 0.5), (1.5, 0.5), (2.0, 0.5), (3.0, 0.5), (2.0, 0.0)],
+        metavar="SCALE:FROM",
+        help="mask guidance scale and the t/T it starts from",
+    )
+    p.set_defaults(run=guidance)
     args = parser.parse_args(argv)
     args.run(args)
     return 0
