@@ -220,24 +220,19 @@ def _check_seed(value: Any) -> int:
     return value
 
 
-def _check_cfg_scale(value: Any) -> float:
-    low, high = CFG_RANGE
+def _scale_in(value: Any, what: str, bounds: tuple[float, float], hint: str) -> float:
+    low, high = bounds
     if not _is_number(value) or not low <= value <= high:
-        raise RequestError(
-            f"CFG scale must be a number from {low:g} to {high:g}, got {_show(value)}",
-            "pass e.g. --cfg-scale 0 (off) or 2",
-        )
+        raise RequestError(f"{what} must be a number from {low:g} to {high:g}, got {_show(value)}", hint)
     return float(value)
+
+
+def _check_cfg_scale(value: Any) -> float:
+    return _scale_in(value, "CFG scale", CFG_RANGE, "pass e.g. --cfg-scale 0 (off) or 2")
 
 
 def _check_mask_guidance(value: Any) -> float:
-    low, high = MASK_GUIDANCE_RANGE
-    if not _is_number(value) or not low <= value <= high:
-        raise RequestError(
-            f"mask guidance must be a number from {low:g} to {high:g}, got {_show(value)}",
-            "pass e.g. --mask-guidance 1 (off) or 1.5",
-        )
-    return float(value)
+    return _scale_in(value, "mask guidance", MASK_GUIDANCE_RANGE, "pass e.g. --mask-guidance 1 (off) or 1.5")
 
 
 def _check_choice(value: Any, what: str, names: Sequence[str]) -> str:
