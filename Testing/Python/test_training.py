@@ -545,3 +545,43 @@ def test_validation_cases_log_what_each_checkpoint_draws(workspace, tmp_path):
             run(f"bad{words[:3]}", cases=bad)
         assert words in refused.value.message
         assert not (tmp_path / f"bad{words[:3]}" / "state").exists()
+
+
+def test_averaged_controlnet_is_the_weighted_mean_and_loads(tmp_path):
+    from MaisiSynthLib.tiny_model import make_tiny_model_folder
+
+    first = make_tiny_model_folder(tmp_path / "first", seed=1)
+    second = make_tiny_model_folder(tmp_path / "second", seed=3)
+    mixed = make_tiny_model_folder(tmp_path / "mixed", seed=5)
+    (mixed / CONTROLNET_FILE).unlink()
+    command = [sys.executable, "-m", "MaisiSynthLib.training.averaging", str(first / CONTROLNET_FILE)]
+    result = subprocess.run(
+        [*command, str(second / CONTROLNET_FILE), "--weight", "0.25", "--out", str(mixed / CONTROLNET_FILE)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    a, b, m = (torch.load(f / CONTROLNET_FILE, weights_only=True) for f in (first, second, mixed))
+    key = "controlnet_state_dict"
+    floats = [k for k, t in a[key].items() if t.is_floating_point()]
+    assert floats and any(not torch.equal(a[key][k], b[key][k]) for k in floats)
+    for k in floats:
+        torch.testing.assert_close(m[key][k], 0.25 * a[key][k] + 0.75 * b[key][k])
+    assert m["epoch"] == a["epoch"]
+    # the averaged ControlNet is a working model folder's ControlNet
+    models = load_models(mixed, "cpu")
+    assert torch.equal(models.controlnet.state_dict()[floats[0]], m[key][floats[0]])
+
+    # a UNet is not a ControlNet; a weight outside [0, 1] is refused; nothing is written either time
+    out = tmp_path / "refused.pt"
+    for second_file, weight in ((first / UNET_FILE, "0.5"), (second / CONTROLNET_FILE, "1.5")):
+        result = subprocess.run(
+            [*command, str(second_file), "--weight", weight, "--out", str(out)], capture_output=True, text=True
+        )
+        assert result.returncode == 2 and "Fix:" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not out.exists() and not list(tmp_path.glob("refused*"))
+    assert (
+        "different networks"
+        in subprocess.run([*command, str(first / UNET_FILE), "--out", str(out)], capture_output=True, text=True).stderr
+    )
