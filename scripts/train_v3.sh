@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the demo model v3 (what Resources/models/demo ships since issue 13; scripts/train_demo.sh
 # runs this and copies the result there) from scratch on the CPU. Phantoms, run state and weights go
-# to runs/v3/: VAE and UNet in runs/v3/model, the final model folder in runs/v3/cnso/model.
+# to runs/v3/: the first VAE and UNet in runs/v3/model, the final model folder in runs/v3/soup/model.
 # Every stage is resumable: rerun this script with --resume after an interruption (each training
 # command continues from its last checkpoint). Wall times go to runs/v3/timing.txt (ours are in
 # Resources/models/demo/TRAINING.md).
@@ -84,7 +84,6 @@ controlnet_stage cnd "$RUN/cn3000/model" "${SHORT[@]}" --set controlnet.contrast
 # dark); the flow loss ×3 on bones; and λ = 0.05, safe once the push cannot go past the real lesion,
 # twice (lung nodules and colon lesions were still getting stronger); then the flow loss ×3 also on
 # spleen, pancreas and kidneys (the spleen was drawn 45 HU too dark).
-# The last model folder, $RUN/cnso/model, is what Resources/models/demo ships.
 controlnet_stage cnt "$RUN/cnd/model" "${SHORT[@]}" --set controlnet.contrastive_margin=target
 controlnet_stage cns "$RUN/cnt/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed
 controlnet_stage cnsb "$RUN/cns/model" "${SHORT[@]}" --set controlnet.contrastive_margin=signed \
@@ -93,3 +92,40 @@ SIGNED=(--set controlnet.contrastive_margin=signed --set controlnet.bone_weight=
 controlnet_stage cnsl "$RUN/cnsb/model" "${SHORT[@]}" "${SIGNED[@]}"
 controlnet_stage cnsl2 "$RUN/cnsl/model" "${SHORT[@]}" "${SIGNED[@]}"
 controlnet_stage cnso "$RUN/cnsl2/model" "${SHORT[@]}" "${SIGNED[@]}" --set controlnet.organ_weight=3
+
+# 4. The VAE again, encoder too (TRAINING.md, "The whole route"): three whole-volume stages from the
+#    final VAE, each in its own run folder: bone and lesion voxels ×10 in the L1 and the bone window at
+#    full weight (vbone, vbone2), then the posterior noise scaled to 0.25, lesions ×20 and an average
+#    of the weights (vmu). Its μ moves by 11 % of its spread, so 5. the UNet is tuned to it (umu), and
+#    6. the ControlNet is the mean of the weights of stages h (cnsl2) and i (cnso): every ControlNet
+#    step on the new μ traded the pancreatic lesions away, while h draws them strongly and i draws
+#    colon lesions and the spleen, so their midpoint keeps both. $RUN/soup/model ships.
+WHOLE2=(--set vae.patch_size=null --set vae.batch_size=1 --set vae.warmup_steps=10 --set vae.log_every=10
+        --set vae.checkpoint_every=50 --set vae.kl_weight=1e-10 --set vae.cpu_bf16=true)
+vae_stage() {  # vae_stage NAME BASE --set ... : the whole VAE of model folder BASE, in $RUN/NAME
+    local name=$1 base=$2; shift 2
+    $PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/$name" --base-model-dir "$base" \
+        --set model_dir="$PWD/$RUN/$name/model" --quiet "${WHOLE2[@]}" "$@" "${RESUME[@]}"
+    stamp "$name"
+}
+BONE=(--set vae.bone_weight=10 --set vae.tumor_weight=10 --set "vae.windows=[[-200,200,1.0],[0,1000,1.0]]")
+vae_stage vbone "$RUN/cnso/model" --set seed=7 --set vae.steps=150 --set vae.lr=1e-4 "${BONE[@]}"
+vae_stage vbone2 "$RUN/vbone/model" --set seed=8 --set vae.steps=300 --set vae.lr=2e-4 --set vae.lr_power=1.0 \
+    "${BONE[@]}"
+vae_stage vmu "$RUN/vbone2/model" --set seed=11 --set vae.steps=300 --set vae.lr=1e-4 --set vae.lr_power=1.0 \
+    --set vae.posterior_noise=0.25 --set vae.ema_decay=0.98 --set vae.bone_weight=10 --set vae.tumor_weight=20 \
+    --set "vae.windows=[[-200,200,2.0],[0,1000,1.0]]"
+mkdir -p "$RUN/umu/base" "$RUN/soup/model"
+cp "$RUN/cnso/model/config_network_rflow.json" "$RUN/cnso/model/diff_unet_3d_rflow-ct.pt" "$RUN/vmu/model/autoencoder_v1.pt" \
+    "$RUN/umu/base/"
+[ -e "$RUN/umu/latents" ] || ln -s "$PWD/$RUN/latents" "$RUN/umu/latents"
+$PY -m MaisiSynthLib train unet --config "$CONFIG" --output-dir "$RUN/umu" --base-model-dir "$RUN/umu/base" \
+    --set model_dir="$PWD/$RUN/umu/model" --set unet.steps=1200 --set unet.lr=2e-4 --set unet.lr_power=1.0 \
+    --set unet.warmup_steps=20 --set unet.checkpoint_every=200 --set unet.log_every=50 --quiet "${RESUME[@]}"
+stamp unet_umu
+for name in config_network_rflow.json autoencoder_v1.pt diff_unet_3d_rflow-ct.pt; do
+    cp "$RUN/umu/model/$name" "$RUN/soup/model/$name"
+done
+$PY -m MaisiSynthLib.training.averaging "$RUN/cnsl2/model/controlnet_3d_rflow-ct.pt" \
+    "$RUN/cnso/model/controlnet_3d_rflow-ct.pt" --weight 0.5 --out "$RUN/soup/model/controlnet_3d_rflow-ct.pt"
+stamp soup
