@@ -100,12 +100,11 @@ controlnet_stage cnso "$RUN/cnsl2/model" "${SHORT[@]}" "${SIGNED[@]}" --set cont
 #    6. the ControlNet is the mean of the weights of stages h (cnsl2) and i (cnso): every ControlNet
 #    step on the new μ traded the pancreatic lesions away, while h draws them strongly and i draws
 #    colon lesions and the spleen, so their midpoint keeps both. $RUN/soup/model ships.
-WHOLE2=(--set vae.patch_size=null --set vae.batch_size=1 --set vae.warmup_steps=10 --set vae.log_every=10
-        --set vae.checkpoint_every=50 --set vae.kl_weight=1e-10 --set vae.cpu_bf16=true)
 vae_stage() {  # vae_stage NAME BASE --set ... : the whole VAE of model folder BASE, in $RUN/NAME
     local name=$1 base=$2; shift 2
     $PY -m MaisiSynthLib train vae --config "$CONFIG" --output-dir "$RUN/$name" --base-model-dir "$base" \
-        --set model_dir="$PWD/$RUN/$name/model" --quiet "${WHOLE2[@]}" "$@" "${RESUME[@]}"
+        --set model_dir="$PWD/$RUN/$name/model" --quiet "${WHOLE[@]}" --set vae.kl_weight=1e-10 \
+        --set vae.cpu_bf16=true "$@" "${RESUME[@]}"
     stamp "$name"
 }
 BONE=(--set vae.bone_weight=10 --set vae.tumor_weight=10 --set "vae.windows=[[-200,200,1.0],[0,1000,1.0]]")
