@@ -585,3 +585,59 @@ def test_averaged_controlnet_is_the_weighted_mean_and_loads(tmp_path):
         "different networks"
         in subprocess.run([*command, str(first / UNET_FILE), "--out", str(out)], capture_output=True, text=True).stderr
     )
+
+
+def test_grown_vae_keeps_the_latents_and_trains(workspace, tmp_path):
+    """A VAE grown wider and deeper encodes and decodes as the original (so the UNet and ControlNet
+    trained on its latents still fit), and `train vae` fine-tunes it in place of the original."""
+    from MaisiSynthLib.tiny_model import make_tiny_model_folder
+
+    small = make_tiny_model_folder(tmp_path / "small", seed=2)
+    grown = tmp_path / "grown"
+    command = [sys.executable, "-m", "MaisiSynthLib.training.growing", str(small)]
+    result = subprocess.run(
+        [*command, "--factor", "2", "--res-blocks", "2", "1", "2", "--out", str(grown)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    network = json.loads((grown / "config_network_rflow.json").read_text())["autoencoder_def"]
+    assert network["num_channels"] == [16, 16, 32] and network["norm_num_groups"] == 8
+    assert network["num_res_blocks"] == [2, 1, 2]
+    for name in (UNET_FILE, CONTROLNET_FILE):  # the diffusion stages are the original's, byte for byte
+        assert (grown / name).read_bytes() == (small / name).read_bytes()
+    a, b = load_models(small, "cpu").autoencoder, load_models(grown, "cpu").autoencoder
+    assert sum(p.numel() for p in b.parameters()) > 3 * sum(p.numel() for p in a.parameters())
+    x = torch.from_numpy(np.asanyarray(nib.load(str(workspace / "cases" / "case0000_image.nii.gz")).dataobj))
+    x = ((x.float().clamp(-1000, 1000) + 1000) / 2000)[None, None]
+    with torch.no_grad():
+        (mu_a, sigma_a), (mu_b, sigma_b) = a.encode(x), b.encode(x)
+        torch.testing.assert_close(mu_b, mu_a, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sigma_b, sigma_a, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b.decode(mu_a), a.decode(mu_a), atol=1e-4, rtol=1e-4)
+        assert (b.decode(mu_a) - a.decode(mu_a)).abs().max() < 1e-4 < a.decode(mu_a).std()
+
+    # fine-tuning the grown VAE moves the new weights (a new block is the identity only at the start)
+    config = _config(tmp_path, vae={"patch_size": [32, 32, 32], "lr": 1e-2, "steps": 2})
+    config.update(cases=str(workspace / "cases"), network=str(grown / "config_network_rflow.json"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    result = run_cli(
+        "train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(grown), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+    before = torch.load(grown / AUTOENCODER_FILE, weights_only=True)
+    after = torch.load(tmp_path / "run" / "model" / AUTOENCODER_FILE, weights_only=True)
+    new_block = [k for k in before if k.startswith("decoder.blocks.2.conv2.")]  # the lowest level's added block
+    assert new_block and all(before[k].abs().max() == 0 for k in new_block)
+    assert all(after[k].abs().max() > 0 for k in new_block)
+
+    # nothing to grow, fewer blocks than now, or a folder that is not empty: one line, nothing written
+    for args, words in (
+        (["--factor", "1"], "nothing to grow"),
+        (["--res-blocks", "0", "1", "1"], "--res-blocks"),
+        (["--factor", "2", "--out", str(small)], "not an empty folder"),
+    ):
+        out = [] if "--out" in args else ["--out", str(tmp_path / "refused")]
+        result = subprocess.run([*command, *args, *out], capture_output=True, text=True)
+        assert result.returncode == 2 and words in result.stderr and "Fix:" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "refused").exists()
+    assert sorted(p.name for p in small.iterdir()) == sorted(p.name for p in grown.iterdir())
