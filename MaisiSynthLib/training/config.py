@@ -63,6 +63,9 @@ DEFAULTS: dict[str, Any] = {
         "kl_weight": 1e-6,
         "bone_weight": 1.0,  # L1 weight on bone voxels (and the voxel around them)
         "tumor_weight": 1.0,  # L1 weight on lesion voxels (and the voxel around them)
+        # false: the bone/tumor weights on those voxels only, not the one-voxel ring around them, so a
+        # voxel the latent leaves uncertain is tipped towards bone/lesion (see training.vae)
+        "region_ring": True,
         # Scale of the posterior sample's noise in training (z = μ + s·σ·ε): 1 is the official VAE; 0
         # trains the decoder on μ itself, the latent the diffusion stages learn and generate.
         "posterior_noise": 1.0,

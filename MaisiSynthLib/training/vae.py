@@ -165,14 +165,20 @@ class VaeStage(Stage):
         )
 
     def region_weights(self, labels: torch.Tensor) -> torch.Tensor:
-        """1 everywhere, `bone_weight` / `tumor_weight` on bone / lesion voxels and the voxel around them."""
+        """1 everywhere, `bone_weight` / `tumor_weight` on bone / lesion voxels and (with `region_ring`)
+        the voxel around them.
+
+        With the ring, an edge counts the same on both sides, so a voxel whose class the latent leaves
+        uncertain still goes to the L1 median of what it could be (mostly the tissue around a thin
+        bone or small lesion). Without it, the weighted median tips such a voxel towards bone/lesion."""
         weights = torch.ones(labels.shape, dtype=torch.float32)
         for region in ("bone", "tumor"):
             w = float(self.cfg[f"{region}_weight"])
             if w != 1.0:
-                inside = torch.isin(labels, self.region_ids[region]).float()[None]
-                near = F.max_pool3d(inside, kernel_size=3, stride=1, padding=1)[0] > 0
-                weights[near] = torch.clamp(weights[near], min=w)
+                inside = torch.isin(labels, self.region_ids[region])
+                if self.cfg["region_ring"]:
+                    inside = F.max_pool3d(inside.float()[None], kernel_size=3, stride=1, padding=1)[0] > 0
+                weights[inside] = torch.clamp(weights[inside], min=w)
         return weights
 
     def loss(self, model: torch.nn.Module, step: int):

@@ -307,6 +307,12 @@ def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp
     assert weights[6, 6, 6] == 6.0 and weights[6, 6, 5] == 6.0  # lesion and the tissue touching it
     assert weights[0, 7, 0] == 1.0 and weights[4, 4, 4] == 1.0  # two voxels from either: 1
     assert weights.sum() == 1.0 * (512 - 27 - 27) + 4.0 * 27 + 6.0 * 27
+    # without the ring: the labelled voxels only, so their neighbours weigh 1 again
+    stage.cfg["region_ring"] = False
+    weights = stage.region_weights(labels)[0]
+    assert weights[2, 2, 2] == 4.0 and weights[3, 3, 3] == 1.0
+    assert weights[6, 6, 6] == 6.0 and weights[6, 6, 5] == 1.0
+    assert weights.sum() == 1.0 * 510 + 4.0 + 6.0
 
 
 def test_whole_volume_vae_and_mean_latents(workspace, tmp_path):
