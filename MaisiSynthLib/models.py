@@ -373,6 +373,14 @@ def load_weights(
         )
 
 
+def load_autoencoder_weights(autoencoder: torch.nn.Module, path: Path) -> None:
+    """Load an `autoencoder_v1.pt` into `autoencoder`: a plain state dict (the official file) or one
+    saved under 'unet_state_dict'."""
+    checkpoint = load_checkpoint(path)
+    key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
+    load_weights(autoencoder, checkpoint_state_dict(checkpoint, key, path), path, "autoencoder")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Loaded models
 
@@ -474,14 +482,7 @@ def load_models(
     build_scheduler(config)  # refuse a non-rflow model before loading gigabytes of weights
 
     autoencoder = build_network(config, "autoencoder_def", "cpu")
-    ae_ckpt = load_checkpoint(folder.autoencoder_path)
-    ae_key = "unet_state_dict" if isinstance(ae_ckpt, dict) and "unet_state_dict" in ae_ckpt else None
-    load_weights(
-        autoencoder,
-        checkpoint_state_dict(ae_ckpt, ae_key, folder.autoencoder_path),
-        folder.autoencoder_path,
-        "autoencoder",
-    )
+    load_autoencoder_weights(autoencoder, folder.autoencoder_path)
 
     unet = build_network(config, "diffusion_unet_def", "cpu")
     unet_ckpt = load_checkpoint(folder.unet_path)

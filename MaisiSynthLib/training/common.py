@@ -25,6 +25,7 @@ from ..models import (
     UNET_FILE,
     build_network,
     checkpoint_state_dict,
+    load_autoencoder_weights,
     load_checkpoint,
     load_weights,
     network_kwargs,
@@ -56,10 +57,8 @@ def require_weight(config: dict, name: str, stage: str, earlier: str) -> Path:
 
 def load_autoencoder(config: dict, network: dict, stage: str) -> torch.nn.Module:
     path = require_weight(config, AUTOENCODER_FILE, stage, "vae")
-    checkpoint = load_checkpoint(path)
-    key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
     autoencoder = build_network(network, "autoencoder_def", "cpu")
-    load_weights(autoencoder, checkpoint_state_dict(checkpoint, key, path), path, "autoencoder")
+    load_autoencoder_weights(autoencoder, path)
     return without_splits(autoencoder).eval().requires_grad_(False)
 
 

@@ -36,8 +36,7 @@ from ..models import (
     MAX_RES_BLOCKS,
     build_network,
     check_network_size,
-    checkpoint_state_dict,
-    load_checkpoint,
+    load_autoencoder_weights,
     locate_model_folder,
     network_kwargs,
     save_autoencoder,
@@ -112,16 +111,11 @@ def _block_map(small: torch.nn.Module, big: torch.nn.Module, factor: int) -> dic
     return mapping
 
 
-def grow_state(small_state: dict, big: torch.nn.Module, small: torch.nn.Module, factor: int) -> dict:
-    """The grown network's state dict: every original tensor in the leading corner of its grown
+def grow_state(small: torch.nn.Module, big: torch.nn.Module, factor: int) -> dict:
+    """The grown network's state dict: every tensor of `small` in the leading corner of its grown
     counterpart (module docstring), new residual blocks with their last convolution zeroed."""
     mapping = _block_map(small, big, factor)
-    if small_state.keys() != small.state_dict().keys():
-        odd = sorted(set(small_state) ^ set(small.state_dict()))[:3]
-        raise ModelError(
-            f"the VAE checkpoint's layers do not match its config (e.g. {', '.join(odd)})",
-            "grow a model folder whose autoencoder_v1.pt was trained with its config_network_rflow.json",
-        )
+    small_state = small.state_dict()
     grown = {}
     for name, target in big.state_dict().items():
         out = target.clone()
@@ -159,14 +153,12 @@ def grow_model_folder(
     folder = locate_model_folder(model_dir)
     network = folder.config
     grown_network = grown_config(network, factor, res_blocks)
-    checkpoint = load_checkpoint(folder.autoencoder_path)
-    key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
-    small_state = checkpoint_state_dict(checkpoint, key, folder.autoencoder_path)
     small = build_network(network, "autoencoder_def", "cpu")
+    load_autoencoder_weights(small, folder.autoencoder_path)  # a checkpoint that misfits its config stops here
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))  # the new channels' initialisation is part of the result
         big = build_network(grown_network, "autoencoder_def", "cpu")
-    big.load_state_dict(grow_state(small_state, big, small, factor))
+    big.load_state_dict(grow_state(small, big, factor))
     out_dir.mkdir(parents=True, exist_ok=True)
     # the other weights, then the top-level extras (settings, model card) a flat folder keeps
     for item in [folder.unet_path, folder.controlnet_path, *sorted(model_dir.iterdir())]:

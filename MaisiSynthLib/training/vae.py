@@ -26,10 +26,8 @@ from ..errors import OptionError
 from ..models import (
     AUTOENCODER_FILE,
     build_network,
-    checkpoint_state_dict,
     compression_of,
-    load_checkpoint,
-    load_weights,
+    load_autoencoder_weights,
     save_autoencoder,
 )
 from .common import complete_model_folder, find_weight, unwrap, without_splits
@@ -100,9 +98,7 @@ class VaeStage(Stage):
         autoencoder = build_network(self.network, "autoencoder_def", "cpu")
         base = find_weight(self.config["base_model_dir"], AUTOENCODER_FILE)
         if base is not None:  # fine-tune from an existing VAE
-            checkpoint = load_checkpoint(base)
-            key = "unet_state_dict" if isinstance(checkpoint, dict) and "unet_state_dict" in checkpoint else None
-            load_weights(autoencoder, checkpoint_state_dict(checkpoint, key, base), base, "autoencoder")
+            load_autoencoder_weights(autoencoder, base)
         if self.cfg["decoder_only"]:
             if base is None:
                 raise OptionError(
