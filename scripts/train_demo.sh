@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Reproduce the embedded demo model (Resources/models/demo) from scratch on the CPU: the v3 recipe
 # (scripts/train_v3.sh: phantoms → VAE in six stages → UNet on μ → ControlNet in nine stages → the
-# VAE again in three → the UNet tuned to its μ → the ControlNet averaged from two stages; run state in
-# runs/v3/), then its final model folder copied into Resources/models/demo.
+# VAE again in three → the UNet tuned to its μ → the ControlNet averaged from two stages → the
+# decoder alone in two more; run state in runs/v3/), then its final model folder copied into
+# Resources/models/demo.
 # `scripts/train_demo.sh --resume` continues every stage after an interruption.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/train_v3.sh "$@"
 for name in config_network_rflow.json autoencoder_v1.pt diff_unet_3d_rflow-ct.pt controlnet_3d_rflow-ct.pt; do
-    cp "runs/v3/soup/model/$name" "Resources/models/demo/$name"
+    cp "runs/v3/ship/model/$name" "Resources/models/demo/$name"
 done
 echo "wrote Resources/models/demo"

@@ -128,3 +128,19 @@ done
 $PY -m MaisiSynthLib.training.averaging "$RUN/cnsl2/model/controlnet_3d_rflow-ct.pt" \
     "$RUN/cnso/model/controlnet_3d_rflow-ct.pt" --weight 0.5 --out "$RUN/soup/model/controlnet_3d_rflow-ct.pt"
 stamp soup
+
+# 7. The decoder alone, twice (TRAINING.md, "What ships (v3.2)"): the bone and lesion weights of the L1
+#    on the labelled voxels only (vae.region_ring=false; with the one-voxel ring they also hold the
+#    surrounding tissue, so voxels the latent leaves uncertain go to the tissue's HU), bone x10 and
+#    lesions x20 (dring), then bone x20 and lesions x60 at half the learning rate (dring2). The encoder
+#    is frozen, so the UNet and the ControlNet are unchanged. $RUN/ship/model ships.
+DECODER=(--set vae.decoder_only=true --set vae.region_ring=false --set vae.steps=200 --set vae.lr_power=1.0
+         --set vae.posterior_noise=0.25 --set "vae.windows=[[-200,200,2.0],[0,1000,1.0]]")
+vae_stage dring "$RUN/soup/model" --set seed=21 --set vae.lr=2e-4 --set vae.bone_weight=10 --set vae.tumor_weight=20 \
+    "${DECODER[@]}"
+vae_stage dring2 "$RUN/dring/model" --set seed=22 --set vae.lr=1e-4 --set vae.bone_weight=20 --set vae.tumor_weight=60 \
+    "${DECODER[@]}"
+mkdir -p "$RUN/ship/model"
+cp "$RUN/soup/model/"*.pt "$RUN/soup/model/config_network_rflow.json" "$RUN/ship/model/"
+cp "$RUN/dring2/model/autoencoder_v1.pt" "$RUN/ship/model/"
+stamp ship

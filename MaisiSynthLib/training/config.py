@@ -79,6 +79,12 @@ DEFAULTS: dict[str, Any] = {
         # Train only the decoder (with base_model_dir): the encoder, hence the latents and any UNet
         # trained on them, stay exactly as they were. Used to fine-tune on the inference-size volume.
         "decoder_only": False,
+        # Decoder calibration on the diffusion's own latents (training.sampled; needs decoder_only and
+        # whole volumes): a model folder whose UNet + ControlNet sample a latent from each training
+        # mask; that share of samples decodes the sampled latent against the case's image.
+        "sampled_latents_from": None,
+        "sampled_fraction": 0.5,
+        "sampled_steps": None,  # sampler steps of those latents (null: the model's)
     },
     "unet": {
         **COMMON,
@@ -111,6 +117,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 _PATH_KEYS = ("network", "cases", "output_dir", "model_dir", "base_model_dir", "validation_cases")
+_STAGE_PATH_KEYS = (("vae", "sampled_latents_from"),)
 
 
 def _merge(base: dict, update: dict, path: str = "") -> dict:
@@ -192,6 +199,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **d
         value = config.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
             config[key] = str(base_dir / value)
+    for stage, key in _STAGE_PATH_KEYS:
+        value = config[stage].get(key)
+        if isinstance(value, str) and not Path(value).is_absolute():
+            config[stage][key] = str(base_dir / value)
     if config["model_dir"] is None:
         config["model_dir"] = str(Path(config["output_dir"]) / "model")
     return config

@@ -6,10 +6,13 @@ batch) rather than the global RNG, so a torchrun job and a single process see th
 
 Two additions for small models:
 - region weights: the L1 term can weight bone and lesion voxels (`bone_weight`, `tumor_weight`, from
-  the case's label map, dilated by one voxel so their edges count too). Thin bone and small lesions
-  are a few percent of a volume; unweighted, a small VAE blurs them away first.
+  the case's label map; with `region_ring`, dilated by one voxel so their edges count too). Thin bone
+  and small lesions are a few percent of a volume; unweighted, a small VAE blurs them away first.
 - whole volumes: `patch_size: null` trains on whole cases (batches by shape), which is how the
   decoder sees them at inference; GroupNorm statistics of a patch and of a whole volume differ.
+- sampled latents (`sampled_latents_from`, decoder only): part of the steps decode the latent the full
+  model samples from the case's mask instead of the case's own, against the case's image
+  (training.sampled says why).
 The log records the posterior's mean σ and the spread of μ: their ratio says how much of a latent
 sample is noise, which is what the diffusion stages would have to learn if they trained on samples.
 """
@@ -43,9 +46,12 @@ class _VaeStep(torch.nn.Module):
         super().__init__()
         self.autoencoder = autoencoder
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor):
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, z_fixed: torch.Tensor | None = None, fixed=None):
+        """`z_fixed` replaces the posterior sample of the batch items where `fixed` is true."""
         z_mu, z_sigma = self.autoencoder.encode(x)
         z = z_mu + z_sigma * eps.to(z_mu.dtype)
+        if z_fixed is not None:
+            z = torch.where(fixed.view(-1, *([1] * (z.ndim - 1))), z_fixed.to(z.dtype), z)
         return self.autoencoder.decode(z), z_mu, z_sigma
 
 
@@ -110,6 +116,9 @@ class VaeStage(Stage):
             # moving the latents.
             for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
                 getattr(autoencoder, name).requires_grad_(False)
+        self.sampled = None
+        if self.cfg["sampled_latents_from"] is not None:
+            self.sampled = self._sampled_latents(c)
         self.step_module = _VaeStep(without_splits(autoencoder))
         self.perceptual = None
         if float(self.cfg["perceptual_weight"]) > 0:
@@ -134,14 +143,32 @@ class VaeStage(Stage):
         if self.ctx.is_main:
             complete_model_folder(self.config, self.network)
 
+    def _sampled_latents(self, compression: int) -> list[torch.Tensor]:
+        from .sampled import sampled_latents
+
+        source, fraction = self.cfg["sampled_latents_from"], self.cfg["sampled_fraction"]
+        if not isinstance(source, str):
+            raise OptionError(f"vae.sampled_latents_from is {source!r}", "give a model folder path (or null)")
+        if not self.cfg["decoder_only"] or self.patch is not None:
+            raise OptionError(
+                "vae.sampled_latents_from trains the decoder on latents of the model's latent space, "
+                "so it needs vae.decoder_only=true and whole volumes",
+                "add --set vae.decoder_only=true --set vae.patch_size=null",
+            )
+        if isinstance(fraction, bool) or not 0.0 < float(fraction) <= 1.0:
+            raise OptionError(f"vae.sampled_fraction is {fraction!r}", "give a share in (0, 1], e.g. 0.5")
+        channels = int(self.network.get("latent_channels", 4))
+        return sampled_latents(self.config, self.ctx, self.cases, channels, compression)
+
     def trainable(self) -> torch.nn.Module:
         return self.step_module
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(images, posterior ε, L1 weights) of this process's slice of step `step`."""
+    def batch(self, step: int):
+        """(images, posterior ε, L1 weights, sampled latents or None, which items use them) of this
+        process's slice of step `step`."""
         seed = int(self.config["seed"])
         per_rank = int(self.cfg["batch_size"])
-        patches, eps, weights = [], [], []
+        patches, eps, weights, fixed = [], [], [], []
         c = compression_of(self.network)
         latent_channels = int(self.network.get("latent_channels", 4))
         local = self.sampler.local(step, self.ctx.rank, per_rank)
@@ -154,10 +181,19 @@ class VaeStage(Stage):
             patches.append(crop_patch(case.image, origin, patch, fill=0.0))
             eps.append(torch.randn((latent_channels, *(p // c for p in patch)), generator=g))
             weights.append(self.region_weights(crop_patch(case.labels, origin, patch, fill=0)))
+            if self.sampled is not None:  # its own stream: the draws above stay those of a run without
+                draw = torch.rand((), generator=generator(seed, step, pos, 0x5A3D))
+                fixed.append(bool(draw < float(self.cfg["sampled_fraction"])))
+        z_fixed = use = None
+        if self.sampled is not None:
+            z_fixed = torch.stack([self.sampled[i] for _, i in local]).to(self.device)
+            use = torch.tensor(fixed, device=self.device)
         return (
             torch.stack(patches).to(self.device),
             torch.stack(eps).to(self.device),
             torch.stack(weights).to(self.device),
+            z_fixed,
+            use,
         )
 
     def region_weights(self, labels: torch.Tensor) -> torch.Tensor:
@@ -178,9 +214,9 @@ class VaeStage(Stage):
         return weights
 
     def loss(self, model: torch.nn.Module, step: int):
-        x, eps, weights = self.batch(step)
+        x, eps, weights, z_fixed, use = self.batch(step)
         eps = eps * float(self.cfg["posterior_noise"])
-        recon, z_mu, z_sigma = model(x, eps)
+        recon, z_mu, z_sigma = model(x, eps, z_fixed, use)
         l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + float(self.cfg["kl_weight"]) * kl
@@ -195,6 +231,8 @@ class VaeStage(Stage):
             "sigma_mean": float(z_sigma.detach().float().mean()),
             "mu_std": float(z_mu.detach().float().std()),
         }
+        if use is not None:
+            metrics["sampled"] = float(use.float().mean())
         if self.perceptual is not None:
             perceptual = self.perceptual(recon.float(), x)
             loss = loss + float(self.cfg["perceptual_weight"]) * perceptual

@@ -3,6 +3,7 @@ official-format model folder they write (loaded by the generation engine)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -648,3 +649,59 @@ def test_grown_vae_keeps_the_latents_and_trains(workspace, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "refused").exists()
     assert sorted(p.name for p in small.iterdir()) == sorted(p.name for p in grown.iterdir())
+
+
+def test_decoder_learns_to_decode_the_latents_the_model_samples(workspace, tmp_path):
+    """vae.sampled_latents_from: the full model samples one latent from each training mask (cached in
+    the run folder, exactly what `generate_volume` gives with that case's seed), and the decoder alone
+    learns to decode it towards the case's image; the encoder, hence the latent space, stays."""
+    from MaisiSynthLib.masks import Mask
+    from MaisiSynthLib.pipeline import generate_volume
+    from MaisiSynthLib.training.data import load_cases
+    from MaisiSynthLib.training.sampled import case_seed
+
+    model = workspace / "run" / "model"
+    vae = {"patch_size": None, "steps": 8, "lr": 3e-3, "decoder_only": True, "fixed_batch": True}
+    vae.update(sampled_latents_from=str(model), sampled_fraction=1.0, sampled_steps=2)
+    config = _config(tmp_path, vae=vae)
+    config.update(cases=str(workspace / "cases"))
+    (tmp_path / "train.json").write_text(json.dumps(config))
+    result = run_cli(
+        "train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(model), "--quiet"
+    )
+    assert result.returncode == 0, result.stderr
+
+    cases = {c.name: c for c in load_cases(workspace / "cases")}
+    cached = {p.stem: torch.load(p, weights_only=True) for p in (tmp_path / "run" / "sampled_latents").glob("*/*.pt")}
+    assert sorted(cached) == sorted(cases)
+    with open(tmp_path / "run" / "logs" / "vae_batches_rank0.csv", newline="") as f:
+        first = next(csv.DictReader(f))["case"]  # fixed_batch: the same case every step
+    case = cases[first]
+    models = load_models(model, "cpu")
+    mask = Mask(labels=case.labels[0].numpy().astype(np.int16), affine=np.diag([*case.spacing, 1.0]))
+    options = {"seed": case_seed(3, case.name), "steps": 2}
+    direct = generate_volume(mask, options, models=models, keep_latent=True).latent[0]
+    assert direct.shape == (4, *(n // 4 for n in case.shape)) and torch.equal(cached[first], direct)
+    assert all(r["sampled"] == 1.0 for r in read_log(tmp_path / "run" / "logs" / "vae.csv"))
+
+    before = models.autoencoder
+    after = load_models(tmp_path / "run" / "model", "cpu").autoencoder
+    with torch.no_grad():
+        error = [(a.decode(cached[first][None]) - case.image[None]).abs().mean() for a in (before, after)]
+        # the latent space stays: the encoder is the base model's, to the bit
+        torch.testing.assert_close(
+            after.encode(case.image[None])[0], before.encode(case.image[None])[0], rtol=0, atol=0
+        )
+    assert error[1] < 0.9 * error[0]
+
+    # the encoder would move away from the sampled latents' space; a share outside (0, 1]: one line, no model
+    for override, words in (({"decoder_only": False}, "decoder_only"), ({"sampled_fraction": 0.0}, "sampled_fraction")):
+        bad = _config(tmp_path, vae={**vae, **override})
+        bad.update(cases=str(workspace / "cases"), output_dir="refused")
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        result = run_cli(
+            "train", "vae", "--config", str(tmp_path / "bad.json"), "--base-model-dir", str(model), "--quiet"
+        )
+        assert result.returncode == 2 and words in result.stderr and "Fix:" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "refused" / "model").exists()
