@@ -410,7 +410,8 @@ def test_bf16_on_the_cpu_and_a_noise_free_posterior(workspace, tmp_path):
         config["vae"].update(patch_size=[32, 32, 32], posterior_noise=noise)
         stage = VaeStage(config, DistContext())
         stage.prepare()
-        x, _, weights = stage.batch(0)
+        x, _, weights, z_fixed, _ = stage.batch(0)
+        assert z_fixed is None  # no sampled latents unless vae.sampled_latents_from names a model
         autoencoder = stage.trainable().autoencoder.eval()
         with torch.no_grad():
             _, metrics = stage.loss(stage.trainable(), 0)
