@@ -6,6 +6,9 @@ report it the same way: one line naming the problem, plus a hint saying how to f
 
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class MaisiSynthError(Exception):
     """Base class of every error a user can fix by changing the input."""
@@ -69,3 +72,15 @@ class DownloadError(MaisiSynthError):
     def __init__(self, kind: str, message: str, hint: str = "") -> None:
         super().__init__(message, hint)
         self.kind = kind
+
+
+def tool_exit_status(action: Callable[[], str]) -> int:
+    """Run a small command-line tool's `action`: print the line it returns (status 0), or its
+    MaisiSynthError as one `error: … Fix: …` line on stderr (status 2)."""
+    try:
+        message = action()
+    except MaisiSynthError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0

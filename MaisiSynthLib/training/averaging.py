@@ -12,12 +12,11 @@ one `*_state_dict` of tensors); the other entries (epoch, loss, scale_factor, �
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-from ..errors import MaisiSynthError, ModelError, OptionError
+from ..errors import ModelError, OptionError, tool_exit_status
 from ..models import _atomic_save, load_checkpoint
 
 
@@ -80,13 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, default=0.5, help="share of FIRST (default 0.5)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    try:
+
+    def average() -> str:
         average_checkpoints(args.first, args.second, args.weight, args.out)
-    except MaisiSynthError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} ({args.weight:g} × {args.first} + {1 - args.weight:g} × {args.second})")
-    return 0
+        return f"wrote {args.out} ({args.weight:g} × {args.first} + {1 - args.weight:g} × {args.second})"
+
+    return tool_exit_status(average)
 
 
 if __name__ == "__main__":

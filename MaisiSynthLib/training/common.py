@@ -31,7 +31,7 @@ from ..models import (
     network_kwargs,
     save_json,
 )
-from .data import Case, generator, mix_seed
+from .data import Case, generator, mix_seed, name_key
 
 WEIGHT_FILES = (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)
 
@@ -125,8 +125,7 @@ def encode_case(
     z_mu, z_sigma = autoencoder.encode(case.image[None].to(device))
     if kind == "mean":
         return z_mu.float().cpu()[0]
-    name_key = int(hashlib.sha256(case.name.encode()).hexdigest()[:12], 16)
-    eps = torch.randn(z_mu.shape, generator=generator(seed, name_key, 0x1A7E), dtype=torch.float32)
+    eps = torch.randn(z_mu.shape, generator=generator(seed, name_key(case.name), 0x1A7E), dtype=torch.float32)
     return (z_mu.float().cpu() + z_sigma.float().cpu() * eps)[0]
 
 

@@ -195,14 +195,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **d
             if key in _PATH_KEYS and not Path(value).is_absolute():
                 value = str(Path.cwd() / value)  # a path given on the command line is relative to the cwd
             config = _merge(DEFAULTS, _deep_update(config, _nest(key, value)))
-    for key in _PATH_KEYS:
-        value = config.get(key)
+    for section, key in [(config, k) for k in _PATH_KEYS] + [(config[s], k) for s, k in _STAGE_PATH_KEYS]:
+        value = section.get(key)
         if isinstance(value, str) and not Path(value).is_absolute():
-            config[key] = str(base_dir / value)
-    for stage, key in _STAGE_PATH_KEYS:
-        value = config[stage].get(key)
-        if isinstance(value, str) and not Path(value).is_absolute():
-            config[stage][key] = str(base_dir / value)
+            section[key] = str(base_dir / value)
     if config["model_dir"] is None:
         config["model_dir"] = str(Path(config["output_dir"]) / "model")
     return config

@@ -8,6 +8,7 @@ exactly what one process with batch G·B sees, and a resumed run continues exact
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,11 @@ def mix_seed(*parts: int) -> int:
     for part in parts:
         value = (value ^ (int(part) + 0x9E3779B97F4A7C15 + (value << 6) + (value >> 2))) & 0xFFFFFFFFFFFFFFFF
     return value & 0x7FFFFFFFFFFFFFFF
+
+
+def name_key(name: str) -> int:
+    """A stable integer from a case name, to seed what belongs to a case rather than to its position."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:12], 16)
 
 
 def generator(*parts: int) -> torch.Generator:

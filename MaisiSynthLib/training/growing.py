@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import copy
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from ..errors import MaisiSynthError, ModelError, OptionError
+from ..errors import ModelError, OptionError, tool_exit_status
 from ..models import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
@@ -178,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="initialisation of the new weights")
     parser.add_argument("--out", type=Path, required=True, help="new model folder")
     args = parser.parse_args(argv)
-    try:
+
+    def grow() -> str:
         grow_model_folder(args.model_dir, args.out, args.factor, args.res_blocks, args.seed)
-    except MaisiSynthError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out} (VAE grown, same latents)")
-    return 0
+        return f"wrote {args.out} (VAE grown, same latents)"
+
+    return tool_exit_status(grow)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from ..errors import OptionError
 from ..models import AUTOENCODER_FILE, CONTROLNET_FILE, SETTINGS_NAME, UNET_FILE
 from .common import _fingerprint, find_weight
-from .data import Case, mix_seed
+from .data import Case, mix_seed, name_key
 
 
 def _model_fingerprint(model_dir: Path) -> str:
@@ -41,7 +41,7 @@ def _model_fingerprint(model_dir: Path) -> str:
 
 def case_seed(seed: int, name: str) -> int:
     """The sampling seed of a case: from the run seed and the case name (not its position)."""
-    return mix_seed(seed, int(hashlib.sha256(name.encode()).hexdigest()[:12], 16), 0x5A4D) % (2**31)
+    return mix_seed(seed, name_key(name), 0x5A4D) % (2**31)
 
 
 def _sample(models, case: Case, seed: int, steps: int | None) -> torch.Tensor:
