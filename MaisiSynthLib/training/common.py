@@ -192,16 +192,21 @@ def flow_batch(
     scale_factor: float,
     modality: int | None,
     device: torch.device,
+    timestep_floor: float = 0.0,
 ) -> FlowBatch:
     """This process's slice of step `step`: noise per (seed, step, position), timesteps drawn for the
     whole global batch with `RFlowScheduler.sample_timesteps` and sliced, so any process count sees
-    the same samples."""
+    the same samples. `timestep_floor` > 0 maps them linearly onto [floor · T, T]: a fine-tune of the
+    noisy half alone, where a sample's intensities are decided (the same draws, only moved)."""
     indices = [i for _, i in local]
     x0 = torch.stack([latents[i] for i in indices]).float() * scale_factor
     noise = torch.stack([torch.randn(x0.shape[1:], generator=generator(seed, step, pos, 0x401)) for pos, _ in local])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(mix_seed(seed, step, 0x715))
         every = scheduler.sample_timesteps(torch.empty((global_batch, 1, *x0.shape[2:])))
+    if timestep_floor > 0:
+        total = float(scheduler.num_train_timesteps)
+        every = timestep_floor * total + (1.0 - timestep_floor) * every
     timesteps = every[[pos for pos, _ in local]]
     noisy = scheduler.add_noise(original_samples=x0, noise=noise, timesteps=timesteps)
     spacing = torch.tensor([list(cases[i].spacing) for i in indices], dtype=torch.float32) * 1e2

@@ -90,6 +90,7 @@ DEFAULTS: dict[str, Any] = {
         **COMMON,
         "loss": "l1",  # l1 (official) or l2, to the velocity x0 − noise
         "modality": 1,
+        "timestep_floor": 0.0,  # > 0: train on t in [floor · T, T] only (see common.flow_batch)
     },
     "controlnet": {
         **COMMON,
@@ -112,6 +113,7 @@ DEFAULTS: dict[str, Any] = {
         "unet_lr": 0.0,  # > 0: fine-tune the UNet jointly at this learning rate (0: frozen, official)
         "zero_init_scale": 0.0,  # > 0: small random weights instead of zeros in the output convolutions
         "validate_steps": 10,  # Euler steps of the validation CTs (with validation_cases)
+        "timestep_floor": 0.0,  # > 0: train on t in [floor · T, T] only (see common.flow_batch)
     },
 }
 
@@ -201,6 +203,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, **d
             section[key] = str(base_dir / value)
     if config["model_dir"] is None:
         config["model_dir"] = str(Path(config["output_dir"]) / "model")
+    for stage in ("unet", "controlnet"):
+        floor = config[stage]["timestep_floor"]
+        if not 0.0 <= floor < 1.0:
+            raise OptionError(f"{stage}.timestep_floor is {floor!r}", "give a share of T in [0, 1), e.g. 0.5")
     return config
 
 

@@ -193,6 +193,7 @@ class ControlNetStage(Stage):
             self.scale_factor,
             self.modality,
             self.device,
+            float(self.cfg["timestep_floor"]),
         )
         conditions = [self.condition(i, step, pos) for (pos, _), i in zip(local, b.cases)]
         labels = torch.stack([c[0] for c in conditions]).to(self.device)

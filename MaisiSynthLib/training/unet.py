@@ -68,6 +68,7 @@ class UnetStage(Stage):
             self.scale_factor,
             self.modality,
             self.device,
+            float(self.cfg["timestep_floor"]),
         )
         v = model(x=b.noisy, timesteps=b.timesteps, spacing_tensor=b.spacing, class_labels=b.modality)
         loss = flow_loss(v, b.latents, b.noise, self.cfg["loss"])

@@ -706,3 +706,38 @@ def test_decoder_learns_to_decode_the_latents_the_model_samples(workspace, tmp_p
         assert result.returncode == 2 and words in result.stderr and "Fix:" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "refused" / "model").exists()
+
+
+def test_timestep_floor_moves_the_same_draws_onto_the_noisy_part_of_the_schedule(tmp_path):
+    from MaisiSynthLib.errors import OptionError
+    from MaisiSynthLib.models import build_scheduler
+    from MaisiSynthLib.training.common import flow_batch
+    from MaisiSynthLib.training.data import Case
+
+    scheduler = build_scheduler(tiny_config())
+    total = float(scheduler.num_train_timesteps)
+    latent = torch.randn(4, 8, 8, 4)
+    case = Case("a", torch.zeros(1, 32, 32, 16), torch.zeros(1, 32, 32, 16, dtype=torch.long), (6.0, 6.0, 8.0))
+    local = [(0, 0), (1, 0), (2, 0), (3, 0)]
+    lowest = total
+    for step in range(5):
+        batches = [
+            flow_batch(scheduler, [latent], [case], local, 4, step, 7, 1.0, None, torch.device("cpu"), floor)
+            for floor in (0.0, 0.5)
+        ]
+        plain, high = (b.timesteps.float() for b in batches)
+        lowest = min(lowest, float(plain.min()))
+        assert (high >= 0.5 * total).all() and (high < total).all()
+        assert torch.allclose(high, 0.5 * total + 0.5 * plain)  # the same draws, moved
+        assert torch.equal(batches[0].noise, batches[1].noise)
+        # the noisy input follows the moved timestep: x_t = (1 - t/T) x0 + t/T noise
+        w = (high / total).view(-1, 1, 1, 1, 1)
+        assert torch.allclose(batches[1].noisy, (1 - w) * batches[1].latents + w * batches[1].noise, atol=1e-5)
+    assert lowest < 0.5 * total  # without the floor, some draws fall in the data half
+    for value in ("1.0", "-0.1"):
+        with pytest.raises(OptionError) as refused:
+            load_config(None, [f"controlnet.timestep_floor={value}"], output_dir=str(tmp_path))
+        assert "controlnet.timestep_floor" in refused.value.message and "[0, 1)" in refused.value.hint
+    result = run_cli("train", "unet", "--output-dir", str(tmp_path / "run"), "--set", "unet.timestep_floor=1")
+    assert result.returncode == 2 and "unet.timestep_floor" in result.stderr
+    assert not (tmp_path / "run").exists()
