@@ -8,7 +8,10 @@
     .venv/bin/python scripts/results.py guidance     # mask guidance scale and interval
 
 Each writes docs/results/<experiment>.json and .png and rewrites its table in docs/results.md
-(between `<!-- <experiment> -->` markers). Held-out cases are phantoms from seed 1000 (never used in
+(between `<!-- <experiment> -->` markers). To measure a candidate before shipping it, give its folder
+and another output folder: `scripts/results.py downstream --model-dir runs/x/model --out runs/x/tables`
+writes the JSON and plot there, prints the table and leaves docs/ alone (docs/ shows the shipped
+demo model only). Experiments share their work folders under runs/results: run one at a time. Held-out cases are phantoms from seed 1000 (never used in
 training), written to runs/results/heldout on first use. Everything runs on the CPU; wall times on
 2 cores are in docs/results.md.
 """
@@ -75,9 +78,18 @@ FOV_SETS = {
 }  # fmt: skip
 
 
-def write_result(name: str, data: dict, table: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+def save_plot(fig, name: str, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / f"{name}.png", dpi=110)
+
+
+def write_result(name: str, data: dict, table: str, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    if not args.docs:  # a candidate model: its numbers go to --out only, docs/ keeps the shipped model's
+        print(table.strip(), flush=True)
+        log(f"wrote {args.out / name}.json for {args.model} (docs/results.md untouched)")
+        return
     doc = DOCS / "results.md"
     text = doc.read_text(encoding="utf-8")
     start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
@@ -106,19 +118,19 @@ def pyplot():
 # Contrastive loss on vs off
 
 
-def train_controlnet(folder: Path, contrastive: bool, steps: int | None) -> Path:
-    """A ControlNet on the demo VAE + UNet with the demo's training settings, contrastive on or off."""
+def train_controlnet(base: Path, folder: Path, contrastive: bool, steps: int | None) -> Path:
+    """A ControlNet on `base`'s VAE + UNet with its training settings (train.json), contrastive on or off."""
     model = folder / "model"
     if (model / "controlnet_3d_rflow-ct.pt").is_file():
         return model
     shutil.rmtree(folder, ignore_errors=True)
     model.mkdir(parents=True)
     for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME):
-        shutil.copyfile(DEMO / name, model / name)
+        shutil.copyfile(base / name, model / name)
     overrides = [f"output_dir={folder}", f"model_dir={model}", f"controlnet.contrastive={str(contrastive).lower()}"]
     if steps is not None:
         overrides.append(f"controlnet.steps={steps}")
-    args = ["train", "controlnet", "--config", str(DEMO / "train.json"), "--quiet"]
+    args = ["train", "controlnet", "--config", str(base / "train.json"), "--quiet"]
     for item in overrides:
         args += ["--set", item]
     log(f"training the contrastive={'on' if contrastive else 'off'} ControlNet in {folder}")
@@ -132,10 +144,10 @@ def contrastive(args) -> None:
     if args.on:  # a ControlNet trained elsewhere with the same schedule as `--off`
         variants["on"] = args.on
     elif args.retrain:
-        variants["on"] = train_controlnet(RUNS / "contrastive_on", True, args.steps)
+        variants["on"] = train_controlnet(args.model, RUNS / "contrastive_on", True, args.steps)
     else:  # the shipped ControlNet was trained by scripts/train_demo.sh with exactly these settings
-        variants["on"] = DEMO
-    variants["off"] = args.off or train_controlnet(RUNS / "contrastive_off", False, args.steps)
+        variants["on"] = args.model
+    variants["off"] = args.off or train_controlnet(args.model, RUNS / "contrastive_off", False, args.steps)
     data = {}
     for name, model in variants.items():
         log(f"evaluating contrastive {name} ({model}) on {cases}")
@@ -175,9 +187,8 @@ def contrastive(args) -> None:
     axes[1].axhline(0, color="black", lw=0.5)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT / "contrastive.png", dpi=110)
-    write_result("contrastive", data, "\n".join(rows))
+    save_plot(fig, "contrastive", args)
+    write_result("contrastive", data, "\n".join(rows), args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,7 +202,7 @@ def steps(args) -> None:
         for n in args.steps:
             log(f"{solver}, {n} steps")
             started = time.perf_counter()
-            s = evaluate(DEMO, cases, steps=n, seed=args.seed, solver=solver, roi=False)
+            s = evaluate(args.model, cases, steps=n, seed=args.seed, solver=solver, roi=False)
             s.pop("cases")
             s["seconds_per_case"] = (time.perf_counter() - started) / args.cases
             data[f"{solver}_{n}"] = s
@@ -227,9 +238,8 @@ def steps(args) -> None:
         ax.minorticks_off()
         ax.legend()
     fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT / "steps.png", dpi=110)
-    write_result("steps", data, "\n".join(rows))
+    save_plot(fig, "steps", args)
+    write_result("steps", data, "\n".join(rows), args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,19 +274,20 @@ def edited_masks(real: Path, out: Path, per_case: int, seed: int) -> list[Path]:
     return paths
 
 
-def synthesize(masks: list[Path], folder: Path) -> Path:
-    """CTs from the demo model for `masks`, as *_image/*_label pairs in `folder`.
+def synthesize(masks: list[Path], folder: Path, model_dir: Path) -> Path:
+    """CTs from the model in `model_dir` for `masks`, as *_image/*_label pairs in `folder`.
 
     Always drawn anew (≈ 10 s each): CTs left there by an earlier model would measure that model.
     """
     from MaisiSynthLib.models import load_models
     from MaisiSynthLib.pipeline import GenerateRequest, generate
 
-    models = load_models(DEMO, "auto")
+    models = load_models(model_dir, "auto")
     for i, mask in enumerate(masks):
         name = mask.name.replace("_label.nii.gz", "")
         generate(
-            GenerateRequest(mask=mask, output=folder / f"{name}_image.nii.gz", model_dir=DEMO, seed=i), models=models
+            GenerateRequest(mask=mask, output=folder / f"{name}_image.nii.gz", model_dir=model_dir, seed=i),
+            models=models,
         )
     return folder
 
@@ -344,12 +355,15 @@ def downstream(args) -> None:
     torch.set_num_threads(torch.get_num_threads())
     real_dir = phantoms(RUNS / f"downstream_real{args.real}", args.real, 2000)
     masks = edited_masks(real_dir, RUNS / "downstream_edited_masks", args.synthetic // args.real, args.seed)
-    synthetic_dir = synthesize(masks, RUNS / "downstream_edited_masks")
+    synthetic_dir = synthesize(masks, RUNS / "downstream_edited_masks", args.model)
     test = load_pairs(heldout(args.cases))
     real = load_pairs(real_dir)
     synthetic = load_pairs(synthetic_dir)
     data = {"settings": vars(args).copy(), "runs": []}
-    data["settings"].pop("run")
+    for key in ("run", "model", "out", "docs") + (("model_dir",) if args.docs else ()):
+        data["settings"].pop(key, None)
+    if not args.docs:
+        data["settings"]["model_dir"] = str(args.model)
     for seed in args.seeds:
         for name, train in (("real", real), ("real + synthetic", real + synthetic)):
             log(f"segmenter on {name} ({len(train)} cases), seed {seed}")
@@ -379,9 +393,8 @@ def downstream(args) -> None:
     )
     ax.set_ylabel("tumor Dice on held-out phantoms")
     fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    fig.savefig(OUT / "downstream.png", dpi=110)
-    write_result("downstream", data, "\n".join(rows))
+    save_plot(fig, "downstream", args)
+    write_result("downstream", data, "\n".join(rows), args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -394,7 +407,7 @@ def fov(args) -> None:
     for name, (folder, seed, options) in FOV_SETS.items():
         cases = phantoms(RUNS / f"{folder}{args.cases}", args.cases, seed, *options)
         log(f"evaluating {name} ({cases})")
-        summary = evaluate(DEMO, cases, seed=args.seed, save_dir=RUNS / f"eval_fov_{folder}")
+        summary = evaluate(args.model, cases, seed=args.seed, save_dir=RUNS / f"eval_fov_{folder}")
         summary.pop("cases")
         data[name] = summary
     tumors = sorted({t for s in data.values() for t in s["tumor_conspicuity_hu"]})
@@ -415,17 +428,17 @@ def fov(args) -> None:
     for name, s in data.items():
         floor = [fmt(s["organ_error_floor_hu"].get(c)) for c in columns]
         rows.append(f"| floor, {name} | " + " | ".join(floor + ["—"] * (len(tumors) + 1)) + " |")
-    write_result("fov", data, "\n".join(rows))
+    write_result("fov", data, "\n".join(rows), args)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Mask guidance
 
 
-def model_variant(folder: Path, guidance_from: float) -> Path:
-    """The demo model folder with another `mask_guidance_from` (a model setting, not a request field)."""
+def model_variant(model_dir: Path, folder: Path, guidance_from: float) -> Path:
+    """A copy of `model_dir` with another `mask_guidance_from` (a model setting, not a request field)."""
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(DEMO, folder)
+    shutil.copytree(model_dir, folder)
     settings = json.loads((folder / SETTINGS_NAME).read_text(encoding="utf-8"))
     settings.setdefault("inference", {})["mask_guidance_from"] = guidance_from
     (folder / SETTINGS_NAME).write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -448,7 +461,7 @@ def guidance(args) -> None:
     ]  # fmt: skip
     for set_name, (cases, roi) in sets.items():
         for scale, start in args.variants:
-            model = model_variant(RUNS / f"guidance_from{start}", start)
+            model = model_variant(args.model, RUNS / f"guidance_from{start}", start)
             log(f"{set_name}: mask guidance {scale} from t = {start} T")
             t0 = time.perf_counter()
             s = evaluate(model, cases, seed=args.seed, roi=roi, mask_guidance=scale)
@@ -467,13 +480,39 @@ def guidance(args) -> None:
                 + f" | {fmt(signed.get('spleen'))} / {fmt(signed.get('kidneys'))} | " + " / ".join(ratios)
                 + f" | {roi_text} | {fmt(s['slice_frechet'].get('mean'), 4)} | {seconds:.1f} |"
             )  # fmt: skip
-    write_result("guidance", data, "\n".join(rows))
+    write_result("guidance", data, "\n".join(rows), args)
+
+
+def resolve_target(args) -> None:
+    """Which model to measure and where its numbers go. Only the demo model with the default output
+    rewrites docs/: a candidate measured here must not overwrite the shipped model's tables."""
+    from MaisiSynthLib.models import CONTROLNET_FILE
+
+    args.model = (args.model_dir or DEMO).resolve()
+    missing = [n for n in (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE, CONFIG_NAME) if not (args.model / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"{args.model} is not a model folder (no {', '.join(missing)}). Fix: give --model-dir a folder "
+            "written by `maisi-synth train` or Resources/models/demo"
+        )
+    if args.model_dir is not None and args.model != DEMO.resolve() and args.out is None:
+        raise ValueError(
+            "--model-dir other than the demo needs --out DIR. Fix: add e.g. --out runs/results/candidate "
+            "(docs/ only ever shows the shipped demo model)"
+        )
+    args.docs = args.out is None
+    args.out = (args.out or OUT).resolve()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "--model-dir", type=Path, help="measure this model folder instead of the demo (needs --out; docs/ untouched)"
+    )
+    target.add_argument("--out", type=Path, help="folder for the JSON and plot (default: docs/results)")
     sub = parser.add_subparsers(dest="experiment", required=True)
-    p = sub.add_parser("contrastive", help="ControlNet trained with vs without the contrastive loss")
+    p = sub.add_parser("contrastive", parents=[target], help="ControlNet trained with vs without the contrastive loss")
     p.add_argument("--cases", type=int, default=8, help="held-out phantoms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="ControlNet training steps (default: the demo's)")
@@ -487,13 +526,15 @@ def main(argv: list[str] | None = None) -> int:
         "--off", type=Path, help="model folder of an already trained ControlNet without the loss (skip training it)"
     )
     p.set_defaults(run=contrastive)
-    p = sub.add_parser("steps", help="slice Fréchet distance and organ HU error vs sampling steps")
+    p = sub.add_parser("steps", parents=[target], help="slice Fréchet distance and organ HU error vs sampling steps")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 30, 50])
     p.add_argument("--solvers", nargs="+", default=["euler", "heun"])
     p.set_defaults(run=steps)
-    p = sub.add_parser("downstream", help="tumor segmentation trained on real vs real + synthetic phantoms")
+    p = sub.add_parser(
+        "downstream", parents=[target], help="tumor segmentation trained on real vs real + synthetic phantoms"
+    )
     p.add_argument("--real", type=int, default=4, help="real phantoms for training (seed 2000)")
     p.add_argument("--synthetic", type=int, default=8, help="synthetic cases from edited real masks")
     p.add_argument("--cases", type=int, default=8, help="held-out test phantoms")
@@ -501,11 +542,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0, help="seed of the mask edits")
     p.set_defaults(run=downstream)
-    p = sub.add_parser("fov", help="held-out masks of other kinds: chest-only coarse, abdomen-only")
+    p = sub.add_parser("fov", parents=[target], help="held-out masks of other kinds: chest-only coarse, abdomen-only")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=fov)
-    p = sub.add_parser("guidance", help="mask guidance: scale and interval, validation and held-out torsos")
+    p = sub.add_parser(
+        "guidance", parents=[target], help="mask guidance: scale and interval, validation and held-out torsos"
+    )
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -518,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(run=guidance)
     args = parser.parse_args(argv)
+    try:
+        resolve_target(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     args.run(args)
     return 0
 
