@@ -398,6 +398,7 @@ class BatchSettings:
     solver: str = DEFAULTS["solver"]
     cfg_scale: float | None = DEFAULTS["cfg_scale"]
     mask_guidance: float | None = DEFAULTS["mask_guidance"]
+    latent_prior_from: float | None = DEFAULTS["latent_prior_from"]
     device: str = DEFAULTS["device"]
     threads: int | None = None
     name: str = "MaisiSynth"
@@ -434,6 +435,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
         solver=settings.solver,
         cfg_scale=settings.cfg_scale,
         mask_guidance=settings.mask_guidance,
+        latent_prior_from=settings.latent_prior_from,
         device=settings.device,
     )
     rules = [parse_rule(r) for r in settings.edits]
@@ -566,6 +568,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             seed=job.seed,
             cfg_scale=settings.cfg_scale,
             mask_guidance=settings.mask_guidance,
+            latent_prior_from=settings.latent_prior_from,
             solver=settings.solver,
             device=device,
         )
@@ -590,6 +593,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             steps=result.steps,
             cfg_scale=result.cfg_scale,
             mask_guidance=result.mask_guidance,
+            latent_prior_from=result.latent_prior_from,
             shape=list(result.shape),
             spacing=list(result.spacing),
             device=result.device,

@@ -38,6 +38,11 @@ REQUEST_FLAGS: dict[str, dict] = {
         help="mask guidance scale: > 1 amplifies what the mask adds to the UNet's velocity on the noisy half of "
         "the steps; 1 = off (default: the model's; the demo model's 1.5)",
     ),
+    "latent_prior_from": dict(
+        type=float,
+        help="move each region's latent level to the model's latent prior (latent_prior.pt) once, at t = this "
+        "x T; 1 = off (default: the model's; off unless its maisi_synth.json sets it)",
+    ),
     "solver": dict(default=DEFAULTS["solver"], choices=SOLVER_NAMES, help="ODE step (euler = official)"),
     "device": dict(default=DEFAULTS["device"], help="auto, cpu or cuda[:N]"),
     "precision": dict(default=DEFAULTS["precision"], choices=PRECISIONS),
@@ -88,7 +93,9 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="mask → synthetic CT", description="Generate a synthetic CT from a MAISI mask.")
     p.add_argument("--mask", required=True, help="mask file: .nii, .nii.gz, .nrrd or Slicer .seg.nrrd")
     p.add_argument("--output", required=True, help="CT file to write: .nii.gz, .nii or .nrrd (int16 HU)")
-    add_request_options(p, "model_dir", "steps", "seed", "cfg_scale", "mask_guidance", "solver", "modality")
+    add_request_options(
+        p, "model_dir", "steps", "seed", "cfg_scale", "mask_guidance", "latent_prior_from", "solver", "modality"
+    )
     p.add_argument("--output-size", nargs="+", metavar="N", help="output voxels x y z (RAS order), or 'auto'")
     p.add_argument("--spacing", nargs=3, metavar="MM", help="output spacing x y z in mm")
     add_request_options(p, "device", "precision")
@@ -114,6 +121,7 @@ def _run_generate(args) -> int:
         seed=args.seed,
         cfg_scale=args.cfg_scale,
         mask_guidance=args.mask_guidance,
+        latent_prior_from=args.latent_prior_from,
         solver=args.solver,
         output_size=_size(args.output_size) if args.output_size else None,
         spacing=_triple("--spacing", args.spacing),
@@ -264,7 +272,8 @@ def _run_info(args) -> int:
     d = info["inference_defaults"]
     print(
         f"defaults     {d['num_inference_steps']} steps, cfg {d['cfg_guidance_scale']}, mask guidance "
-        f"{d['mask_guidance_scale']} (from t = {d['mask_guidance_from']} T), decode window "
+        f"{d['mask_guidance_scale']} (from t = {d['mask_guidance_from']} T), latent prior "
+        f"at t = {d['latent_prior_from']} T (1: off), decode window "
         f"{d['autoencoder_sliding_window_infer_size']} (overlap {d['autoencoder_sliding_window_infer_overlap']})"
     )
     r = info["grid_rules"]
@@ -437,7 +446,7 @@ def _add_evaluate(sub) -> None:
     )
     add_request_options(p, "model_dir")
     p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
-    add_request_options(p, "steps", "seed", "solver", "mask_guidance", "device")
+    add_request_options(p, "steps", "seed", "solver", "mask_guidance", "latent_prior_from", "device")
     p.add_argument("--json", dest="json_out", help="write the full results here (default: <cases>/evaluation.json)")
     p.add_argument("--save-dir", help="keep the synthetic CTs here")
     p.add_argument("--no-roi", action="store_true", help="skip the tumor-free generations (halves the time)")
@@ -463,6 +472,7 @@ def _run_evaluate(args) -> int:
         roi=not args.no_roi,
         progress=lambda name: bar.update(1),
         mask_guidance=args.mask_guidance,
+        latent_prior_from=args.latent_prior_from,
     )
     bar.close()
     cases = Path(args.cases)
@@ -476,6 +486,48 @@ def _run_evaluate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # download
+
+
+def _add_fit_prior(sub) -> None:
+    p = sub.add_parser(
+        "fit-prior",
+        help="fit a model's latent prior (per-label latent levels) to image/label pairs",
+        description="Encode image/label pairs with the model's VAE and fit one latent vector per label "
+        "(latent_prior.py); written to the model folder's latent_prior.pt unless --output says otherwise. "
+        "Sampling uses it with --latent-prior-from (or the model's inference setting latent_prior_from).",
+    )
+    add_request_options(p, "model_dir")
+    p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
+    p.add_argument("--output", help="where to write the prior (default: <model folder>/latent_prior.pt)")
+    add_request_options(p, "device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_fit_prior)
+
+
+def _run_fit_prior(args) -> int:
+    from tqdm import tqdm
+
+    from .cases import find_pairs
+    from .latent_prior import PRIOR_FILE, fit_prior_for_model, save_latent_prior
+    from .model_home import choose_model_dir
+    from .models import load_models, locate_model_folder
+    from .request import check_options
+
+    check_options(model_dir=args.model_dir, device=args.device)
+    folder = locate_model_folder(choose_model_dir(args.model_dir).path, require_controlnet=False)
+    folder.prior_path = None  # the prior being replaced is not read (it may be the broken one)
+    out = Path(args.output) if args.output else folder.root / PRIOR_FILE
+    if out.suffix != ".pt":
+        raise OptionError(f"--output {out} does not end in .pt", "write the prior to a .pt file")
+    total = len(find_pairs(args.cases))
+    models = load_models(folder, args.device, "fp32")
+    bar = tqdm(total=total, desc="encode", unit="case", file=sys.stderr, disable=args.quiet)
+    prior = fit_prior_for_model(models, args.cases, progress=lambda name: bar.update(1))
+    bar.close()
+    save_latent_prior(prior, out)
+    seen = int((prior.label_weight > 0).sum())
+    print(f"wrote {out}: latent levels of {seen} labels from {total} cases")
+    return 0
 
 
 def _add_download(sub) -> None:
@@ -652,7 +704,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
-    add_request_options(p, "model_dir", "steps", "solver", "cfg_scale", "mask_guidance", "device")
+    add_request_options(p, "model_dir", "steps", "solver", "cfg_scale", "mask_guidance", "latent_prior_from", "device")
     p.add_argument("--threads", type=int, help="torch threads per process (default 1 on the CPU, for identical bytes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_run_batch)
@@ -675,6 +727,7 @@ def _run_batch(args) -> int:
             solver=args.solver,
             cfg_scale=args.cfg_scale,
             mask_guidance=args.mask_guidance,
+            latent_prior_from=args.latent_prior_from,
             device=args.device,
             threads=args.threads,
             name=args.name,
@@ -700,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_phantoms(sub)
     _add_evaluate(sub)
+    _add_fit_prior(sub)
     _add_worker(sub)
     _add_serve(sub)
     _add_batch(sub)

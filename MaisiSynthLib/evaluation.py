@@ -180,6 +180,7 @@ def evaluate(
     roi: bool = True,
     progress: Callable[[str], None] | None = None,
     mask_guidance: float | None = None,
+    latent_prior_from: float | None = None,
 ) -> dict:
     """Generate a CT for every held-out case and measure it against the real one (see module doc)."""
     import time
@@ -191,14 +192,15 @@ def evaluate(
     from .volumes import nifti_volume, save_volume
 
     # the request options once, before the model loads (each case's request is checked again)
-    check_options(
-        model_dir=None if model_dir is None else str(model_dir),
+    shared = dict(
         steps=steps,
         seed=seed,
         solver=solver,
         device=device,
         mask_guidance=mask_guidance,
+        latent_prior_from=latent_prior_from,
     )
+    check_options(model_dir=None if model_dir is None else str(model_dir), **shared)
     choice = choose_model_dir(model_dir)
     folder = locate_model_folder(choice.path)
     models = load_models(folder, device)
@@ -207,9 +209,7 @@ def evaluate(
     work = Path(save_dir) if save_dir else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    options = dict(
-        model_dir=str(folder.root), steps=steps, seed=seed, solver=solver, device=device, mask_guidance=mask_guidance
-    )
+    options = dict(model_dir=str(folder.root), **shared)
 
     def keep(path: Path, array: np.ndarray, affine: np.ndarray, like) -> None:
         with atomic_path(path) as tmp:
@@ -270,6 +270,7 @@ def evaluate(
         "seed": seed,
         "solver": solver,
         "mask_guidance": mask_guidance,  # None: the model's
+        "latent_prior_from": latent_prior_from,  # None: the model's
     }
     summary["cases"] = [r.__dict__ for r in results]
     return summary

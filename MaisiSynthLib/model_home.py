@@ -36,6 +36,7 @@ SETTINGS_NAME = "maisi_synth.json"
 AUTOENCODER_FILE = "autoencoder_v1.pt"
 UNET_FILE = "diff_unet_3d_rflow-ct.pt"
 CONTROLNET_FILE = "controlnet_3d_rflow-ct.pt"
+PRIOR_FILE = "latent_prior.pt"  # MaisiSynth's own (latent_prior.py): per-label latent levels, optional
 
 
 def find_model_file(folder: PathLike, name: str) -> Optional[Path]:

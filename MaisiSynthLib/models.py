@@ -32,6 +32,7 @@ from .model_home import (  # noqa: F401 - the file names live where torch-free c
     CONFIG_NAME,
     CONTROLNET_FILE,
     INFER_CONFIG_NAME,
+    PRIOR_FILE,
     SETTINGS_NAME,
     UNET_FILE,
     find_model_file,
@@ -68,6 +69,8 @@ DEFAULT_INFERENCE = {
     # official sampler; guidance against the UNet alone on timesteps t ≥ mask_guidance_from · T.
     "mask_guidance_scale": 1.0,
     "mask_guidance_from": 0.5,
+    # MaisiSynth's own (`latent_prior.py`): 1 = off; < 1 needs latent_prior.pt in the folder
+    "latent_prior_from": 1.0,
     "autoencoder_sliding_window_infer_size": [48, 48, 48],
     "autoencoder_sliding_window_infer_overlap": 0.6666,
     "modality": 1,
@@ -236,6 +239,7 @@ class ModelFolder:
     config: dict
     settings: dict = field(default_factory=dict)
     inference: dict = field(default_factory=dict)
+    prior_path: Path | None = None
 
     @property
     def name(self) -> str:
@@ -245,7 +249,9 @@ class ModelFolder:
         return GridRules.from_dict(self.settings.get("grid", {}), size_multiple_of(self.config))
 
     def weight_files(self) -> list[Path]:
-        return [p for p in (self.autoencoder_path, self.unet_path, self.controlnet_path) if p is not None]
+        """Every file whose bytes decide the output besides the configs (the prior included)."""
+        files = (self.autoencoder_path, self.unet_path, self.controlnet_path, self.prior_path)
+        return [p for p in files if p is not None]
 
 
 def _read_json(path: Path) -> dict:
@@ -295,6 +301,7 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
         config=_read_json(config_path),
         settings=settings,
         inference=inference,
+        prior_path=find_model_file(root, PRIOR_FILE),
     )
 
 
@@ -424,6 +431,7 @@ class MaisiModels:
     device: torch.device
     precision: str = "fp32"
     load_seconds: float = 0.0
+    latent_prior: Any = None  # latent_prior.LatentPrior when the folder has one
 
     @property
     def config(self) -> dict:
@@ -518,6 +526,10 @@ def load_models(
         device=device,
         precision=precision,
     )
+    if folder.prior_path is not None:
+        from .latent_prior import load_latent_prior
+
+        models.latent_prior = load_latent_prior(folder.prior_path, models.latent_channels, models.compression)
     models.load_seconds = time.perf_counter() - start
     return models
 

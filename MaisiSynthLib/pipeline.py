@@ -26,7 +26,7 @@ from .decoding import HU_MIN, decode_latent, resample_intensities, to_hu
 from .errors import CancelledError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
 from .masks import Mask, binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
-from .model_home import choose_model_dir
+from .model_home import PRIOR_FILE, choose_model_dir
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
 from .request import DEFAULTS, FIELDS, OUTPUT_FIELDS, STAGES, RequestError, check_field, check_options, check_params
@@ -73,6 +73,9 @@ class GenerateRequest:
     cfg_scale: float | None = DEFAULTS["cfg_scale"]
     # > 1 amplifies what the mask adds to the UNet's velocity (`sampling.velocity_model`); None: the model's
     mask_guidance: float | None = DEFAULTS["mask_guidance"]
+    # < 1: move each region's latent level to the model's latent prior at t = this · T
+    # (`latent_prior`); 1: off; None: the model's
+    latent_prior_from: float | None = DEFAULTS["latent_prior_from"]
     solver: str = DEFAULTS["solver"]
     output_size: tuple[int, int, int] | str | None = DEFAULTS["output_size"]
     spacing: tuple[float, float, float] | None = DEFAULTS["spacing"]
@@ -121,6 +124,7 @@ class GenerateResult:
     latent: torch.Tensor | None = None
     model: str = ""  # which model made it, in words (model_home.ModelChoice.describe)
     mask_guidance: float = 1.0
+    latent_prior_from: float = 1.0
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -145,6 +149,9 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
     if guidance is None:
         guidance = defaults["mask_guidance_scale"]
     guidance_from = defaults["mask_guidance_from"]
+    prior_from = options["latent_prior_from"]
+    if prior_from is None:
+        prior_from = defaults["latent_prior_from"]
     window = options["decode_window"] or [int(w) for w in defaults["autoencoder_sliding_window_infer_size"]]
     overlap = (
         options["decode_overlap"]
@@ -156,6 +163,7 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
         steps, cfg = check_field("steps", steps), check_field("cfg_scale", cfg)
         window, overlap = check_field("decode_window", list(window)), check_field("decode_overlap", overlap)
         guidance = check_field("mask_guidance", guidance)
+        prior_from = check_field("latent_prior_from", prior_from)
         if not (isinstance(guidance_from, (int, float)) and not isinstance(guidance_from, bool)) or not (
             0 <= guidance_from <= 1
         ):
@@ -165,11 +173,18 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
             f"the model's inference defaults are invalid: {exc.message}",
             f"fix {folder.root / 'maisi_synth.json'}, or pass the option explicitly",
         ) from None
+    if prior_from < 1 and folder.prior_path is None:
+        raise ModelError(
+            f"latent_prior_from {prior_from:g} needs the model's latent prior, and {folder.root} has no {PRIOR_FILE}",
+            f"fit one with `maisi-synth fit-prior --model-dir {folder.root} --cases DIR`, or pass "
+            "--latent-prior-from 1 (off)",
+        )
     return {
         "steps": steps,
         "cfg": cfg,
         "mask_guidance": guidance,
         "mask_guidance_from": float(guidance_from),
+        "latent_prior_from": prior_from,
         "window": window,
         "overlap": overlap,
     }
@@ -316,6 +331,7 @@ class SyntheticCT:
     device: str
     model: str  # which model made it, in words (model_home.ModelChoice.describe)
     mask_guidance: float = 1.0
+    latent_prior_from: float = 1.0  # 1: the latent prior was not used
     timings: dict = field(default_factory=dict)
     peak_memory: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -357,6 +373,19 @@ def generate_volume(
     engine = _resolve_engine(opts, models)
     settings = _model_settings(opts, engine.folder)
     return _synthesize(mask, opts, engine, settings, _Stages(progress), _cancel_check(cancel), keep_latent)
+
+
+def _level_prior(models: MaisiModels, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x̂0 → the latent prior's level shift for this mask (its label fractions computed once)."""
+    from .latent_prior import label_fractions, level_shift
+
+    if models.latent_prior is None:
+        raise ModelError(
+            f"latent_prior_from < 1 needs the model's latent prior; these models were loaded without {PRIOR_FILE}",
+            "reload the model folder, or pass --latent-prior-from 1 (off)",
+        )
+    ids, fractions = label_fractions(labels, models.compression)
+    return lambda x0: level_shift(models.latent_prior, ids, fractions, x0[0], L.TUMORS)[None]
 
 
 def _synthesize(
@@ -438,6 +467,9 @@ def _synthesize(
             mask_guidance=settings["mask_guidance"] if control is not None else 1.0,
             mask_guidance_from=settings["mask_guidance_from"],
         )
+        if settings["latent_prior_from"] < 1 and control is not None:
+            cond.level_prior = _level_prior(models, labels_t[0, 0])
+            cond.prior_from = settings["latent_prior_from"]
 
     # 4. Sampling.
     def on_step(info: dict) -> None:
@@ -451,6 +483,7 @@ def _synthesize(
             models, cond, models.latent_shape(shape), opts["seed"], settings["steps"], opts["solver"], on_step
         )
     guidance_used = float(cond.mask_guidance)
+    prior_used = float(cond.prior_from) if cond.level_prior is not None else 1.0
     del cond, control, uncond
 
     # 5. Decoding, then back onto the mask's grid.
@@ -495,6 +528,7 @@ def _synthesize(
         device=str(device),
         model=engine.choice.describe(),
         mask_guidance=guidance_used,
+        latent_prior_from=prior_used,
         timings=stages.timings,
         peak_memory=peak,
         notes=notes,
@@ -566,4 +600,5 @@ def generate(
         latent=ct.latent,
         model=ct.model,
         mask_guidance=ct.mask_guidance,
+        latent_prior_from=ct.latent_prior_from,
     )

@@ -169,6 +169,7 @@ FIELDS = (
     "seed",
     "cfg_scale",
     "mask_guidance",
+    "latent_prior_from",
     "solver",
     "output_size",
     "spacing",
@@ -190,6 +191,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "cfg_scale": None,
     "mask_guidance": None,  # the model's (its inference config's "mask_guidance_scale", 1 = off)
+    "latent_prior_from": None,  # the model's (its inference config's "latent_prior_from", 1 = off)
     "solver": "euler",
     "output_size": None,
     "spacing": None,
@@ -233,6 +235,15 @@ def _check_cfg_scale(value: Any) -> float:
 
 def _check_mask_guidance(value: Any) -> float:
     return _scale_in(value, "mask guidance", MASK_GUIDANCE_RANGE, "pass e.g. --mask-guidance 1 (off) or 1.5")
+
+
+def _check_latent_prior_from(value: Any) -> float:
+    if not _is_number(value) or not 0 < value <= 1:
+        raise RequestError(
+            f"latent_prior_from must be a number above 0 and at most 1, got {_show(value)}",
+            "pass e.g. --latent-prior-from 0.6, or 1 (off)",
+        )
+    return float(value)
 
 
 def _check_choice(value: Any, what: str, names: Sequence[str]) -> str:
@@ -299,6 +310,7 @@ _CHECKS = {
     "seed": _check_seed,
     "cfg_scale": _check_cfg_scale,
     "mask_guidance": _check_mask_guidance,
+    "latent_prior_from": _check_latent_prior_from,
     "solver": _check_solver,
     "output_size": _check_output_size,
     "spacing": _check_spacing,
@@ -312,7 +324,7 @@ _CHECKS = {
 # None is a value only where it means "the default"; a required path or a flag cannot be null, and
 # seed, solver, device and precision have fixed defaults that a null would only hide.
 _NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "mask_guidance", "output_size", "spacing")
-_NULLABLE += ("decode_window", "decode_overlap", "modality")
+_NULLABLE += ("decode_window", "decode_overlap", "modality", "latent_prior_from")
 
 
 def check_field(name: str, value: Any) -> Any:

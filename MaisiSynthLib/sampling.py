@@ -63,6 +63,9 @@ class Conditioning:
     # v = v_unet + s · (v_controlnet − v_unet) on timesteps t ≥ mask_guidance_from · T; s = 1: off
     mask_guidance: float = 1.0
     mask_guidance_from: float = 0.5
+    # latent_prior.level_shift once at the first timestep t ≤ prior_from · T; None: off
+    level_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prior_from: float = 1.0
 
 
 class _FixedEmbedding(torch.nn.Module):
@@ -201,7 +204,30 @@ def sample_latent(
     solver: str = "euler",
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Noise from `seed` → latent after `num_steps` solver steps (float32, on the device)."""
+    """Noise from `seed` → latent after `num_steps` solver steps (float32, on the device).
+
+    With `cond.level_prior`, the trajectory is split at the first timestep t ≤ prior_from · T: there
+    the one-step prediction x̂0 = x + t·v is moved by level_prior(x̂0) while the noise it implies is
+    kept (x += (1 − t/T)·shift), which costs one more velocity evaluation.
+    """
     scheduler, timesteps, next_timesteps = schedule(models, num_steps, latent_shape)
     x = initial_noise(latent_shape, seed, models.device)
-    return SOLVERS[solver](velocity_model(models, cond), x, scheduler, timesteps, next_timesteps, callback)
+    velocity = velocity_model(models, cond)
+    run = SOLVERS[solver]
+    total = len(timesteps)
+    T = float(scheduler.num_train_timesteps)
+    after = (timesteps.float() <= cond.prior_from * T).nonzero()
+    if cond.level_prior is None or len(after) == 0:
+        return run(velocity, x, scheduler, timesteps, next_timesteps, callback)
+    split = int(after[0])
+
+    def shifted(offset: int) -> StepCallback | None:
+        if callback is None:
+            return None
+        return lambda info: callback({**info, "i": info["i"] + offset, "total": total})
+
+    x = run(velocity, x, scheduler, timesteps[:split], next_timesteps[:split], shifted(0))
+    t = float(timesteps[split])
+    x0 = x + (t / T) * velocity(x, timesteps[split])
+    x = x + (1.0 - t / T) * cond.level_prior(x0)
+    return run(velocity, x, scheduler, timesteps[split:], next_timesteps[split:], shifted(split))

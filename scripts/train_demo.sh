@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/train_v3.sh "$@"
-for name in config_network_rflow.json autoencoder_v1.pt diff_unet_3d_rflow-ct.pt controlnet_3d_rflow-ct.pt; do
+for name in config_network_rflow.json autoencoder_v1.pt diff_unet_3d_rflow-ct.pt controlnet_3d_rflow-ct.pt latent_prior.pt; do
     cp "runs/v3/ship/model/$name" "Resources/models/demo/$name"
 done
 echo "wrote Resources/models/demo"

@@ -144,3 +144,10 @@ mkdir -p "$RUN/ship/model"
 cp "$RUN/soup/model/"*.pt "$RUN/soup/model/config_network_rflow.json" "$RUN/ship/model/"
 cp "$RUN/dring2/model/autoencoder_v1.pt" "$RUN/ship/model/"
 stamp ship
+
+# 8. The latent prior (TRAINING.md, "What ships (v3.3)"): one latent vector per label, fitted to the
+#    posterior means of the training phantoms under the final VAE. No weight changes; the sampler
+#    moves each region's level to it once, at t = 0.6 T (latent_prior_from in the demo folder's
+#    maisi_synth.json).
+$PY -m MaisiSynthLib fit-prior --model-dir "$RUN/ship/model" --cases "$RUN/phantoms/train" --quiet
+stamp prior

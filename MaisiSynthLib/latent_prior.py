@@ -1,0 +1,197 @@
+"""Region levels of the latent: what the training latents hold, on average, for each label.
+
+A small ControlNet draws the intensity of a region from the mask only while the latent is still mostly
+noise (large t); there it predicts a value between the region's tissue and the tissues around it, and
+the later steps restore detail, not level (Resources/models/demo/TRAINING.md: vertebrae come out at
+~200 HU where the real ones are ~300). The latent prior corrects that level once, mid-trajectory:
+
+- `fit_latent_prior` fits one latent vector per label to the posterior means μ of training cases, by
+  least squares on the fraction of each latent voxel that the label covers (a latent voxel spans
+  compression³ image voxels, and thin structures such as vertebrae fill few of them);
+- at t = `latent_prior_from` · T the sampler takes its own one-step prediction x̂0, fits the same
+  per-label vectors to x̂0 alone, and moves x̂0 by the difference between the prior's and its own,
+  painted by the same fractions (`level_shift`). What x̂0 holds inside a region (texture, shape) is
+  kept; only each region's mean moves. Tumors are left to the ControlNet: their contrast depends on
+  the host organ's level in the case, which a label mean does not know.
+
+The prior is `latent_prior.pt` in a model folder: a dict of tensors (loaded with weights_only=True),
+label_means (256, C) in the UNet's scaled latent units and label_weight (256,), the fraction mass
+each label had in the fit (0: never seen, never corrected).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import ModelError
+from .model_home import PRIOR_FILE  # noqa: F401 - re-exported
+
+NUM_LABELS = 256  # MAISI label ids are 0..255 (the ControlNet's 8-bit code)
+FORMAT_VERSION = 1
+_RIDGE = 1e-6  # keeps the normal equations solvable when two labels always appear together
+
+
+@dataclass
+class LatentPrior:
+    label_means: torch.Tensor  # (256, C) float32, scaled latent units
+    label_weight: torch.Tensor  # (256,) float32, fraction mass in the fit
+    compression: int
+
+    @property
+    def channels(self) -> int:
+        return int(self.label_means.shape[1])
+
+    def known(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.label_weight[ids] > 0
+
+
+def label_fractions(labels: torch.Tensor, compression: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, fractions): the labels present in an (X, Y, Z) label volume and, per label, the fraction
+    of each compression³ block it covers, (k, X/c, Y/c, Z/c) float32. Sizes must be multiples of c."""
+    if labels.dim() != 3 or any(n % compression for n in labels.shape):
+        raise ValueError(
+            f"label volume {tuple(labels.shape)} is not 3-D with sizes that are multiples of {compression}"
+        )
+    labels = labels.long()
+    if int(labels.min()) < 0 or int(labels.max()) >= NUM_LABELS:
+        raise ValueError(f"label ids must be 0..{NUM_LABELS - 1}")
+    ids, index = torch.unique(labels, return_inverse=True)
+    c = compression
+    nx, ny, nz = (n // c for n in labels.shape)
+    bx = torch.arange(labels.shape[0]) // c
+    by = torch.arange(labels.shape[1]) // c
+    bz = torch.arange(labels.shape[2]) // c
+    block = (bx[:, None, None] * ny + by[None, :, None]) * nz + bz[None, None, :]
+    counts = torch.bincount((index * (nx * ny * nz) + block).reshape(-1), minlength=len(ids) * nx * ny * nz)
+    return ids, (counts.float() / c**3).reshape(len(ids), nx, ny, nz)
+
+
+def _normal_equations(fractions: torch.Tensor, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    f = fractions.reshape(fractions.shape[0], -1).double()
+    y = latent.reshape(latent.shape[0], -1).double()
+    return f @ f.T, f @ y.T
+
+
+def _solve(ftf: torch.Tensor, fty: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(ftf.shape[0], dtype=ftf.dtype)
+    return torch.linalg.solve(ftf + _RIDGE * eye, fty)
+
+
+def region_levels(fractions: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Per-label latent vectors (k, C) that, mixed by `fractions`, best fit `latent` (C, x, y, z)."""
+    return _solve(*_normal_equations(fractions, latent)).float()
+
+
+def fit_latent_prior(cases: Iterable[tuple[torch.Tensor, torch.Tensor]], compression: int) -> LatentPrior:
+    """The prior from (labels (X, Y, Z), μ (C, X/c, Y/c, Z/c) in scaled latent units) pairs: one least
+    squares fit over all cases together, so a label's vector is the one its voxels need on average."""
+    ftf = fty = None
+    for labels, latent in cases:
+        ids, fractions = label_fractions(labels, compression)
+        if fractions.shape[1:] != latent.shape[1:]:
+            raise ValueError(
+                f"latent {tuple(latent.shape)} does not match labels {tuple(labels.shape)} / {compression}"
+            )
+        a, b = _normal_equations(fractions, latent)
+        if ftf is None:
+            ftf = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.float64)
+            fty = torch.zeros(NUM_LABELS, latent.shape[0], dtype=torch.float64)
+        ftf[ids[:, None], ids[None, :]] += a
+        fty[ids] += b
+    if ftf is None:
+        raise ValueError("no cases to fit the latent prior on")
+    seen = (ftf.diagonal() > 0).nonzero()[:, 0]
+    means = torch.zeros_like(fty)
+    means[seen] = _solve(ftf[seen][:, seen], fty[seen])
+    weight = torch.zeros(NUM_LABELS, dtype=torch.float64)
+    weight[seen] = ftf[seen][:, seen].sum(1)  # Σ over voxels of the label's fraction
+    return LatentPrior(means.float(), weight.float(), int(compression))
+
+
+def level_shift(
+    prior: LatentPrior, ids: torch.Tensor, fractions: torch.Tensor, x0: torch.Tensor, keep: Iterable[int] = ()
+) -> torch.Tensor:
+    """How far to move the predicted clean latent x0 (C, x, y, z) so that each region's level is the
+    prior's: (prior − own) per-label vectors painted by `fractions`. Labels in `keep` and labels the
+    prior never saw are not moved."""
+    own = region_levels(fractions, x0.float().cpu())
+    delta = prior.label_means[ids] - own
+    moved = prior.known(ids) & ~torch.isin(ids, torch.tensor(sorted(set(keep)), dtype=torch.long))
+    delta = delta * moved[:, None].float()
+    shift = torch.einsum("kc,kxyz->cxyz", delta, fractions)
+    return shift.to(device=x0.device, dtype=x0.dtype)
+
+
+def save_latent_prior(prior: LatentPrior, path: str | Path) -> None:
+    from .volumes import atomic_path
+
+    data = {
+        "label_means": prior.label_means.contiguous(),
+        "label_weight": prior.label_weight.contiguous(),
+        "compression": int(prior.compression),
+        "format_version": FORMAT_VERSION,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+
+
+def load_latent_prior(path: str | Path, channels: int, compression: int) -> LatentPrior:
+    """Read and check a prior file against the model it belongs to (any other content is refused)."""
+    path = Path(path)
+    fix = "rebuild it with `maisi-synth fit-prior`, or delete it to sample without the prior"
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle needing code, a truncated zip, not a torch file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"cannot read {path.name}: {first}", fix) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path.name} is not a dict of tensors", fix)
+    means, weight = data.get("label_means"), data.get("label_weight")
+    if not isinstance(means, torch.Tensor) or tuple(means.shape) != (NUM_LABELS, channels):
+        raise ModelError(f"{path.name}: label_means must be a ({NUM_LABELS}, {channels}) tensor", fix)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (NUM_LABELS,):
+        raise ModelError(f"{path.name}: label_weight must be a ({NUM_LABELS},) tensor", fix)
+    if not means.is_floating_point() or not weight.is_floating_point():
+        raise ModelError(f"{path.name}: label_means and label_weight must be floating point", fix)
+    if not bool(torch.isfinite(means).all()) or not bool(torch.isfinite(weight).all()):
+        raise ModelError(f"{path.name} holds non-finite values", fix)
+    if data.get("compression") != compression or data.get("format_version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path.name} was fitted for compression {data.get('compression')!r} (format "
+            f"{data.get('format_version')!r}); this model compresses by {compression}",
+            fix,
+        )
+    return LatentPrior(means.float(), weight.float(), compression)
+
+
+def fit_prior_for_model(models, cases: str | Path, progress=None) -> LatentPrior:
+    """Encode every image/label pair of `cases` with the model's VAE (posterior mean μ, times the UNet's
+    scale factor: the units the sampler works in) and fit the prior. Sizes must be multiples of the
+    VAE's compression; a case the VAE cannot take is refused before any encoding."""
+    from .errors import OptionError
+    from .training.data import load_cases
+
+    c = models.compression
+    loaded = load_cases(cases, size_multiple=c)
+    if not loaded:
+        raise OptionError(f"no image/label pairs in {cases}", "pass a folder of *_image/*_label NIfTI pairs")
+    for case in loaded:  # before any encoding
+        if int(case.labels.min()) < 0 or int(case.labels.max()) >= NUM_LABELS:
+            raise OptionError(
+                f"case {case.name} has label ids outside 0..{NUM_LABELS - 1}", "use MAISI label ids (0-255)"
+            )
+    scale = float(models.scale_factor)
+
+    def latents():
+        for case in loaded:
+            with torch.no_grad(), models.autocast():
+                mu, _ = models.autoencoder.encode(case.image[None].to(models.device))
+            if progress is not None:
+                progress(case.name)
+            yield case.labels[0], mu[0].float().cpu() * scale
+
+    return fit_latent_prior(latents(), c)
