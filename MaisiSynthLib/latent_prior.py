@@ -41,10 +41,6 @@ class LatentPrior:
     label_weight: torch.Tensor  # (256,) float32, fraction mass in the fit
     compression: int
 
-    @property
-    def channels(self) -> int:
-        return int(self.label_means.shape[1])
-
     def known(self, ids: torch.Tensor) -> torch.Tensor:
         return self.label_weight[ids] > 0
 
@@ -141,13 +137,11 @@ def save_latent_prior(prior: LatentPrior, path: str | Path) -> None:
 
 def load_latent_prior(path: str | Path, channels: int, compression: int) -> LatentPrior:
     """Read and check a prior file against the model it belongs to (any other content is refused)."""
+    from .models import load_checkpoint  # the one safe loader: weights_only, pickles refused
+
     path = Path(path)
     fix = "rebuild it with `maisi-synth fit-prior`, or delete it to sample without the prior"
-    try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle needing code, a truncated zip, not a torch file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"cannot read {path.name}: {first}", fix) from None
+    data = load_checkpoint(path)
     if not isinstance(data, dict):
         raise ModelError(f"{path.name} is not a dict of tensors", fix)
     means, weight = data.get("label_means"), data.get("label_weight")
