@@ -273,7 +273,8 @@ def _run_info(args) -> int:
     print(
         f"defaults     {d['num_inference_steps']} steps, cfg {d['cfg_guidance_scale']}, mask guidance "
         f"{d['mask_guidance_scale']} (from t = {d['mask_guidance_from']} T), latent prior "
-        f"at t = {d['latent_prior_from']} T (1: off), decode window "
+        f"at t = {d['latent_prior_from']} T (1: off), bone again at t = {d['latent_prior_bone_from']} T "
+        f"(0: off), decode window "
         f"{d['autoencoder_sliding_window_infer_size']} (overlap {d['autoencoder_sliding_window_infer_overlap']})"
     )
     r = info["grid_rules"]

@@ -71,6 +71,8 @@ DEFAULT_INFERENCE = {
     "mask_guidance_from": 0.5,
     # MaisiSynth's own (`latent_prior.py`): 1 = off; < 1 needs latent_prior.pt in the folder
     "latent_prior_from": 1.0,
+    # the same, bone labels only, again at t = this · T after the first shift; 0 = off
+    "latent_prior_bone_from": 0.0,
     "autoencoder_sliding_window_infer_size": [48, 48, 48],
     "autoencoder_sliding_window_infer_overlap": 0.6666,
     "modality": 1,

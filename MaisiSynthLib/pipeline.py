@@ -149,6 +149,7 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
     if guidance is None:
         guidance = defaults["mask_guidance_scale"]
     guidance_from = defaults["mask_guidance_from"]
+    bone_from = defaults["latent_prior_bone_from"]
     prior_from = options["latent_prior_from"]
     if prior_from is None:
         prior_from = defaults["latent_prior_from"]
@@ -168,6 +169,10 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
             0 <= guidance_from <= 1
         ):
             raise RequestError(f"mask_guidance_from must be a number from 0 to 1, got {guidance_from!r}", "e.g. 0.5")
+        if not (isinstance(bone_from, (int, float)) and not isinstance(bone_from, bool)) or not (0 <= bone_from < 1):
+            raise RequestError(
+                f"latent_prior_bone_from must be a number from 0 (off) to below 1, got {bone_from!r}", "e.g. 0.3"
+            )
     except RequestError as exc:
         raise ModelError(
             f"the model's inference defaults are invalid: {exc.message}",
@@ -185,6 +190,7 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
         "mask_guidance": guidance,
         "mask_guidance_from": float(guidance_from),
         "latent_prior_from": prior_from,
+        "latent_prior_bone_from": float(bone_from),
         "window": window,
         "overlap": overlap,
     }
@@ -375,8 +381,11 @@ def generate_volume(
     return _synthesize(mask, opts, engine, settings, _Stages(progress), _cancel_check(cancel), keep_latent)
 
 
-def _level_prior(models: MaisiModels, labels: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x̂0 → the latent prior's level shift for this mask (its label fractions computed once)."""
+def _level_prior(
+    models: MaisiModels, labels: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """x̂0 → the latent prior's level shift for this mask, on every label and on bone labels only
+    (tumors are never moved; the label fractions are computed once)."""
     from .latent_prior import label_fractions, level_shift
 
     if models.latent_prior is None:
@@ -385,7 +394,12 @@ def _level_prior(models: MaisiModels, labels: torch.Tensor) -> Callable[[torch.T
             "reload the model folder, or pass --latent-prior-from 1 (off)",
         )
     ids, fractions = label_fractions(labels, models.compression)
-    return lambda x0: level_shift(models.latent_prior, ids, fractions, x0[0], L.TUMORS)[None]
+    not_bone = set(ids.tolist()) - set(L.BONE_REGION)
+    prior = models.latent_prior
+    return (
+        lambda x0: level_shift(prior, ids, fractions, x0[0], L.TUMORS)[None],
+        lambda x0: level_shift(prior, ids, fractions, x0[0], (*L.TUMORS, *not_bone))[None],
+    )
 
 
 def _synthesize(
@@ -468,8 +482,10 @@ def _synthesize(
             mask_guidance_from=settings["mask_guidance_from"],
         )
         if settings["latent_prior_from"] < 1 and control is not None:
-            cond.level_prior = _level_prior(models, labels_t[0, 0])
+            cond.level_prior, bone_prior = _level_prior(models, labels_t[0, 0])
             cond.prior_from = settings["latent_prior_from"]
+            if settings["latent_prior_bone_from"] > 0:
+                cond.bone_prior, cond.bone_prior_from = bone_prior, settings["latent_prior_bone_from"]
 
     # 4. Sampling.
     def on_step(info: dict) -> None:

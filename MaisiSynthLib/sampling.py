@@ -66,6 +66,9 @@ class Conditioning:
     # latent_prior.level_shift once at the first timestep t ≤ prior_from · T; None: off
     level_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
     prior_from: float = 1.0
+    # the same shift on bone labels only, again at the first later timestep t ≤ bone_prior_from · T
+    bone_prior: Callable[[torch.Tensor], torch.Tensor] | None = None
+    bone_prior_from: float = 0.0
 
 
 class _FixedEmbedding(torch.nn.Module):
@@ -208,7 +211,9 @@ def sample_latent(
 
     With `cond.level_prior`, the trajectory is split at the first timestep t ≤ prior_from · T: there
     the one-step prediction x̂0 = x + t·v is moved by level_prior(x̂0) while the noise it implies is
-    kept (x += (1 − t/T)·shift), which costs one more velocity evaluation.
+    kept (x += (1 − t/T)·shift), which costs one more velocity evaluation. With `cond.bone_prior` as
+    well, it is split again at the first later timestep t ≤ bone_prior_from · T for the bone-only shift
+    (the networks draw bone back towards the tissue around it after the first shift; TRAINING.md).
     """
     scheduler, timesteps, next_timesteps = schedule(models, num_steps, latent_shape)
     x = initial_noise(latent_shape, seed, models.device)
@@ -216,18 +221,26 @@ def sample_latent(
     run = SOLVERS[solver]
     total = len(timesteps)
     T = float(scheduler.num_train_timesteps)
-    after = (timesteps.float() <= cond.prior_from * T).nonzero()
-    if cond.level_prior is None or len(after) == 0:
-        return run(velocity, x, scheduler, timesteps, next_timesteps, callback)
-    split = int(after[0])
+    splits: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []
+    if cond.level_prior is not None:
+        after = (timesteps.float() <= cond.prior_from * T).nonzero()
+        if len(after):
+            splits.append((int(after[0]), cond.level_prior))
+            later = (timesteps.float() <= cond.bone_prior_from * T).nonzero()
+            later = later[later[:, 0] > splits[0][0]]
+            if cond.bone_prior is not None and len(later):
+                splits.append((int(later[0]), cond.bone_prior))
 
     def shifted(offset: int) -> StepCallback | None:
         if callback is None:
             return None
         return lambda info: callback({**info, "i": info["i"] + offset, "total": total})
 
-    x = run(velocity, x, scheduler, timesteps[:split], next_timesteps[:split], shifted(0))
-    t = float(timesteps[split])
-    x0 = x + (t / T) * velocity(x, timesteps[split])
-    x = x + (1.0 - t / T) * cond.level_prior(x0)
-    return run(velocity, x, scheduler, timesteps[split:], next_timesteps[split:], shifted(split))
+    start = 0
+    for split, shift in splits:
+        x = run(velocity, x, scheduler, timesteps[start:split], next_timesteps[start:split], shifted(start))
+        t = float(timesteps[split])
+        x0 = x + (t / T) * velocity(x, timesteps[split])
+        x = x + (1.0 - t / T) * shift(x0)
+        start = split
+    return run(velocity, x, scheduler, timesteps[start:], next_timesteps[start:], shifted(start))

@@ -187,6 +187,61 @@ def test_the_sampler_shifts_once_at_the_first_timestep_below_the_threshold(prior
     assert not torch.equal(run(lambda x0: torch.ones_like(x0), 0.5), plain)
 
 
+def test_the_bone_shift_comes_after_the_first_and_moves_bone_labels_only(prior_model):
+    from MaisiSynthLib.masks import binary_code
+    from MaisiSynthLib.pipeline import _level_prior
+
+    models = load_models(prior_model, "cpu")
+    labels = torch.from_numpy(torso_labels(64).astype("int64"))
+    labels[28:36, 12:20, 8:40] = 33  # a vertebral column (bone) next to the organs
+    shape = models.latent_shape((64, 64, 64))
+    steps, calls = [], []
+
+    def no_shift(name):
+        def shift(x0):
+            calls.append((name, len(steps)))  # how many steps were taken when it was called
+            return torch.zeros_like(x0)
+
+        return shift
+
+    def run(level_prior, bone_prior, prior_from=0.5, bone_from=0.3):
+        cond = Conditioning(binary_code(labels[None, None]), spacing_condition((3.0, 3.0, 3.0)), torch.tensor([1]))
+        cond.level_prior, cond.prior_from = level_prior, prior_from
+        cond.bone_prior, cond.bone_prior_from = bone_prior, bone_from
+        return sample_latent(models, cond, shape, seed=4, num_steps=8, callback=lambda info: steps.append(info))
+
+    plain = run(None, None)
+    t = [s["t"] for s in steps]
+    steps.clear()
+    # two zero shifts: the same trajectory, every step reported once, the bone shift strictly later
+    assert torch.equal(run(no_shift("all"), no_shift("bone")), plain)
+    assert [s["i"] for s in steps] == list(range(8))
+    first, later = next(i for i, v in enumerate(t) if v <= 500), next(i for i, v in enumerate(t) if v <= 300)
+    assert first < later and calls == [("all", first), ("bone", later)]
+    # a threshold above the first shift's takes the next timestep; no bone shift without the prior
+    calls.clear()
+    steps.clear()
+    run(no_shift("all"), no_shift("bone"), bone_from=0.9)
+    assert calls == [("all", first), ("bone", first + 1)]
+    calls.clear()
+    steps.clear()
+    assert torch.equal(run(None, no_shift("bone")), plain) and calls == []
+
+    # the bone-only shift: zero on every latent voxel without bone, the full shift's value on those
+    # with bone only (tumors and other labels stay where they are)
+    every, bone = _level_prior(models, labels)
+    x0 = torch.randn(shape)
+    from MaisiSynthLib.latent_prior import label_fractions
+
+    ids, fractions = label_fractions(labels, models.compression)
+    bone_share = fractions[ids == 33][0]
+    moved = bone(x0)[0]
+    assert moved.abs().amax(0)[bone_share == 0].max() == 0
+    assert moved.abs().amax(0)[bone_share > 0].min() > 0
+    pure = bone_share == 1
+    assert pure.any() and torch.allclose(moved[:, pure], every(x0)[0][:, pure], atol=1e-5)
+
+
 def test_latent_prior_from_comes_from_the_model_unless_the_request_sets_it(prior_model, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(prior_model, folder)
@@ -213,6 +268,19 @@ def test_latent_prior_from_comes_from_the_model_unless_the_request_sets_it(prior
     for bad in (0, 1.5, "0.6", True):
         with pytest.raises(RequestError, match="latent_prior_from"):
             run("f.nii.gz", latent_prior_from=bad)
+
+    # the bone-only second shift is a model setting, used only with the prior on
+    settings["inference"]["latent_prior_bone_from"] = 0.3
+    settings_path.write_text(json.dumps(settings))
+    assert torch.equal(run("h.nii.gz", latent_prior_from=1.0).latent, off.latent)
+    for bad in (1, -0.1, "0.3", True):
+        settings["inference"]["latent_prior_bone_from"] = bad
+        settings_path.write_text(json.dumps(settings))
+        with pytest.raises(ModelError, match="latent_prior_bone_from") as refused:
+            run("f.nii.gz")
+        assert "maisi_synth.json" in refused.value.one_line()
+    settings["inference"]["latent_prior_bone_from"] = 0.3
+    settings_path.write_text(json.dumps(settings))
     (folder / PRIOR_FILE).unlink()
     with pytest.raises(ModelError, match="has no latent_prior.pt") as refused:
         run("g.nii.gz")
