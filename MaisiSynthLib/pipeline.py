@@ -29,7 +29,17 @@ from .masks import Mask, binary_code, ensure_body, lost_labels, read_mask, remov
 from .model_home import PRIOR_FILE, choose_model_dir
 from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
 from .preview import render_preview
-from .request import DEFAULTS, FIELDS, OUTPUT_FIELDS, STAGES, RequestError, check_field, check_options, check_params
+from .request import (
+    DEFAULTS,
+    FIELDS,
+    OUTPUT_FIELDS,
+    STAGES,
+    RequestError,
+    _is_number,
+    check_field,
+    check_options,
+    check_params,
+)
 from .sampling import Conditioning, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
@@ -165,11 +175,9 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
         window, overlap = check_field("decode_window", list(window)), check_field("decode_overlap", overlap)
         guidance = check_field("mask_guidance", guidance)
         prior_from = check_field("latent_prior_from", prior_from)
-        if not (isinstance(guidance_from, (int, float)) and not isinstance(guidance_from, bool)) or not (
-            0 <= guidance_from <= 1
-        ):
+        if not _is_number(guidance_from) or not 0 <= guidance_from <= 1:
             raise RequestError(f"mask_guidance_from must be a number from 0 to 1, got {guidance_from!r}", "e.g. 0.5")
-        if not (isinstance(bone_from, (int, float)) and not isinstance(bone_from, bool)) or not (0 <= bone_from < 1):
+        if not _is_number(bone_from) or not 0 <= bone_from < 1:
             raise RequestError(
                 f"latent_prior_bone_from must be a number from 0 (off) to below 1, got {bone_from!r}", "e.g. 0.3"
             )

@@ -225,11 +225,13 @@ def sample_latent(
     if cond.level_prior is not None:
         after = (timesteps.float() <= cond.prior_from * T).nonzero()
         if len(after):
-            splits.append((int(after[0]), cond.level_prior))
-            later = (timesteps.float() <= cond.bone_prior_from * T).nonzero()
-            later = later[later[:, 0] > splits[0][0]]
-            if cond.bone_prior is not None and len(later):
-                splits.append((int(later[0]), cond.bone_prior))
+            first = int(after[0])
+            splits.append((first, cond.level_prior))
+            if cond.bone_prior is not None:
+                later = (timesteps.float() <= cond.bone_prior_from * T).nonzero()[:, 0]
+                later = later[later > first]
+                if len(later):
+                    splits.append((int(later[0]), cond.bone_prior))
 
     def shifted(offset: int) -> StepCallback | None:
         if callback is None:
