@@ -147,7 +147,7 @@ stamp ship
 
 # 8. The latent prior (TRAINING.md, "What ships (v3.3)"): one latent vector per label, fitted to the
 #    posterior means of the training phantoms under the final VAE. No weight changes; the sampler
-#    moves each region's level to it once, at t = 0.6 T (latent_prior_from in the demo folder's
-#    maisi_synth.json).
+#    moves each region's level to it once, at t = 0.6 T, and bone's once more at t = 0.3 T
+#    (latent_prior_from, latent_prior_bone_from in the demo folder's maisi_synth.json; v3.4).
 $PY -m MaisiSynthLib fit-prior --model-dir "$RUN/ship/model" --cases "$RUN/phantoms/train" --quiet
 stamp prior

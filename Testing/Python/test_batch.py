@@ -97,8 +97,10 @@ def test_three_masks_two_seeds_in_nnunet_layout(masks, tiny_model, tmp_path):
     entries = manifest(out)
     assert len(entries) == 6 and all(e["status"] == "ok" for e in entries)
     weights = {p.name: digest(p) for p in tiny_model.glob("*.pt")}
+    settings = digest(tiny_model / "maisi_synth.json")  # the grid and sampling defaults decide the CT too
     for e in entries:
         assert e["weights_sha256"] == weights and e["seed"] in (0, 1) and e["edits"][0]["rule"] == RULE
+        assert e["settings_sha256"] == settings and e["model_inference"]["latent_prior_bone_from"] == 0.0
         assert e["image_sha256"] == digest(out / e["image"]) and e["maisi_synth"] and e["timings"]["sample"] > 0
         assert e["source_mask_sha256"] == digest(Path(e["source_mask"]))
     # seeds differ, and the same seed on another mask draws another lesion

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli, save_nifti, torso_labels
 
+from MaisiSynthLib import labels as L
 from MaisiSynthLib.errors import ModelError
 from MaisiSynthLib.latent_prior import (
     NUM_LABELS,
@@ -194,6 +195,7 @@ def test_the_bone_shift_comes_after_the_first_and_moves_bone_labels_only(prior_m
     models = load_models(prior_model, "cpu")
     labels = torch.from_numpy(torso_labels(64).astype("int64"))
     labels[28:36, 12:20, 8:40] = 33  # a vertebral column (bone) next to the organs
+    labels[28:30, 12:14, 22:26] = L.BONE_LESION  # a lesion in the column, an eighth of two latent voxels
     shape = models.latent_shape((64, 64, 64))
     steps, calls = [], []
 
@@ -227,17 +229,21 @@ def test_the_bone_shift_comes_after_the_first_and_moves_bone_labels_only(prior_m
     steps.clear()
     assert torch.equal(run(None, no_shift("bone")), plain) and calls == []
 
-    # the bone-only shift: zero on every latent voxel without bone, the full shift's value on those
-    # with bone only (tumors and other labels stay where they are)
+    # the bone-only shift: zero on every latent voxel without bone and on those holding a lesion voxel,
+    # the full shift's value on those with bone only (tumors and other labels stay where they are)
     every, bone = _level_prior(models, labels)
     x0 = torch.randn(shape)
     from MaisiSynthLib.latent_prior import label_fractions
 
     ids, fractions = label_fractions(labels, models.compression)
     bone_share = fractions[ids == 33][0]
+    lesion_share = fractions[ids == L.BONE_LESION][0]
     moved = bone(x0)[0]
     assert moved.abs().amax(0)[bone_share == 0].max() == 0
-    assert moved.abs().amax(0)[bone_share > 0].min() > 0
+    assert ((bone_share > 0) & (lesion_share > 0)).sum() == 2  # mostly bone, with part of the lesion
+    assert moved.abs().amax(0)[lesion_share > 0].max() == 0
+    assert moved.abs().amax(0)[(bone_share > 0) & (lesion_share == 0)].min() > 0
+    assert every(x0)[0].abs().amax(0)[lesion_share > 0].min() > 0  # the first shift does move them
     pure = bone_share == 1
     assert pure.any() and torch.allclose(moved[:, pure], every(x0)[0][:, pure], atol=1e-5)
 
