@@ -405,18 +405,17 @@ class BatchSettings:
 
 
 def _model_provenance(model_dir: Path) -> dict:
-    from .models import SETTINGS_NAME, find_model_file, locate_model_folder
+    from .models import locate_model_folder
 
     folder = locate_model_folder(model_dir)
     # maisi_synth.json decides the grid and the sampling defaults (guidance, latent prior): two models
     # with the same weights but other settings draw other CTs, so the manifest must tell them apart.
-    settings_path = find_model_file(folder.root, SETTINGS_NAME)
     return {
         "model_dir": str(folder.root.resolve()),
         "model_name": folder.name,
         "weights_sha256": {p.name: sha256_of(p) for p in folder.weight_files()},
         "config_sha256": sha256_of(folder.config_path),
-        "settings_sha256": sha256_of(settings_path) if settings_path else None,
+        "settings_sha256": sha256_of(folder.settings_path) if folder.settings_path else None,
         "model_inference": dict(folder.inference),
     }
 

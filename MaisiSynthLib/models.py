@@ -242,6 +242,7 @@ class ModelFolder:
     settings: dict = field(default_factory=dict)
     inference: dict = field(default_factory=dict)
     prior_path: Path | None = None
+    settings_path: Path | None = None  # maisi_synth.json, where one was found
 
     @property
     def name(self) -> str:
@@ -304,6 +305,7 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
         settings=settings,
         inference=inference,
         prior_path=find_model_file(root, PRIOR_FILE),
+        settings_path=settings_path,
     )
 
 
@@ -688,9 +690,8 @@ def save_model_folder(
 def _folder_fingerprint(folder) -> tuple:
     """What identifies a model folder's contents without reading them: paths, sizes, mtimes."""
     files = [folder.config_path, *folder.weight_files()]
-    settings = folder.root / "maisi_synth.json"
-    if settings.exists():
-        files.append(settings)
+    if folder.settings_path is not None:
+        files.append(folder.settings_path)
     out = []
     for path in files:
         stat = Path(path).stat()
