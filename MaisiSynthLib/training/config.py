@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
         # Extra L1 terms through HU windows, [[lo, hi, weight], ...], e.g. [[-200, 200, 1]] for soft
         # tissue contrast (see training.vae.window_l1); none by default (the official loss).
         "windows": [],
+        "weighted_windows": False,  # true: the window terms use the bone/tumor weights too
         "perceptual_weight": 0.0,  # needs LPIPS weights (a download); off by default
         "adversarial_weight": 0.0,
         "adversarial_start": 0,
@@ -79,6 +80,9 @@ DEFAULTS: dict[str, Any] = {
         # Train only the decoder (with base_model_dir): the encoder, hence the latents and any UNet
         # trained on them, stay exactly as they were. Used to fine-tune on the inference-size volume.
         "decoder_only": False,
+        # Train only the encoder (with base_model_dir): the decoder, hence every image the full model
+        # generates, stays exactly as it was; the latents move, so a UNet trained later learns them.
+        "encoder_only": False,
         # Decoder calibration on the diffusion's own latents (training.sampled; needs decoder_only and
         # whole volumes): a model folder whose UNet + ControlNet sample a latent from each training
         # mask; that share of samples decodes the sampled latent against the case's image.

@@ -10,6 +10,8 @@ Two additions for small models:
   and small lesions are a few percent of a volume; unweighted, a small VAE blurs them away first.
 - whole volumes: `patch_size: null` trains on whole cases (batches by shape), which is how the
   decoder sees them at inference; GroupNorm statistics of a patch and of a whole volume differ.
+- encoder only (`encoder_only`): the decoder stays as it is, so the full model's images do not move
+  while the encoder learns to give latents that decoder draws more faithfully.
 - sampled latents (`sampled_latents_from`, decoder only): part of the steps decode the latent the full
   model samples from the case's mask instead of the case's own, against the case's image
   (training.sampled says why).
@@ -55,19 +57,24 @@ class _VaeStep(torch.nn.Module):
         return self.autoencoder.decode(z), z_mu, z_sigma
 
 
-def window_l1(recon: torch.Tensor, x: torch.Tensor, windows) -> torch.Tensor | None:
+def window_l1(
+    recon: torch.Tensor, x: torch.Tensor, windows, weights: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """Σ weight · L1 between the two images seen through HU windows [(lo, hi, weight), ...].
 
     Images are scaled to [0, 1] over [-1000, 1000] HU, so 50 HU of soft-tissue contrast is 2.5 % of
     the range and an L1 on that scale barely sees it; through a [-200, 200] window it is 12.5 %.
-    Outside its window a term saturates and adds nothing.
+    Outside its window a term saturates and adds nothing. With `weights` (the region weights of the
+    plain L1), each term is the weighted mean instead, so a lesion counts in its window as much as
+    in the plain term.
     """
     if not windows:
         return None
     total = None
     for lo, hi, weight in windows:
         a, b = (lo + 1000.0) / 2000.0, (hi + 1000.0) / 2000.0  # the window in [0, 1] image units
-        term = (torch.clamp((recon - a) / (b - a), 0, 1) - torch.clamp((x - a) / (b - a), 0, 1)).abs().mean()
+        diff = (torch.clamp((recon - a) / (b - a), 0, 1) - torch.clamp((x - a) / (b - a), 0, 1)).abs()
+        term = diff.mean() if weights is None else (diff * weights).sum() / weights.sum()
         total = float(weight) * term if total is None else total + float(weight) * term
     return total
 
@@ -115,6 +122,17 @@ class VaeStage(Stage):
             # whole volume with an intensity offset; tuning the decoder alone fixes that without
             # moving the latents.
             for name in ("encoder", "quant_conv_mu", "quant_conv_log_sigma"):
+                getattr(autoencoder, name).requires_grad_(False)
+        if self.cfg["encoder_only"]:
+            if self.cfg["decoder_only"] or base is None:
+                raise OptionError(
+                    "vae.encoder_only needs an existing VAE whose decoder it keeps, and excludes vae.decoder_only",
+                    "set base_model_dir to a model folder with autoencoder_v1.pt and vae.decoder_only=false",
+                )
+            # The decoder is what the diffusion stages' samples are drawn through at inference; with it
+            # fixed, a better encoder finds latents the decoder can already draw (a small lesion's edge)
+            # and nothing the full model generates changes.
+            for name in ("decoder", "post_quant_conv"):
                 getattr(autoencoder, name).requires_grad_(False)
         self.sampled = None
         if self.cfg["sampled_latents_from"] is not None:
@@ -220,7 +238,7 @@ class VaeStage(Stage):
         l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
         kl = kl_loss(z_mu, z_sigma)
         loss = l1 + float(self.cfg["kl_weight"]) * kl
-        windowed = window_l1(recon.float(), x, self.cfg["windows"])
+        windowed = window_l1(recon.float(), x, self.cfg["windows"], weights if self.cfg["weighted_windows"] else None)
         if windowed is not None:
             loss = loss + windowed
         metrics = {

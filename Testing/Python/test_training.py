@@ -269,25 +269,36 @@ def test_config_layers_defaults_file_overrides_and_flags(tmp_path):
     assert config["controlnet"]["contrastive_weight"] == 0.01 and config["controlnet"]["contrastive_delta"] == 2.0
 
 
-def test_decoder_only_keeps_the_encoder_and_tunes_the_decoder(workspace, tmp_path):
-    config = _config(tmp_path, vae={"decoder_only": True, "patch_size": [64, 64, 32], "lr": 1e-2})
+ENCODER_KEYS = ("encoder.", "quant_conv_mu.", "quant_conv_log_sigma.")
+DECODER_KEYS = ("decoder.", "post_quant_conv.")
+
+
+@pytest.mark.parametrize("half", ["decoder_only", "encoder_only"])
+def test_training_one_half_of_the_vae_keeps_the_other_exactly(workspace, tmp_path, half):
+    config = _config(tmp_path, vae={half: True, "patch_size": [64, 64, 32], "lr": 1e-2})
     config.update(cases=str(workspace / "cases"))
     (tmp_path / "train.json").write_text(json.dumps(config))
-    # without a VAE to keep the encoder of: one line naming the fix, nothing written
+    # without a VAE to keep the other half of: one line naming the fix, nothing written
     result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--quiet")
-    assert result.returncode == 2 and "decoder_only needs an existing VAE" in result.stderr
+    assert result.returncode == 2 and f"{half} needs an existing VAE" in result.stderr
     assert "base_model_dir" in result.stderr
     assert not (tmp_path / "run" / "model" / AUTOENCODER_FILE).exists()
     base = workspace / "run" / "model"
+    if half == "encoder_only":  # both halves at once would train nothing: refused the same way
+        both = ["--set", "vae.decoder_only=true", "--base-model-dir", str(base)]
+        result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), *both, "--quiet")
+        assert result.returncode == 2 and "excludes vae.decoder_only" in result.stderr
+        assert not (tmp_path / "run" / "model" / AUTOENCODER_FILE).exists()
     result = run_cli("train", "vae", "--config", str(tmp_path / "train.json"), "--base-model-dir", str(base), "--quiet")
     assert result.returncode == 0, result.stderr
     before = torch.load(base / AUTOENCODER_FILE, weights_only=True)
     after = torch.load(tmp_path / "run" / "model" / AUTOENCODER_FILE, weights_only=True)
-    encoder = [k for k in before if k.startswith(("encoder.", "quant_conv_mu.", "quant_conv_log_sigma."))]
-    decoder = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
-    assert encoder and decoder
-    assert all(torch.equal(before[k], after[k]) for k in encoder)
-    assert sum(not torch.equal(before[k], after[k]) for k in decoder) > len(decoder) // 2
+    kept, tuned = (ENCODER_KEYS, DECODER_KEYS) if half == "decoder_only" else (DECODER_KEYS, ENCODER_KEYS)
+    kept = [k for k in before if k.startswith(kept)]
+    tuned = [k for k in before if k.startswith(tuned)]
+    assert kept and tuned
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert sum(not torch.equal(before[k], after[k]) for k in tuned) > len(tuned) // 2
 
 
 def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
@@ -433,6 +444,10 @@ def test_window_l1_sees_soft_tissue_contrast_the_plain_l1_hardly_does():
     both = float(window_l1(recon, real, [[-200, 200, 1.0], [-1000, 0, 0.5]]))
     assert both == pytest.approx(soft + 0.5 * (50 / 1000 / 4), rel=1e-4)
     assert window_l1(recon, real, []) is None
+    # weighted: the soft-tissue error sits on a voxel weighing 9, so it is 9 / 12 of the window's mean
+    weights = torch.tensor([9.0, 1.0, 1.0, 1.0])
+    weighted = float(window_l1(recon, real, [[-200, 200, 1.0]], weights))
+    assert weighted == pytest.approx(9 * (40 / 400) / 12, rel=1e-4)
 
 
 def test_target_margin_caps_each_lesions_push_at_its_own_latent_contrast(workspace, tmp_path):
