@@ -25,9 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from vae_reconstruction import to_hu, to_unit  # noqa: E402  (this folder: the same HU scaling)
+
 from MaisiSynthLib import labels as L  # noqa: E402
 from MaisiSynthLib.cases import find_pairs  # noqa: E402
-from MaisiSynthLib.decoding import HU_MAX, HU_MIN  # noqa: E402
 from MaisiSynthLib.evaluation import load_canonical, tumor_contrast  # noqa: E402
 from MaisiSynthLib.models import compression_of, load_models  # noqa: E402
 from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
@@ -60,9 +61,9 @@ def main() -> int:
     rows: dict[int, list[tuple[float, float, float]]] = {}
     started = time.perf_counter()
 
-    def to_hu(z: torch.Tensor) -> np.ndarray:
+    def decode_hu(z: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            return autoencoder.decode(z)[0, 0].clamp(0, 1).numpy() * (HU_MAX - HU_MIN) + HU_MIN
+            return to_hu(autoencoder.decode(z))
 
     for name, image_path, label_path in find_pairs(args.cases):
         labels = load_canonical(label_path)[0].astype(np.int16)
@@ -71,7 +72,7 @@ def main() -> int:
         box = lesion_box(labels, tumors, c)
         labels = labels[box]
         real = load_canonical(image_path)[0].astype(np.float32)[box]
-        x = torch.from_numpy((np.clip(real, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN))[None, None]
+        x = to_unit(real)
         with torch.no_grad():
             mu = autoencoder.encode(x)[0]
         weight = torch.ones_like(x)
@@ -85,7 +86,7 @@ def main() -> int:
             optimiser.step()
         z = z.detach()
         move = float((z - mu).pow(2).mean().sqrt() / mu.std())
-        truth, from_mu, from_best = (tumor_contrast(v, labels) for v in (real, to_hu(mu), to_hu(z)))
+        truth, from_mu, from_best = (tumor_contrast(v, labels) for v in (real, decode_hu(mu), decode_hu(z)))
         for tumor in tumors:
             if tumor in truth and tumor in from_mu:
                 rows.setdefault(tumor, []).append((truth[tumor], from_mu[tumor], from_best[tumor]))

@@ -35,6 +35,11 @@ from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
 DECODES = ("mean", "sample")
 
 
+def to_unit(real: np.ndarray) -> torch.Tensor:
+    """HU volume → the VAE's (1, 1, X, Y, Z) input in [0, 1]."""
+    return torch.from_numpy((np.clip(real, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN))[None, None]
+
+
 def to_hu(decoded: torch.Tensor) -> np.ndarray:
     return decoded[0, 0].clamp(0, 1).numpy() * (HU_MAX - HU_MIN) + HU_MIN
 
@@ -54,7 +59,7 @@ def main() -> int:
     for index, (_name, image_path, label_path) in enumerate(find_pairs(args.cases)):
         real = load_canonical(image_path)[0].astype(np.float32)
         labels = load_canonical(label_path)[0].astype(np.int16)
-        x = torch.from_numpy((np.clip(real, HU_MIN, HU_MAX) - HU_MIN) / (HU_MAX - HU_MIN))[None, None]
+        x = to_unit(real)
         with torch.no_grad():
             z_mu, z_sigma = models.autoencoder.encode(x)
             eps = torch.randn(z_mu.shape, generator=torch.Generator().manual_seed(index))
