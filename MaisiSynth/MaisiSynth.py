@@ -85,7 +85,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         from MaisiSynthLib import labels as L
-        from MaisiSynthLib.gui_options import DEVICES, GRID_PRESETS, SOLVERS
+        from MaisiSynthLib.gui_options import MENUS
 
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MaisiSynth.ui"))
         self.layout.addWidget(uiWidget)
@@ -99,10 +99,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
         self.ui.modelDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs  # a model is a folder, not a file
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        for label, _, _ in GRID_PRESETS:
-            self.ui.gridPresetComboBox.addItem(label)
-        self.ui.solverComboBox.addItems(list(SOLVERS))
-        self.ui.deviceComboBox.addItems(list(DEVICES))
+        for name, items in MENUS.items():
+            getattr(self.ui, name).addItems(items)
         for tumor in L.TUMORS:
             self.ui.tumorTypeComboBox.addItem(L.name_of(tumor), tumor)
         self.ui.mappingTable.setHorizontalHeaderLabels(["Segment", "MAISI label", "from"])
@@ -284,6 +282,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seed=self.ui.seedSpinBox.value,
             cfg_scale=self.ui.cfgSpinBox.value,
             solver=self.ui.solverComboBox.currentText,
+            mask_guidance=self.ui.maskGuidanceSpinBox.value,
+            latent_prior=self.ui.latentPriorComboBox.currentText,
             device=self.ui.deviceComboBox.currentText,
             model_dir=self.ui.modelDirPathLineEdit.currentPath,
             python=self.ui.pythonPathLineEdit.currentPath,

@@ -23,7 +23,26 @@ GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, fl
     ("128×128×64, 3×3×5 mm (demo model)", (128, 128, 64), (3.0, 3.0, 5.0)),
 ]
 SOLVERS = SOLVER_NAMES  # the menus offer exactly what a request takes (request.py)
-__all__ = ["DEVICES", "GRID_PRESETS", "SOLVERS", "GenerateOptions", "error_text", "failure_text"]
+# The latent prior menu: its label and the request's latent_prior_from (None: the model folder's own
+# setting; 1: from the last step on, i.e. never applied).
+LATENT_PRIOR_CHOICES: list[tuple[str, float | None]] = [("model default", None), ("off", 1.0)]
+# The panel's fixed menus: combo box name in MaisiSynth.ui → its items, in order.
+MENUS: dict[str, list[str]] = {
+    "gridPresetComboBox": [label for label, _, _ in GRID_PRESETS],
+    "solverComboBox": list(SOLVERS),
+    "deviceComboBox": list(DEVICES),
+    "latentPriorComboBox": [label for label, _ in LATENT_PRIOR_CHOICES],
+}
+__all__ = [
+    "DEVICES",
+    "GRID_PRESETS",
+    "LATENT_PRIOR_CHOICES",
+    "MENUS",
+    "SOLVERS",
+    "GenerateOptions",
+    "error_text",
+    "failure_text",
+]
 
 
 @dataclass
@@ -33,6 +52,9 @@ class GenerateOptions:
     seed: int = DEFAULTS["seed"]
     cfg_scale: float = 0.0  # off, as the official inference config
     solver: str = DEFAULTS["solver"]
+    # 0: the model folder's setting (the spin box's 'model default'); else 1 (off) .. 10
+    mask_guidance: float = 0.0
+    latent_prior: str = LATENT_PRIOR_CHOICES[0][0]
     device: str = DEFAULTS["device"]
     model_dir: str = ""  # empty: the downloaded official weights, else the embedded demo model
     python: str = ""  # empty: Slicer's own Python
@@ -54,6 +76,12 @@ class GenerateOptions:
             problem = field_problem(name, value)
             if problem:
                 out.append(problem)
+        if float(self.mask_guidance) != 0.0:
+            problem = field_problem("mask_guidance", float(self.mask_guidance))
+            if problem:
+                out.append(f"{problem} (or 'model default')")
+        if self.latent_prior not in dict(LATENT_PRIOR_CHOICES):
+            out.append(f"latent prior must be one of {', '.join(label for label, _ in LATENT_PRIOR_CHOICES)}")
         if self.device not in DEVICES:  # the menu's choices; a request would also take cuda:N
             out.append(f"device must be one of {', '.join(DEVICES)}")
         if self.server_url:
@@ -80,6 +108,11 @@ class GenerateOptions:
             "cfg_scale": float(self.cfg_scale),
             "solver": self.solver,
         }
+        # absent: the model folder's sampling settings (maisi_synth.json), as on the command line
+        if float(self.mask_guidance) != 0.0:
+            params["mask_guidance"] = float(self.mask_guidance)
+        if dict(LATENT_PRIOR_CHOICES).get(self.latent_prior) is not None:
+            params["latent_prior_from"] = dict(LATENT_PRIOR_CHOICES)[self.latent_prior]
         if size is not None:
             params["output_size"] = size if isinstance(size, str) else list(size)
         if spacing is not None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from MaisiSynthLib.gui_options import GRID_PRESETS, GenerateOptions, error_text
+from MaisiSynthLib.gui_options import GRID_PRESETS, MENUS, GenerateOptions, error_text
 from MaisiSynthLib.gui_progress import describe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +26,9 @@ def test_every_widget_the_module_uses_is_in_the_ui_file():
     declared = {w.get("name") for w in ET.parse(UI).iter("widget")}
     assert used, "the module uses no widgets?"
     assert used <= declared, f"missing in the .ui: {sorted(used - declared)}"
+    # the menus the module fills by name (gui_options.MENUS) are combo boxes of the .ui
+    combos = {w.get("name") for w in ET.parse(UI).iter("widget") if w.get("class") == "QComboBox"}
+    assert set(MENUS) <= combos and all(MENUS.values())
 
 
 def _listed_files() -> set[str]:
@@ -168,6 +171,29 @@ def test_generate_options_become_worker_params():
     params = remote.worker_params("in.nrrd", "out.nrrd")
     assert params["output_size"] == "auto" and "model_dir" not in params and "device" not in params
     assert GRID_PRESETS[0][1] is None and "output_size" not in GenerateOptions().worker_params("a", "b")
+
+
+def test_sampling_controls_leave_the_model_defaults_unless_set():
+    """Mask guidance and the latent prior: 'model default' sends nothing (the model folder's
+    maisi_synth.json decides, as on the command line); a set value goes to the worker as the request
+    field, and what the request would refuse is listed before anything runs."""
+    from MaisiSynthLib.request import check_params
+
+    default = GenerateOptions().worker_params("in.nrrd", "out.nrrd")
+    assert "mask_guidance" not in default and "latent_prior_from" not in default
+    assert MENUS["latentPriorComboBox"][0] == GenerateOptions().latent_prior == "model default"
+    chosen = GenerateOptions(mask_guidance=2.0, latent_prior="off")
+    assert chosen.problems() == []
+    params = chosen.worker_params("in.nrrd", "out.nrrd")
+    assert params["mask_guidance"] == 2.0 and params["latent_prior_from"] == 1.0
+    checked = check_params(params)  # what the worker and the server do with them
+    assert checked["mask_guidance"] == 2.0 and checked["latent_prior_from"] == 1.0
+    remote = GenerateOptions(mask_guidance=1.0, server_url="http://127.0.0.1:1").worker_params("a", "b")
+    assert remote["mask_guidance"] == 1.0  # a remote server samples as asked too
+    problems = GenerateOptions(mask_guidance=0.5, latent_prior="sometimes").problems()
+    assert len(problems) == 2
+    assert "mask guidance" in problems[0] and "model default" in problems[0]
+    assert "latent prior must be one of model default, off" in problems[1]
 
 
 @pytest.mark.parametrize(
