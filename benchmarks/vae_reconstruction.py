@@ -7,9 +7,15 @@ Encode → decode held-out phantoms (whole volumes, as inference decodes them) a
   per-organ median-HU error, tumor conspicuity (tumor − host median HU);
 - decode(μ + σ·ε) the same way (the ceiling of a model trained on posterior samples).
 
+With --level-gain N, also the level gain of a few regions on the first N cases: ±40 HU added to one
+region of the input, the share of that change its median keeps in decode(encode(x)). An organ that
+passes ~1 keeps its own level; a small lesion that passes less is drawn part-way to its surroundings
+whatever its HU, which is what lowers its conspicuity.
+
 Prints a table (mean over cases) and, with --json, writes it.
 
     .venv/bin/python benchmarks/vae_reconstruction.py --cases runs/results/heldout8 [--model-dir D]
+        [--level-gain 8]
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MaisiSynthLib import labels as L  # noqa: E402
 from MaisiSynthLib.cases import find_pairs  # noqa: E402
 from MaisiSynthLib.decoding import HU_MAX, HU_MIN  # noqa: E402
-from MaisiSynthLib.evaluation import load_canonical, organ_medians, tumor_contrast  # noqa: E402
+from MaisiSynthLib.evaluation import ORGAN_GROUPS, load_canonical, organ_medians, tumor_contrast  # noqa: E402
 from MaisiSynthLib.models import load_models  # noqa: E402
 from MaisiSynthLib.pipeline import default_model_dir  # noqa: E402
 
 DECODES = ("mean", "sample")
+LEVEL_REGIONS = {
+    "liver": ORGAN_GROUPS["liver"],
+    "spleen": ORGAN_GROUPS["spleen"],
+    "kidneys": ORGAN_GROUPS["kidneys"],
+    "hepatic tumor": (L.HEPATIC_TUMOR,),
+}
+LEVEL_SHIFTS_HU = (-40.0, 40.0)
 
 
 def to_unit(real: np.ndarray) -> torch.Tensor:
@@ -44,17 +57,37 @@ def to_hu(decoded: torch.Tensor) -> np.ndarray:
     return decoded[0, 0].clamp(0, 1).numpy() * (HU_MAX - HU_MIN) + HU_MIN
 
 
+def reconstruct(autoencoder: torch.nn.Module, real: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return to_hu(autoencoder.decode(autoencoder.encode(to_unit(real))[0]))
+
+
+def level_gains(autoencoder: torch.nn.Module, real: np.ndarray, labels: np.ndarray, base: np.ndarray) -> dict:
+    """{region: mean over the shifts of Δ median(reconstruction) / Δ HU} for the regions present."""
+    out = {}
+    for region, ids in LEVEL_REGIONS.items():
+        inside = np.isin(labels, ids)
+        if inside.any():
+            gains = []
+            for shift in LEVEL_SHIFTS_HU:
+                moved = reconstruct(autoencoder, np.where(inside, real + shift, real))
+                gains.append(float(np.median(moved[inside]) - np.median(base[inside])) / shift)
+            out[region] = float(np.mean(gains))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", required=True, help="folder of caseNNNN_image/_label.nii.gz pairs")
     parser.add_argument("--model-dir", default=str(default_model_dir()))
     parser.add_argument("--json", help="also write the numbers here")
+    parser.add_argument("--level-gain", type=int, default=0, metavar="N", help="level gains on the first N cases")
     args = parser.parse_args()
     models = load_models(args.model_dir, "cpu")
     errors = {d: {} for d in DECODES}
     contrast = {d: {} for d in DECODES}
     abs_err = {d: [] for d in DECODES}
-    ratios = []
+    ratios, gains = [], {}
     started = time.perf_counter()
     for index, (_name, image_path, label_path) in enumerate(find_pairs(args.cases)):
         real = load_canonical(image_path)[0].astype(np.float32)
@@ -66,6 +99,9 @@ def main() -> int:
             latents = {"mean": z_mu, "sample": z_mu + z_sigma * eps}
             recons = {d: to_hu(models.autoencoder.decode(z)) for d, z in latents.items()}
         ratios.append(float(z_sigma.mean() / z_mu.std()))
+        if index < args.level_gain:
+            for region, gain in level_gains(models.autoencoder, real, labels, recons["mean"].copy()).items():
+                gains.setdefault(region, []).append(gain)
         body = labels > 0
         truth = organ_medians(real, labels, real)
         c_real = tumor_contrast(real, labels)
@@ -95,6 +131,9 @@ def main() -> int:
                 for k, v in contrast[d].items()
             },
         }
+    if gains:
+        result["level_gain"] = {k: {"mean": float(np.mean(v)), "min": min(v), "max": max(v), "cases": len(v)}
+                                for k, v in gains.items()}  # fmt: skip
     result["seconds"] = time.perf_counter() - started
     mean, sample = result["mean"], result["sample"]
     print(f"VAE reconstruction ({len(ratios)} cases); posterior σ̄ / std(μ) = {result['sigma_over_mu_std']:.3f}")
@@ -113,6 +152,10 @@ def main() -> int:
     for tumor, (real, recon) in mean["tumor_conspicuity_real_vs_reconstructed_hu"].items():
         other = sample["tumor_conspicuity_real_vs_reconstructed_hu"][tumor][1]
         print(f"  {tumor:<26}{real:+8.1f} → {recon:+8.1f} (μ) {other:+8.1f} (μ+σε)   ratio {recon / real:.2f}")
+    if gains:
+        print(f"level gain (share of a ±{LEVEL_SHIFTS_HU[1]:.0f} HU change of one region that decode(μ) keeps)")
+        for region, g in result["level_gain"].items():
+            print(f"  {region:<14}{g['mean']:6.2f}  (cases {g['min']:.2f}–{g['max']:.2f}, n = {g['cases']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return 0

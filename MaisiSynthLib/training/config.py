@@ -83,6 +83,10 @@ DEFAULTS: dict[str, Any] = {
         # Train only the encoder (with base_model_dir): the decoder, hence every image the full model
         # generates, stays exactly as it was; the latents move, so a UNet trained later learns them.
         "encoder_only": False,
+        # > 0 (with base_model_dir): L1 between μ and the base VAE's μ on latent voxels farther than
+        # anchor_margin from a lesion, so a heavy lesion weight moves the lesion's latent only
+        "anchor_weight": 0.0,
+        "anchor_margin": 1,
         # Decoder calibration on the diffusion's own latents (training.sampled; needs decoder_only and
         # whole volumes): a model folder whose UNet + ControlNet sample a latent from each training
         # mask; that share of samples decodes the sampled latent against the case's image.

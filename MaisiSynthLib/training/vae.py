@@ -12,6 +12,11 @@ Two additions for small models:
   decoder sees them at inference; GroupNorm statistics of a patch and of a whole volume differ.
 - encoder only (`encoder_only`): the decoder stays as it is, so the full model's images do not move
   while the encoder learns to give latents that decoder draws more faithfully.
+- latent anchor (`anchor_weight`, with a base VAE): an L1 between μ and the base encoder's μ of the
+  same input, on the latent voxels away from lesions (`anchor_margin` latent voxels around them). A
+  lesion is a few hundred of a million voxels, so an L1 that weights it enough to move its latent
+  would otherwise also move everything else the diffusion stages learnt; the anchor lets the lesion's
+  latent move and holds the rest where it was.
 - sampled latents (`sampled_latents_from`, decoder only): part of the steps decode the latent the full
   model samples from the case's mask instead of the case's own, against the case's image
   (training.sampled says why).
@@ -21,6 +26,7 @@ sample is noise, which is what the diffusion stages would have to learn if they 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -134,6 +140,17 @@ class VaeStage(Stage):
             # and nothing the full model generates changes.
             for name in ("decoder", "post_quant_conv"):
                 getattr(autoencoder, name).requires_grad_(False)
+        self.anchor = None
+        if float(self.cfg["anchor_weight"]) > 0:
+            margin = self.cfg["anchor_margin"]
+            if base is None or isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+                raise OptionError(
+                    "vae.anchor_weight holds μ near an existing VAE's, so it needs that VAE and an "
+                    f"integer vae.anchor_margin >= 0 (got {margin!r})",
+                    "set base_model_dir to a model folder with autoencoder_v1.pt, e.g. vae.anchor_margin=1",
+                )
+            # A frozen copy of the starting encoder: its μ of each batch is where the latent stays.
+            self.anchor = copy.deepcopy(autoencoder).requires_grad_(False).eval().to(self.device)
         self.sampled = None
         if self.cfg["sampled_latents_from"] is not None:
             self.sampled = self._sampled_latents(c)
@@ -182,11 +199,11 @@ class VaeStage(Stage):
         return self.step_module
 
     def batch(self, step: int):
-        """(images, posterior ε, L1 weights, sampled latents or None, which items use them) of this
-        process's slice of step `step`."""
+        """(images, posterior ε, L1 weights, sampled latents or None, which items use them, lesion
+        masks) of this process's slice of step `step`."""
         seed = int(self.config["seed"])
         per_rank = int(self.cfg["batch_size"])
-        patches, eps, weights, fixed = [], [], [], []
+        patches, eps, weights, fixed, lesions = [], [], [], [], []
         c = compression_of(self.network)
         latent_channels = int(self.network.get("latent_channels", 4))
         local = self.sampler.local(step, self.ctx.rank, per_rank)
@@ -198,7 +215,9 @@ class VaeStage(Stage):
             origin = patch_origin(case.shape, patch, g)
             patches.append(crop_patch(case.image, origin, patch, fill=0.0))
             eps.append(torch.randn((latent_channels, *(p // c for p in patch)), generator=g))
-            weights.append(self.region_weights(crop_patch(case.labels, origin, patch, fill=0)))
+            labels = crop_patch(case.labels, origin, patch, fill=0)
+            weights.append(self.region_weights(labels))
+            lesions.append(torch.isin(labels, self.region_ids["tumor"]))
             if self.sampled is not None:  # its own stream: the draws above stay those of a run without
                 draw = torch.rand((), generator=generator(seed, step, pos, 0x5A3D))
                 fixed.append(bool(draw < float(self.cfg["sampled_fraction"])))
@@ -212,6 +231,7 @@ class VaeStage(Stage):
             torch.stack(weights).to(self.device),
             z_fixed,
             use,
+            torch.stack(lesions).to(self.device),
         )
 
     def region_weights(self, labels: torch.Tensor) -> torch.Tensor:
@@ -232,7 +252,7 @@ class VaeStage(Stage):
         return weights
 
     def loss(self, model: torch.nn.Module, step: int):
-        x, eps, weights, z_fixed, use = self.batch(step)
+        x, eps, weights, z_fixed, use, lesions = self.batch(step)
         eps = eps * float(self.cfg["posterior_noise"])
         recon, z_mu, z_sigma = model(x, eps, z_fixed, use)
         l1 = ((recon.float() - x).abs() * weights).sum() / weights.sum()
@@ -249,6 +269,10 @@ class VaeStage(Stage):
             "sigma_mean": float(z_sigma.detach().float().mean()),
             "mu_std": float(z_mu.detach().float().std()),
         }
+        if self.anchor is not None:
+            anchor = self.anchor_term(x, z_mu, lesions)
+            loss = loss + float(self.cfg["anchor_weight"]) * anchor
+            metrics["anchor"] = float(anchor.detach())
         if use is not None:
             metrics["sampled"] = float(use.float().mean())
         if self.perceptual is not None:
@@ -263,6 +287,19 @@ class VaeStage(Stage):
             metrics["adversarial"] = float(generator_loss.detach())
             self._fake, self._real = recon.detach().float(), x
         return loss, metrics
+
+    def anchor_term(self, x: torch.Tensor, z_mu: torch.Tensor, lesions: torch.Tensor) -> torch.Tensor:
+        """Mean |μ − μ_base| over the latent voxels more than `anchor_margin` voxels from any lesion."""
+        with torch.no_grad():
+            base_mu, _ = self.anchor.encode(x)
+            c = compression_of(self.network)
+            near = F.max_pool3d(lesions.float(), kernel_size=c, stride=c)  # (B, 1, *latent)
+            m = int(self.cfg["anchor_margin"])
+            if m:
+                near = F.max_pool3d(near, kernel_size=2 * m + 1, stride=1, padding=m)
+            keep = (1.0 - near).expand_as(z_mu)
+        diff = (z_mu.float() - base_mu.float()).abs() * keep
+        return diff.sum() / keep.sum().clamp(min=1.0)
 
     def after_step(self, step: int) -> None:
         if self._fake is None:

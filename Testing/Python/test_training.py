@@ -301,6 +301,51 @@ def test_training_one_half_of_the_vae_keeps_the_other_exactly(workspace, tmp_pat
     assert sum(not torch.equal(before[k], after[k]) for k in tuned) > len(tuned) // 2
 
 
+def test_latent_anchor_holds_mu_away_from_lesions_only(workspace, tmp_path):
+    """`anchor_weight`: L1 between μ and the starting encoder's μ, on latent voxels more than
+    `anchor_margin` from a lesion; zero before training moves anything; refused without a base VAE."""
+    from MaisiSynthLib.distributed import DistContext
+    from MaisiSynthLib.errors import OptionError
+    from MaisiSynthLib.training.vae import VaeStage
+
+    def stage_with(**vae):
+        config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
+        config.update(network=tiny_config(), base_model_dir=str(workspace / "run" / "model"))
+        config["vae"].update(patch_size=[32, 32, 32], encoder_only=True, anchor_weight=0.5, **vae)
+        return VaeStage(config, DistContext())
+
+    stage = stage_with()
+    stage.prepare()
+    x, _, _, _, _, lesions = stage.batch(0)
+    autoencoder = stage.trainable().autoencoder
+    with torch.no_grad():
+        z_mu, _ = autoencoder.encode(x)
+        assert float(stage.anchor_term(x, z_mu, lesions)) == 0.0  # the encoder has not moved yet
+        _, metrics = stage.loss(stage.trainable(), 0)
+    assert metrics["anchor"] == 0.0
+    # One lesion voxel at image (20, 20, 20): latent voxel (5, 5, 5) with the tiny model's 4x.
+    lesions = torch.zeros_like(lesions)
+    lesions[0, 0, 20, 20, 20] = True
+    delta = torch.full_like(z_mu, 0.5)
+    delta[0, :, 4:7, 4:7, 4:7] = 9.0  # the lesion's latent voxel and the one around it move a lot
+    latent_voxels = z_mu[0, 0].numel()
+    with torch.no_grad():
+        held = float(stage.anchor_term(x, z_mu + delta, lesions))
+        assert held == pytest.approx(0.5)  # the 27 latent voxels at and around the lesion are free
+        stage.cfg["anchor_margin"] = 0  # now the 26 neighbours are held too, at their 9.0
+        tight = float(stage.anchor_term(x, z_mu + delta, lesions))
+        n = x.shape[0] * latent_voxels - 1
+        assert tight == pytest.approx((0.5 * (n - 26) + 9.0 * 26) / n)
+    for bad in ({"anchor_margin": -1}, {"anchor_margin": 1.5}):
+        with pytest.raises(OptionError, match="anchor_margin"):
+            stage_with(**bad).prepare()
+    config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "nobase"))
+    config["network"] = tiny_config()
+    config["vae"].update(patch_size=[32, 32, 32], anchor_weight=0.5)
+    with pytest.raises(OptionError, match="needs that VAE"):
+        VaeStage(config, DistContext()).prepare()
+
+
 def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
     from MaisiSynthLib.distributed import DistContext
     from MaisiSynthLib.training.vae import VaeStage
@@ -421,7 +466,7 @@ def test_bf16_on_the_cpu_and_a_noise_free_posterior(workspace, tmp_path):
         config["vae"].update(patch_size=[32, 32, 32], posterior_noise=noise)
         stage = VaeStage(config, DistContext())
         stage.prepare()
-        x, _, weights, z_fixed, _ = stage.batch(0)
+        x, _, weights, z_fixed, _, _ = stage.batch(0)
         assert z_fixed is None  # no sampled latents unless vae.sampled_latents_from names a model
         autoencoder = stage.trainable().autoencoder.eval()
         with torch.no_grad():
