@@ -150,7 +150,10 @@ class VaeStage(Stage):
                     "set base_model_dir to a model folder with autoencoder_v1.pt, e.g. vae.anchor_margin=1",
                 )
             # A frozen copy of the starting encoder: its μ of each batch is where the latent stays.
-            self.anchor = copy.deepcopy(autoencoder).requires_grad_(False).eval().to(self.device)
+            # Only encode() is called on it, so the decoder half is dropped (half the VAE's memory).
+            self.anchor = copy.deepcopy(autoencoder).requires_grad_(False).eval()
+            self.anchor.decoder = self.anchor.post_quant_conv = None
+            self.anchor.to(self.device)
         self.sampled = None
         if self.cfg["sampled_latents_from"] is not None:
             self.sampled = self._sampled_latents(c)

@@ -344,6 +344,15 @@ def test_latent_anchor_holds_mu_away_from_lesions_only(workspace, tmp_path):
     config["vae"].update(patch_size=[32, 32, 32], anchor_weight=0.5)
     with pytest.raises(OptionError, match="needs that VAE"):
         VaeStage(config, DistContext()).prepare()
+    # a real run: the first step's anchor is 0 (nothing moved yet), the second's is not
+    config = _config(tmp_path, vae={"encoder_only": True, "anchor_weight": 0.5, "steps": 2, "lr": 1e-2})
+    config.update(
+        cases=str(workspace / "cases"), output_dir="anchored", base_model_dir=str(workspace / "run" / "model")
+    )
+    (tmp_path / "anchored.json").write_text(json.dumps(config))
+    train("vae", str(tmp_path / "anchored.json"), progress=False)
+    rows = read_log(tmp_path / "anchored" / "logs" / "vae.csv")
+    assert rows[0]["anchor"] == 0.0 and rows[1]["anchor"] > 0.0
 
 
 def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
