@@ -23,15 +23,15 @@ GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, fl
     ("128×128×64, 3×3×5 mm (demo model)", (128, 128, 64), (3.0, 3.0, 5.0)),
 ]
 SOLVERS = SOLVER_NAMES  # the menus offer exactly what a request takes (request.py)
-# The latent prior menu: its label and the request's latent_prior_from (None: the model folder's own
-# setting; 1: from the last step on, i.e. never applied).
-LATENT_PRIOR_CHOICES: list[tuple[str, float | None]] = [("model default", None), ("off", 1.0)]
+# The latent prior menu, label → the request's latent_prior_from (None: the model folder's own
+# setting; 1: from the last step on, i.e. never applied), in menu order.
+LATENT_PRIOR_CHOICES: dict[str, float | None] = {"model default": None, "off": 1.0}
 # The panel's fixed menus: combo box name in MaisiSynth.ui → its items, in order.
 MENUS: dict[str, list[str]] = {
     "gridPresetComboBox": [label for label, _, _ in GRID_PRESETS],
     "solverComboBox": list(SOLVERS),
     "deviceComboBox": list(DEVICES),
-    "latentPriorComboBox": [label for label, _ in LATENT_PRIOR_CHOICES],
+    "latentPriorComboBox": list(LATENT_PRIOR_CHOICES),
 }
 __all__ = [
     "DEVICES",
@@ -54,7 +54,7 @@ class GenerateOptions:
     solver: str = DEFAULTS["solver"]
     # 0: the model folder's setting (the spin box's 'model default'); else 1 (off) .. 10
     mask_guidance: float = 0.0
-    latent_prior: str = LATENT_PRIOR_CHOICES[0][0]
+    latent_prior: str = next(iter(LATENT_PRIOR_CHOICES))
     device: str = DEFAULTS["device"]
     model_dir: str = ""  # empty: the downloaded official weights, else the embedded demo model
     python: str = ""  # empty: Slicer's own Python
@@ -80,8 +80,8 @@ class GenerateOptions:
             problem = field_problem("mask_guidance", float(self.mask_guidance))
             if problem:
                 out.append(f"{problem} (or 'model default')")
-        if self.latent_prior not in dict(LATENT_PRIOR_CHOICES):
-            out.append(f"latent prior must be one of {', '.join(label for label, _ in LATENT_PRIOR_CHOICES)}")
+        if self.latent_prior not in LATENT_PRIOR_CHOICES:
+            out.append(f"latent prior must be one of {', '.join(LATENT_PRIOR_CHOICES)}")
         if self.device not in DEVICES:  # the menu's choices; a request would also take cuda:N
             out.append(f"device must be one of {', '.join(DEVICES)}")
         if self.server_url:
@@ -111,8 +111,8 @@ class GenerateOptions:
         # absent: the model folder's sampling settings (maisi_synth.json), as on the command line
         if float(self.mask_guidance) != 0.0:
             params["mask_guidance"] = float(self.mask_guidance)
-        if dict(LATENT_PRIOR_CHOICES).get(self.latent_prior) is not None:
-            params["latent_prior_from"] = dict(LATENT_PRIOR_CHOICES)[self.latent_prior]
+        if LATENT_PRIOR_CHOICES.get(self.latent_prior) is not None:
+            params["latent_prior_from"] = LATENT_PRIOR_CHOICES[self.latent_prior]
         if size is not None:
             params["output_size"] = size if isinstance(size, str) else list(size)
         if spacing is not None:

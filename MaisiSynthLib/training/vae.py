@@ -295,8 +295,7 @@ class VaeStage(Stage):
         """Mean |μ − μ_base| over the latent voxels more than `anchor_margin` voxels from any lesion."""
         with torch.no_grad():
             base_mu, _ = self.anchor.encode(x)
-            c = compression_of(self.network)
-            near = F.max_pool3d(lesions.float(), kernel_size=c, stride=c)  # (B, 1, *latent)
+            near = F.adaptive_max_pool3d(lesions.float(), tuple(z_mu.shape[2:]))  # (B, 1, *latent)
             m = int(self.cfg["anchor_margin"])
             if m:
                 near = F.max_pool3d(near, kernel_size=2 * m + 1, stride=1, padding=m)
