@@ -9,6 +9,7 @@ from the base folder, so `<output_dir>/model` loads with `generate` after any st
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,18 +114,30 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-LATENT_KINDS = ("sample", "mean")
+LATENT_KINDS = ("sample", "mean", "refined")
 
 
 @torch.no_grad()
 def encode_case(
-    autoencoder: torch.nn.Module, case: Case, seed: int, device: torch.device, kind: str = "sample"
+    autoencoder: torch.nn.Module,
+    case: Case,
+    seed: int,
+    device: torch.device,
+    kind: str = "sample",
+    refinement: dict | None = None,
 ) -> torch.Tensor:
     """A case's latent: one posterior sample z = μ + σ·ε (ε from (seed, case name), so every run
-    encodes alike) or the posterior mean μ."""
-    z_mu, z_sigma = autoencoder.encode(case.image[None].to(device))
+    encodes alike), the posterior mean μ, or μ refined near the case's lesions (`refinement`: the
+    keyword arguments of latent_refinement.refine_lesion_latents)."""
+    image = case.image[None].to(device)
+    z_mu, z_sigma = autoencoder.encode(image)
     if kind == "mean":
         return z_mu.float().cpu()[0]
+    if kind == "refined":
+        from ..latent_refinement import refine_lesion_latents
+
+        labels = case.labels[0].numpy()
+        return refine_lesion_latents(autoencoder, image, labels, z_mu.float(), **(refinement or {})).cpu()[0]
     eps = torch.randn(z_mu.shape, generator=generator(seed, name_key(case.name), 0x1A7E), dtype=torch.float32)
     return (z_mu.float().cpu() + z_sigma.float().cpu() * eps)[0]
 
@@ -137,13 +150,21 @@ def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.M
     posterior sample (the official recipe); `"mean"` stores μ. With a posterior whose σ is comparable
     to the spread of μ, a sample is mostly white noise the diffusion model cannot predict from
     anything, least of all from the mask; μ is all signal, and it is what the decoder is trained to
-    decode best (every training sample lies around it).
+    decode best (every training sample lies around it). `"refined"` stores μ with the latent near
+    each lesion optimised against the image (`latent_refinement` settings; minutes per case on a
+    CPU, so the folder, keyed by those settings too, is filled case by case and a stopped run
+    resumes where it stopped).
     """
     kind = config.get("latents", "sample")
     if kind not in LATENT_KINDS:
         raise OptionError(f"latents is {kind!r}", f"use one of {', '.join(LATENT_KINDS)}")
     vae_path = require_weight(config, AUTOENCODER_FILE, "latent", "vae")
-    folder = Path(config["output_dir"]) / "latents" / (_fingerprint(vae_path) + ("-mean" if kind == "mean" else ""))
+    refinement = _refinement_settings(config) if kind == "refined" else None
+    suffix = {"sample": "", "mean": "-mean"}.get(kind)
+    if refinement is not None:
+        settings = json.dumps(refinement, sort_keys=True).encode()
+        suffix = "-refined-" + hashlib.sha256(settings).hexdigest()[:8]
+    folder = Path(config["output_dir"]) / "latents" / (_fingerprint(vae_path) + suffix)
     if ctx.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         autoencoder.to(ctx.device)
@@ -152,12 +173,31 @@ def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.M
             if not path.exists():
                 from ..volumes import atomic_path
 
-                latent = encode_case(autoencoder, case, int(config["seed"]), ctx.device, kind)
+                latent = encode_case(autoencoder, case, int(config["seed"]), ctx.device, kind, refinement)
                 with atomic_path(path) as tmp:
                     torch.save(latent, tmp)
         autoencoder.cpu()
     ctx.barrier()
     return [torch.load(folder / f"{case.name}.pt", map_location="cpu", weights_only=True) for case in cases]
+
+
+def _refinement_settings(config: dict) -> dict:
+    settings = dict(config.get("latent_refinement") or {})
+    checks = {
+        "iterations": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        "lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+        "lesion_weight": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1,
+        "bone_weight": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1,
+        "latent_margin": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        "bf16": lambda v: isinstance(v, bool),
+    }
+    for key, value in settings.items():
+        if key not in checks or not checks[key](value):
+            raise OptionError(
+                f"latent_refinement.{key} is {value!r}",
+                "iterations an integer >= 1, lr > 0, lesion_weight and bone_weight >= 1, latent_margin an integer >= 0, bf16 true/false",
+            )
+    return settings
 
 
 def first_batch_scale_factor(latents: list[torch.Tensor], batch: list[int]) -> float:

@@ -57,6 +57,16 @@ DEFAULTS: dict[str, Any] = {
     # What the UNet and ControlNet learn from: one posterior sample per case ("sample", the official
     # recipe) or the posterior mean ("mean"); see training.common.cached_latents.
     "latents": "sample",
+    # `latents: "refined"`: μ with the latent voxels near each lesion optimised against the image
+    # (MaisiSynthLib.latent_refinement), for an encoder that passes too little of a small lesion
+    "latent_refinement": {
+        "iterations": 40,
+        "lr": 0.02,
+        "lesion_weight": 20.0,
+        "bone_weight": 20.0,  # bone lesions sit in bone: weighted too, the bone keeps its HU
+        "latent_margin": 2,  # free latent voxels around a lesion's own
+        "bf16": True,  # bfloat16 autocast for the decodes (CPU and CUDA)
+    },
     "vae": {
         **COMMON,
         "patch_size": [64, 64, 64],  # null: whole volumes, batched by shape
@@ -87,6 +97,9 @@ DEFAULTS: dict[str, Any] = {
         # anchor_margin from a lesion, so a heavy lesion weight moves the lesion's latent only
         "anchor_weight": 0.0,
         "anchor_margin": 1,
+        # Share of patches cut around a lesion voxel (a random one of the case's) instead of anywhere:
+        # a lesion is a few hundred of a million voxels, so a random patch rarely holds one
+        "lesion_patch_share": 0.0,
         # Decoder calibration on the diffusion's own latents (training.sampled; needs decoder_only and
         # whole volumes): a model folder whose UNet + ControlNet sample a latent from each training
         # mask; that share of samples decodes the sampled latent against the case's image.

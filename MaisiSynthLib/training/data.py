@@ -113,6 +113,18 @@ def patch_origin(shape: tuple[int, ...], patch: tuple[int, ...], g: torch.Genera
     return tuple(int(torch.randint(0, max(1, n - p + 1), (1,), generator=g)) for n, p in zip(shape, patch))
 
 
+def origin_around(
+    shape: tuple[int, ...], patch: tuple[int, ...], centre: tuple[int, ...], g: torch.Generator
+) -> tuple[int, ...]:
+    """A patch origin that puts `centre` inside the patch, up to a quarter patch off its middle, and
+    the patch inside the volume where it fits."""
+    origin = []
+    for n, p, c in zip(shape, patch, centre):
+        jitter = int(torch.randint(-(p // 4), p // 4 + 1, (1,), generator=g))
+        origin.append(min(max(0, n - p), max(0, int(c) - p // 2 + jitter)))
+    return tuple(origin)
+
+
 def crop_patch(
     volume: torch.Tensor, origin: tuple[int, ...], patch: tuple[int, ...], fill: float = 0.0
 ) -> torch.Tensor:

@@ -17,6 +17,9 @@ Two additions for small models:
   lesion is a few hundred of a million voxels, so an L1 that weights it enough to move its latent
   would otherwise also move everything else the diffusion stages learnt; the anchor lets the lesion's
   latent move and holds the rest where it was.
+- lesion patches (`lesion_patch_share`): that share of the patches is cut around a random lesion
+  voxel of the case, so each step carries a lesion's gradient; with the anchor, an encoder can see
+  each training lesion many times in the time whole volumes show it a few.
 - sampled latents (`sampled_latents_from`, decoder only): part of the steps decode the latent the full
   model samples from the case's mask instead of the case's own, against the case's image
   (training.sampled says why).
@@ -43,7 +46,7 @@ from ..models import (
 )
 from .common import complete_model_folder, find_weight, unwrap, without_splits
 from .config import network_config
-from .data import BucketSampler, crop_patch, generator, load_cases, patch_origin
+from .data import BucketSampler, crop_patch, generator, load_cases, origin_around, patch_origin
 from .trainer import Stage
 
 
@@ -114,6 +117,20 @@ class VaeStage(Stage):
             "bone": torch.tensor(L.BONE_REGION),
             "tumor": torch.tensor(L.TUMORS),
         }
+        share = self.cfg["lesion_patch_share"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise OptionError(f"vae.lesion_patch_share is {share!r}", "give a share in [0, 1], e.g. 0.8")
+        if share > 0 and self.patch is None:
+            raise OptionError(
+                "vae.lesion_patch_share cuts patches around lesions, so it needs vae.patch_size",
+                "set vae.patch_size, e.g. --set vae.patch_size=[64,64,32]",
+            )
+        self.lesion_share = float(share)
+        # (n, 3) lesion voxel coordinates per case, for the patches cut around one
+        self.lesion_voxels = [
+            torch.nonzero(torch.isin(case.labels[0], self.region_ids["tumor"])) if share > 0 else None
+            for case in self.cases
+        ]
         autoencoder = build_network(self.network, "autoencoder_def", "cpu")
         base = find_weight(self.config["base_model_dir"], AUTOENCODER_FILE)
         if base is not None:  # fine-tune from an existing VAE
@@ -216,6 +233,13 @@ class VaeStage(Stage):
             case = self.cases[index]
             patch = self.patch or case.shape
             origin = patch_origin(case.shape, patch, g)
+            if self.lesion_share > 0 and len(self.lesion_voxels[index]):
+                # its own stream, so a run without lesion patches draws everything else alike
+                h = generator(seed, step, pos, 0x1E51)
+                if float(torch.rand((), generator=h)) < self.lesion_share:
+                    voxels = self.lesion_voxels[index]
+                    centre = voxels[int(torch.randint(len(voxels), (1,), generator=h))].tolist()
+                    origin = origin_around(case.shape, patch, centre, h)
             patches.append(crop_patch(case.image, origin, patch, fill=0.0))
             eps.append(torch.randn((latent_channels, *(p // c for p in patch)), generator=g))
             labels = crop_patch(case.labels, origin, patch, fill=0)

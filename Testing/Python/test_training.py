@@ -355,6 +355,43 @@ def test_latent_anchor_holds_mu_away_from_lesions_only(workspace, tmp_path):
     assert rows[0]["anchor"] == 0.0 and rows[1]["anchor"] > 0.0
 
 
+def test_lesion_patches_hold_a_lesion_and_leave_the_other_draws_alone(workspace, tmp_path):
+    """`lesion_patch_share` 1: every patch of a case with lesions holds a lesion voxel; at 0 small
+    patches mostly miss them. The ε and case draws do not change with it; bad shares are refused."""
+    from MaisiSynthLib.distributed import DistContext
+    from MaisiSynthLib.errors import OptionError
+    from MaisiSynthLib.training.data import origin_around
+    from MaisiSynthLib.training.vae import VaeStage
+
+    def stage_with(share, patch=(16, 16, 16)):
+        config = load_config(None, [], cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"))
+        config["network"] = tiny_config()
+        config["vae"].update(patch_size=None if patch is None else list(patch), lesion_patch_share=share)
+        stage = VaeStage(config, DistContext())
+        stage.prepare()
+        return stage
+
+    around, anywhere = stage_with(1.0), stage_with(0.0)
+    assert all(len(v) for v in around.lesion_voxels)  # every phantom here has lesions
+    held = {"around": 0, "anywhere": 0}
+    for step in range(12):
+        a, b = around.batch(step), anywhere.batch(step)
+        assert torch.equal(a[1], b[1]) and around.last_batch == anywhere.last_batch
+        held["around"] += int(a[5].flatten(1).any(1).sum())
+        held["anywhere"] += int(b[5].flatten(1).any(1).sum())
+    assert held["around"] == 12 and held["anywhere"] < 6
+    # the origin keeps the centre inside the patch and the patch inside the volume
+    g = torch.Generator().manual_seed(0)
+    for centre in ((0, 0, 0), (63, 63, 31), (30, 5, 20)):
+        origin = origin_around((64, 64, 32), (16, 16, 16), centre, g)
+        assert all(0 <= o <= n - 16 and o <= c < o + 16 for o, c, n in zip(origin, centre, (64, 64, 32)))
+    for bad, message in ((1.5, "lesion_patch_share is 1.5"), (True, "lesion_patch_share is True")):
+        with pytest.raises(OptionError, match=message):
+            stage_with(bad)
+    with pytest.raises(OptionError, match="needs vae.patch_size"):
+        stage_with(0.5, patch=None)
+
+
 def test_vae_region_weights_cover_bone_and_lesions_and_their_edge(workspace, tmp_path):
     from MaisiSynthLib.distributed import DistContext
     from MaisiSynthLib.training.vae import VaeStage
@@ -416,6 +453,40 @@ def test_whole_volume_vae_and_mean_latents(workspace, tmp_path):
     (tmp_path / "unet.json").write_text(json.dumps(unet))
     result = run_cli("train", "unet", "--config", str(tmp_path / "unet.json"), "--quiet")
     assert result.returncode == 2 and "latents" in result.stderr and "mean" in result.stderr
+
+
+def test_refined_latents_move_only_near_lesions_and_are_keyed_by_their_settings(workspace, tmp_path):
+    """`latents: refined` caches μ with the latent near each lesion optimised (latent_refinement), in
+    a folder named by the refinement settings; bad settings are one line and exit 2."""
+    from MaisiSynthLib import labels as L
+    from MaisiSynthLib.training.common import encode_case
+    from MaisiSynthLib.training.data import load_cases
+
+    model = workspace / "run" / "model"
+    unet = _config(tmp_path, unet={"steps": 1})
+    unet.update(cases=str(workspace / "cases"), output_dir="refrun", base_model_dir=str(model), latents="refined")
+    unet["latent_refinement"] = {"iterations": 1, "lr": 0.1}
+    (tmp_path / "unet.json").write_text(json.dumps(unet))
+    train("unet", str(tmp_path / "unet.json"), progress=False)
+    folders = list((tmp_path / "refrun" / "latents").iterdir())
+    assert len(folders) == 1 and "-refined-" in folders[0].name
+    autoencoder = load_models(model, "cpu").autoencoder
+    case = load_cases(workspace / "cases")[0]
+    mean = encode_case(autoencoder, case, 0, torch.device("cpu"), "mean")
+    refined = torch.load(folders[0] / f"{case.name}.pt", weights_only=True)
+    lesions = torch.isin(case.labels, torch.tensor(L.TUMORS)).float()[None]
+    near = torch.nn.functional.max_pool3d(
+        torch.nn.functional.adaptive_max_pool3d(lesions, tuple(mean.shape[1:])), 5, stride=1, padding=2
+    )[0, 0].bool()
+    assert near.any() and not near.all()
+    assert torch.allclose(refined[:, ~near], mean[:, ~near], atol=1e-5)
+    assert (refined[:, near] - mean[:, near]).abs().max() > 1e-3
+    for bad in ('{"iterations": 0}', '{"bone_weight": "heavy"}', '{"lr": -1}'):
+        result = run_cli(
+            "train", "unet", "--config", str(tmp_path / "unet.json"), "--set", f"latent_refinement={bad}", "--quiet"
+        )
+        assert result.returncode == 2 and "latent_refinement" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 2
 
 
 def test_coarse_conditions_fold_structures_into_the_body_and_keep_lobes_bones_and_lesions(workspace, tmp_path):
