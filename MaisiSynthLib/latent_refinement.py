@@ -190,9 +190,9 @@ def _refine(
             latent_box = tuple(slice(s.start // compression, s.stop // compression) for s in box)
             index = (slice(None), slice(None)) + latent_box
             target = image[(slice(None), slice(None)) + box]
-            inside = torch.from_numpy(lesions[box])
+            inside = torch.from_numpy(lesions[box]).to(target.device)
             weight = torch.ones_like(target)
-            weight[0, 0][torch.from_numpy(bone[box])] = bone_weight
+            weight[0, 0][torch.from_numpy(bone[box]).to(target.device)] = bone_weight
             weight[0, 0][inside] = lesion_weight
             # A cut edge (not the volume's own border) decodes without what lies beyond it, so the L1
             # leaves the reach next to it out.

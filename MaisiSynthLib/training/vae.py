@@ -18,8 +18,9 @@ Two additions for small models:
   would otherwise also move everything else the diffusion stages learnt; the anchor lets the lesion's
   latent move and holds the rest where it was.
 - lesion patches (`lesion_patch_share`): that share of the patches is cut around a random lesion
-  voxel of the case, so each step carries a lesion's gradient; with the anchor, an encoder can see
-  each training lesion many times in the time whole volumes show it a few.
+  voxel of the case, so each step carries a lesion's gradient. Measured on the demo VAE's encoder
+  with the anchor: it broke the whole-volume reconstruction (the encoder's GroupNorms normalise a
+  patch by its own statistics; TRAINING.md), so use it where patches are what is decoded.
 - sampled latents (`sampled_latents_from`, decoder only): part of the steps decode the latent the full
   model samples from the case's mask instead of the case's own, against the case's image
   (training.sampled says why).
