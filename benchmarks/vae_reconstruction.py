@@ -9,7 +9,7 @@ Encode → decode held-out phantoms (whole volumes, as inference decodes them) a
 
 With --refine N, also decode(refined): μ with the latent voxels near each lesion optimised against
 the image for N iterations (MaisiSynthLib.latent_refinement, the semi-amortised encoding that
-`latents: "refined"` trains the diffusion stages on; about 2 min a case on 2 CPU cores at 40).
+`latents: "refined"` trains the diffusion stages on; about 3.3 min a 128×128×64 case on 2 CPU cores at 40).
 
 With --level-gain N, also the level gain of a few regions on the first N cases: ±40 HU added to one
 region of the input, the share of that change its median keeps in decode(encode(x)). An organ that
