@@ -500,6 +500,11 @@ def _add_fit_prior(sub) -> None:
     add_request_options(p, "model_dir")
     p.add_argument("--cases", required=True, help="folder of *_image/*_label NIfTI pairs or a datalist JSON")
     p.add_argument("--output", help="where to write the prior (default: <model folder>/latent_prior.pt)")
+    p.add_argument(
+        "--latents",
+        help="fit to a training run's cached latents (<output_dir>/latents/<vae>-.../, e.g. refined ones) "
+        "instead of encoding μ: the latents the UNet learnt from. Must come from this model's VAE",
+    )
     add_request_options(p, "device")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_fit_prior)
@@ -520,10 +525,22 @@ def _run_fit_prior(args) -> int:
     out = Path(args.output) if args.output else folder.root / PRIOR_FILE
     if out.suffix != ".pt":
         raise OptionError(f"--output {out} does not end in .pt", "write the prior to a .pt file")
+    if args.latents is not None:
+        from .training.common import _fingerprint
+
+        # A run names its latent cache after the VAE file that encoded it (training.common.cached_latents).
+        vae = _fingerprint(folder.autoencoder_path)
+        if Path(args.latents).name.split("-")[0] != vae:
+            raise OptionError(
+                f"--latents {args.latents} was not encoded by this model's VAE (its folder name does not start "
+                f"with the VAE's fingerprint {vae})",
+                f"pass <output_dir>/latents/{vae}-... of a run that used {folder.autoencoder_path.name} from this folder",
+            )
     total = len(find_pairs(args.cases))
     models = load_models(folder, args.device, "fp32")
-    bar = tqdm(total=total, desc="encode", unit="case", file=sys.stderr, disable=args.quiet)
-    prior = fit_prior_for_model(models, args.cases, progress=lambda name: bar.update(1))
+    desc = "read" if args.latents is not None else "encode"
+    bar = tqdm(total=total, desc=desc, unit="case", file=sys.stderr, disable=args.quiet)
+    prior = fit_prior_for_model(models, args.cases, progress=lambda name: bar.update(1), latents=args.latents)
     bar.close()
     save_latent_prior(prior, out)
     seen = int((prior.label_weight > 0).sum())

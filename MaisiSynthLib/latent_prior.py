@@ -162,10 +162,13 @@ def load_latent_prior(path: str | Path, channels: int, compression: int) -> Late
     return LatentPrior(means.float(), weight.float(), compression)
 
 
-def fit_prior_for_model(models, cases: str | Path, progress=None) -> LatentPrior:
-    """Encode every image/label pair of `cases` with the model's VAE (posterior mean μ, times the UNet's
-    scale factor: the units the sampler works in) and fit the prior. Sizes must be multiples of the
-    VAE's compression; a case the VAE cannot take is refused before any encoding."""
+def fit_prior_for_model(models, cases: str | Path, progress=None, latents: str | Path | None = None) -> LatentPrior:
+    """Fit the prior to every image/label pair of `cases`, in the UNet's scaled units (the units the
+    sampler works in). The latents are the VAE's posterior means μ, or, with `latents`, the
+    `<case name>.pt` files of a training run's latent cache (`<output_dir>/latents/<vae>-.../`, e.g.
+    refined ones): the prior should hold what the UNet learnt from. Sizes must be multiples of the
+    VAE's compression; a case the VAE cannot take, or a cached latent that is missing or does not
+    fit its case, is refused before any encoding."""
     from .errors import OptionError
     from .training.data import load_cases
 
@@ -179,13 +182,44 @@ def fit_prior_for_model(models, cases: str | Path, progress=None) -> LatentPrior
                 f"case {case.name} has label ids outside 0..{NUM_LABELS - 1}", "use MAISI label ids (0-255)"
             )
     scale = float(models.scale_factor)
+    cached = _cached_latents(Path(latents), loaded, models.latent_channels, c) if latents is not None else None
 
-    def latents():
-        for case in loaded:
-            with torch.no_grad(), models.autocast():
-                mu, _ = models.autoencoder.encode(case.image[None].to(models.device))
+    def pairs():
+        for i, case in enumerate(loaded):
+            if cached is not None:
+                mu = cached[i]
+            else:
+                with torch.no_grad(), models.autocast():
+                    mu = models.autoencoder.encode(case.image[None].to(models.device))[0][0]
             if progress is not None:
                 progress(case.name)
-            yield case.labels[0], mu[0].float().cpu() * scale
+            yield case.labels[0], mu.float().cpu() * scale
 
-    return fit_latent_prior(latents(), c)
+    return fit_latent_prior(pairs(), c)
+
+
+def _cached_latents(folder: Path, cases: list, channels: int, compression: int) -> list[torch.Tensor]:
+    """Each case's latent from `folder`, checked (a tensor of the case's latent shape, finite) before
+    the fit starts. Loaded with weights_only=True: a cache file is data, never code."""
+    from .errors import OptionError
+
+    fix = "pass the latents folder of a run that trained on these cases with this model's VAE"
+    if not folder.is_dir():
+        raise OptionError(f"--latents {folder} is not a folder", fix)
+    found = []
+    for case in cases:
+        path = folder / f"{case.name}.pt"
+        if not path.is_file():
+            raise OptionError(f"--latents {folder} has no latent for case {case.name} ({path.name})", fix)
+        try:
+            latent = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a truncated file, a pickle with code: one message either way
+            raise OptionError(f"cannot read the latent {path}: {type(exc).__name__}", fix) from None
+        expected = (channels, *(n // compression for n in case.shape))
+        if not isinstance(latent, torch.Tensor) or tuple(latent.shape) != expected:
+            shape = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
+            raise OptionError(f"the latent {path} is {shape}, not a tensor of shape {list(expected)}", fix)
+        if not latent.is_floating_point() or not torch.isfinite(latent).all():
+            raise OptionError(f"the latent {path} is not finite floating point", fix)
+        found.append(latent)
+    return found

@@ -158,6 +158,51 @@ def test_fit_prior_writes_the_levels_of_the_labels_it_saw_and_refuses_bad_cases(
     assert nib.load(cases / "a_label.nii.gz").shape == labels.shape  # the input is untouched
 
 
+def test_fit_prior_fits_a_runs_cached_latents_when_given_and_refuses_a_foreign_cache(prior_model, tmp_path):
+    """--latents fits the latents a run trained on (a refined cache) instead of encoding μ; a cache
+    from another VAE, a missing case or a latent of the wrong shape is one line, exit 2, no prior."""
+    from MaisiSynthLib.models import locate_model_folder
+    from MaisiSynthLib.training.common import _fingerprint
+
+    cases = prior_model.parent / "cases"
+    names = sorted(p.name[: -len("_image.nii.gz")] for p in cases.glob("*_image.nii.gz"))
+    folder = tmp_path / "latents" / (_fingerprint(locate_model_folder(prior_model).autoencoder_path) + "-refined-x")
+    folder.mkdir(parents=True)
+    for name in names:  # every latent voxel 0.5: the least-squares level of every label is 0.5 × scale
+        torch.save(torch.full((4, 16, 16, 8), 0.5), folder / f"{name}.pt")
+    out = tmp_path / "cached.pt"
+
+    def fit(latents, output=out):
+        args = ("--cases", str(cases), "--latents", str(latents), "--output", str(output), "--quiet")
+        return run_cli("fit-prior", "--model-dir", str(prior_model), *args)
+
+    result = fit(folder)
+    assert result.returncode == 0, result.stderr
+    prior = load_latent_prior(out, 4, 4)
+    scale = float(load_models(prior_model, "cpu").scale_factor)
+    seen = prior.label_weight > 0
+    assert (prior.label_means[seen] - 0.5 * scale).abs().max() < 1e-3  # (the fit's ridge: ~1e-6)
+    encoded = load_latent_prior(prior_model / PRIOR_FILE, 4, 4)  # fitted to μ: not constant
+    assert encoded.label_means[seen].std() > 0.01
+    # another VAE's cache (the folder name carries the encoding VAE's fingerprint)
+    other = tmp_path / "latents" / "0123456789ab-refined-x"
+    shutil.copytree(folder, other)
+    bad_out = tmp_path / "bad.pt"
+    for latents, match in (
+        (other, "not encoded by this model's VAE"),
+        (folder, f"no latent for case {names[0]}"),
+        (folder, "not a tensor of shape [4, 16, 16, 8]"),
+    ):
+        if match.startswith("no latent"):
+            (folder / f"{names[0]}.pt").rename(tmp_path / "kept.pt")
+        elif match.startswith("not a tensor"):
+            (tmp_path / "kept.pt").rename(folder / f"{names[0]}.pt")
+            torch.save(torch.zeros(4, 8, 8, 8), folder / f"{names[-1]}.pt")
+        result = fit(latents, bad_out)
+        assert result.returncode == 2 and match in result.stderr and "Fix:" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not bad_out.exists()
+
+
 def test_the_sampler_shifts_once_at_the_first_timestep_below_the_threshold(prior_model):
     models = load_models(prior_model, "cpu")
     labels = torch.from_numpy(torso_labels(64).astype("int64"))[None, None]
