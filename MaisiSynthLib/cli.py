@@ -525,17 +525,6 @@ def _run_fit_prior(args) -> int:
     out = Path(args.output) if args.output else folder.root / PRIOR_FILE
     if out.suffix != ".pt":
         raise OptionError(f"--output {out} does not end in .pt", "write the prior to a .pt file")
-    if args.latents is not None:
-        from .training.common import _fingerprint
-
-        # A run names its latent cache after the VAE file that encoded it (training.common.cached_latents).
-        vae = _fingerprint(folder.autoencoder_path)
-        if Path(args.latents).name.split("-")[0] != vae:
-            raise OptionError(
-                f"--latents {args.latents} was not encoded by this model's VAE (its folder name does not start "
-                f"with the VAE's fingerprint {vae})",
-                f"pass <output_dir>/latents/{vae}-... of a run that used {folder.autoencoder_path.name} from this folder",
-            )
     total = len(find_pairs(args.cases))
     models = load_models(folder, args.device, "fp32")
     desc = "read" if args.latents is not None else "encode"

@@ -182,7 +182,9 @@ def fit_prior_for_model(models, cases: str | Path, progress=None, latents: str |
                 f"case {case.name} has label ids outside 0..{NUM_LABELS - 1}", "use MAISI label ids (0-255)"
             )
     scale = float(models.scale_factor)
-    cached = _cached_latents(Path(latents), loaded, models.latent_channels, c) if latents is not None else None
+    cached = None
+    if latents is not None:
+        cached = _cached_latents(Path(latents), loaded, models.folder.autoencoder_path, models.latent_channels, c)
 
     def pairs():
         for i, case in enumerate(loaded):
@@ -198,14 +200,24 @@ def fit_prior_for_model(models, cases: str | Path, progress=None, latents: str |
     return fit_latent_prior(pairs(), c)
 
 
-def _cached_latents(folder: Path, cases: list, channels: int, compression: int) -> list[torch.Tensor]:
-    """Each case's latent from `folder`, checked (a tensor of the case's latent shape, finite) before
-    the fit starts. Loaded with weights_only=True: a cache file is data, never code."""
+def _cached_latents(folder: Path, cases: list, vae_path: Path, channels: int, compression: int) -> list[torch.Tensor]:
+    """Each case's latent from `folder`, checked before the fit starts: the folder was encoded by the
+    VAE file `vae_path`, and each latent is a finite tensor of its case's latent shape. Loaded with
+    weights_only=True: a cache file is data, never code."""
     from .errors import OptionError
+    from .training.common import _fingerprint
 
     fix = "pass the latents folder of a run that trained on these cases with this model's VAE"
     if not folder.is_dir():
         raise OptionError(f"--latents {folder} is not a folder", fix)
+    # A run names its latent cache after the VAE file that encoded it (training.common.cached_latents).
+    vae = _fingerprint(vae_path)
+    if folder.name.split("-")[0] != vae:
+        raise OptionError(
+            f"--latents {folder} was not encoded by this model's VAE (its folder name does not start "
+            f"with the VAE's fingerprint {vae})",
+            f"pass <output_dir>/latents/{vae}-... of a run that used {vae_path.name} from this folder",
+        )
     found = []
     for case in cases:
         path = folder / f"{case.name}.pt"
