@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     folders = [tuple(item.split("=", 1)) for item in args.controlnet] or [("model", str(Path(args.config).parent))]
 
     stage = ControlNetStage(load_config(args.config, []), DistContext())
-    stage.prepare()  # the cases, their cached latents, the frozen UNet
+    # the cases, their cached latents, the frozen UNet; the model folder is only read
+    stage.prepare(write_model_folder=False)
     controlnets, unets = {}, {}
     base_unet = find_weight(stage.config["model_dir"], UNET_FILE)
     for name, folder in folders:

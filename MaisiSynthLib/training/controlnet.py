@@ -93,7 +93,9 @@ class _ControlledVelocity(torch.nn.Module):
 class ControlNetStage(Stage):
     name = "controlnet"
 
-    def prepare(self) -> None:
+    def prepare(self, write_model_folder: bool = True) -> None:
+        """Cases, latents, networks. `write_model_folder=False` leaves `model_dir` as it is: a benchmark
+        that reads a shipped model through this stage must not rewrite its config or settings."""
         cfg = self.cfg
         if cfg["background_term"] not in BACKGROUND_TERMS:
             raise OptionError(
@@ -142,7 +144,7 @@ class ControlNetStage(Stage):
         self.module = _ControlledVelocity(controlnet, self.unet, self.joint)
         self._perturbed: dict[int, torch.Tensor] = {}
         self._merged: dict[int, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
-        if self.ctx.is_main:
+        if self.ctx.is_main and write_model_folder:
             complete_model_folder(self.config, self.network)
 
     def trainable(self) -> torch.nn.Module:

@@ -695,6 +695,33 @@ def test_validation_cases_log_what_each_checkpoint_draws(workspace, tmp_path):
         assert not (tmp_path / f"bad{words[:3]}" / "state").exists()
 
 
+def test_controlnet_gain_benchmark_measures_a_model_folder_and_leaves_it_unchanged(workspace, tmp_path):
+    """The benchmark reads a model through the ControlNet stage; the stage writes its model folder's
+    settings when it trains, which on a shipped folder would replace sampling settings the training
+    config does not hold (it once dropped the demo model's latent prior settings)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(workspace / "run" / "model", model)
+    settings = json.loads((model / "maisi_synth.json").read_text())
+    settings["inference"] = {"latent_prior_bone_from": 0.3}  # a setting only the shipped folder has
+    (model / "maisi_synth.json").write_text(json.dumps(settings))
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    config = json.loads((workspace / "train.json").read_text())
+    config.update(cases=str(workspace / "cases"), output_dir=str(tmp_path / "run"), model_dir=str(model))
+    (tmp_path / "gain.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, "benchmarks/controlnet_gain.py", "--config", str(tmp_path / "gain.json"),
+         "--controlnet", f"tiny={model}", "--samples", "8"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("UNet", "tiny"))}
+    assert set(rows) == {"UNet", "tiny"} and rows["UNet"] != rows["tiny"].replace("tiny", "UNet alone", 1)
+    assert float(result.stdout.split("noisiest quarter, tiny: ")[1].split()[0]) > 0
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
 def test_averaged_controlnet_is_the_weighted_mean_and_loads(tmp_path):
     from MaisiSynthLib.tiny_model import make_tiny_model_folder
 
