@@ -16,9 +16,7 @@ DEMO=Resources/models/demo
 BASE=${BASE:-runs/v3/ship/model}
 RUN=runs/v3r
 RESUME=("$@")
-mkdir -p "$RUN"
-stamp() { echo "$1 $(date +%s)" >> "$RUN/timing.txt"; }
-stamp start
+# refused before anything is written (no run folder, no timing line)
 [ -f "$BASE/latent_prior.pt" ] || {
     echo "$BASE holds no v3.4 model: run scripts/train_v3.sh first, or set BASE=<model folder>" >&2
     exit 2
@@ -27,6 +25,9 @@ stamp start
     echo "runs/v3/phantoms/train is missing: make the training phantoms first (scripts/train_v3.sh, its first block)" >&2
     exit 2
 }
+mkdir -p "$RUN"
+stamp() { echo "$1 $(date +%s)" >> "$RUN/timing.txt"; }
+stamp start
 REFINED=(--set latents=refined)
 
 # 1. The UNet, tuned from the shipped one on refined latents (the v3.4 umu settings). Its first run
