@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from MaisiSynthLib import labels as L  # noqa: E402
 from MaisiSynthLib.evaluation import evaluate  # noqa: E402
-from MaisiSynthLib.models import AUTOENCODER_FILE, CONFIG_NAME, SETTINGS_NAME, UNET_FILE  # noqa: E402
+from MaisiSynthLib.models import AUTOENCODER_FILE, CONFIG_NAME, PRIOR_FILE, SETTINGS_NAME, UNET_FILE  # noqa: E402
 
 DEMO = ROOT / "Resources" / "models" / "demo"
 RUNS = ROOT / "runs" / "results"
@@ -125,8 +125,9 @@ def train_controlnet(base: Path, folder: Path, contrastive: bool, steps: int | N
         return model
     shutil.rmtree(folder, ignore_errors=True)
     model.mkdir(parents=True)
-    for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME):
-        shutil.copyfile(base / name, model / name)
+    for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME, PRIOR_FILE):
+        if name != PRIOR_FILE or (base / name).is_file():  # the prior is optional; it keeps its settings
+            shutil.copyfile(base / name, model / name)
     overrides = [f"output_dir={folder}", f"model_dir={model}", f"controlnet.contrastive={str(contrastive).lower()}"]
     if steps is not None:
         overrides.append(f"controlnet.steps={steps}")

@@ -71,19 +71,71 @@ def load_unet(config: dict, network: dict, stage: str) -> tuple[torch.nn.Module,
     return unet, float(torch.as_tensor(checkpoint["scale_factor"]).float())
 
 
-def complete_model_folder(config: dict, network: dict) -> None:
-    """Config, settings and the weights this run did not train, copied into the run's model folder."""
+def complete_model_folder(config: dict, network: dict, keeps_encoder: bool = True) -> None:
+    """Config, settings and the weights this run did not train, copied into the run's model folder.
+
+    The folder's `maisi_synth.json` is the base folder's, then the folder's own, then the config's
+    `model_settings`, each later one winning key by key, so that a setting only a model folder holds
+    (the latent prior's) survives a stage trained from it or into it. The latent prior holds levels of
+    the encoder's latents: it comes from the base folder only with the same VAE file, a stage that
+    trains the encoder (`keeps_encoder=False`) drops it, and its settings go wherever the prior file
+    is absent (the pipeline would refuse them).
+    """
+    from ..model_home import PRIOR_FILE
+
     model_dir = Path(config["model_dir"])
     model_dir.mkdir(parents=True, exist_ok=True)
     save_json(network, model_dir / CONFIG_NAME)
-    if config.get("model_settings"):
-        save_json(config["model_settings"], model_dir / SETTINGS_NAME)
     base = config.get("base_model_dir")
-    if base and Path(base).resolve() != model_dir.resolve():
+    from_base = bool(base) and Path(base).resolve() != model_dir.resolve()
+    if from_base:
         for name in WEIGHT_FILES:
             source = find_weight(base, name)
             if source is not None and find_weight(model_dir, name) is None:
                 shutil.copyfile(source, model_dir / name)
+    prior = model_dir / PRIOR_FILE
+    if not keeps_encoder:
+        prior.unlink(missing_ok=True)
+    elif from_base and not prior.exists() and (Path(base) / PRIOR_FILE).is_file() and _same_vae(base, model_dir):
+        shutil.copyfile(Path(base) / PRIOR_FILE, prior)
+    layers = [_settings_of(base) if from_base else {}, _settings_of(model_dir), config.get("model_settings") or {}]
+    settings: dict = {}
+    for layer in layers:
+        settings = _merged(settings, layer)
+    if not prior.exists() and isinstance(settings.get("inference"), dict):
+        for key in PRIOR_SETTINGS:
+            settings["inference"].pop(key, None)
+    if settings:
+        save_json(settings, model_dir / SETTINGS_NAME)
+
+
+PRIOR_SETTINGS = ("latent_prior_from", "latent_prior_bone_from")
+
+
+def _settings_of(folder: str | Path) -> dict:
+    """A model folder's maisi_synth.json, or {} (absent or not a JSON object: the loader reports it)."""
+    path = Path(folder) / SETTINGS_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _merged(lower: dict, upper: dict) -> dict:
+    """`upper` over `lower`, dict values merged key by key, anything else replaced."""
+    out = dict(lower)
+    for key, value in upper.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _same_vae(a: str | Path, b: str | Path) -> bool:
+    vae_a, vae_b = find_weight(a, AUTOENCODER_FILE), find_weight(b, AUTOENCODER_FILE)
+    return vae_a is not None and vae_b is not None and _fingerprint(vae_a) == _fingerprint(vae_b)
 
 
 def without_splits(autoencoder: torch.nn.Module) -> torch.nn.Module:

@@ -197,7 +197,7 @@ class VaeStage(Stage):
         self._fake: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
         if self.ctx.is_main:
-            complete_model_folder(self.config, self.network)
+            complete_model_folder(self.config, self.network, keeps_encoder=bool(self.cfg["decoder_only"]))
 
     def _sampled_latents(self, compression: int) -> list[torch.Tensor]:
         from .sampled import sampled_latents

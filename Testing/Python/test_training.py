@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -718,11 +719,64 @@ def test_controlnet_gain_benchmark_measures_a_model_folder_and_leaves_it_unchang
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(("UNet", "tiny"))}
     assert set(rows) == {"UNet", "tiny"}
-    # 3 steps leave the tiny ControlNet's zero-initialised output convolutions at zero: it adds nothing,
-    # so its numbers are the UNet's alone and the ratio is exactly 1
-    assert rows["UNet"].split()[2:] == rows["tiny"].split()[1:]
-    assert "noisiest quarter, tiny: 1.000 × the UNet alone" in result.stdout
+
+    # The tiny ControlNet's output convolutions started at zero and 3 Adam steps moved them by ~1e-3
+    # each: it adds almost nothing, so each of its bins is the UNet's alone to within a percent (the
+    # exact digits differ between CPUs), and so is the ratio the benchmark prints
+    def numbers(row: str) -> list[float]:
+        return [float(x) for x in re.findall(r"(?<![=\d.])\d+\.\d+", row)]
+
+    unet, tiny = numbers(rows["UNet"]), numbers(rows["tiny"])
+    assert len(unet) == len(tiny) >= 2 and unet == pytest.approx(tiny, rel=0.01)
+    ratio = re.search(r"noisiest quarter, tiny: (\d+\.\d+) × the UNet alone", result.stdout)
+    assert ratio and 0.99 <= float(ratio.group(1)) <= 1.01
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_a_stage_from_a_model_folder_keeps_its_latent_prior_only_with_its_encoder(workspace, tmp_path):
+    """Sampling settings that only a model folder holds (the latent prior's) survive a stage trained
+    from it, with the prior file, as long as the encoder that prior was fitted on stays; a stage that
+    retrains the encoder drops both (the pipeline refuses prior settings without the file)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(workspace / "run" / "model", base)
+    result = run_cli("fit-prior", "--model-dir", str(base), "--cases", str(workspace / "cases"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((base / "maisi_synth.json").read_text())
+    settings["name"] = "the base's name"
+    settings["inference"] = {"latent_prior_from": 0.6, "latent_prior_bone_from": 0.3, "num_inference_steps": 7}
+    (base / "maisi_synth.json").write_text(json.dumps(settings))
+    config = tmp_path / "train.json"
+    train = json.loads((workspace / "train.json").read_text())
+    train["model_settings"] = {**TINY_SETTINGS, "inference": {"num_inference_steps": 5}}
+    config.write_text(json.dumps(train))
+
+    def stage(name: str, out: str, *extra: str) -> Path:
+        result = run_cli(
+            "train", name, "--config", str(config), "--base-model-dir", str(base), "--set",
+            f"cases={workspace / 'cases'}", "--set", f"output_dir={tmp_path / out}", "--set",
+            f"model_dir={tmp_path / out / 'model'}", f"--set={name}.steps=1", *extra, "--quiet",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return tmp_path / out / "model"
+
+    model = stage("controlnet", "cn")
+    assert (model / "latent_prior.pt").read_bytes() == (base / "latent_prior.pt").read_bytes()
+    kept = json.loads((model / "maisi_synth.json").read_text())
+    # the config's settings win where they speak (its name and its inference keys), the folder's stay
+    assert kept["name"] == TINY_SETTINGS["name"] != settings["name"]
+    assert kept["inference"]["latent_prior_from"] == 0.6 and kept["inference"]["latent_prior_bone_from"] == 0.3
+    assert kept["inference"]["num_inference_steps"] == 5
+    assert load_models(model, device="cpu").latent_prior is not None
+    # a decoder-only VAE stage keeps the encoder, so the prior stays; the whole VAE drops it
+    decoder = stage("vae", "dec", "--set", "vae.decoder_only=true")
+    assert (decoder / "latent_prior.pt").exists()
+    whole = stage("vae", "whole")
+    dropped = json.loads((whole / "maisi_synth.json").read_text())["inference"]
+    assert not (whole / "latent_prior.pt").exists()
+    assert "latent_prior_from" not in dropped and "latent_prior_bone_from" not in dropped
+    assert load_models(whole, device="cpu").latent_prior is None
 
 
 def test_averaged_controlnet_is_the_weighted_mean_and_loads(tmp_path):
