@@ -205,13 +205,13 @@ def _cached_latents(folder: Path, cases: list, vae_path: Path, channels: int, co
     VAE file `vae_path`, and each latent is a finite tensor of its case's latent shape. Loaded with
     weights_only=True: a cache file is data, never code."""
     from .errors import OptionError
-    from .training.common import _fingerprint
+    from .training.common import file_fingerprint
 
     fix = "pass the latents folder of a run that trained on these cases with this model's VAE"
     if not folder.is_dir():
         raise OptionError(f"--latents {folder} is not a folder", fix)
     # A run names its latent cache after the VAE file that encoded it (training.common.cached_latents).
-    vae = _fingerprint(vae_path)
+    vae = file_fingerprint(vae_path)
     if folder.name.split("-")[0] != vae:
         raise OptionError(
             f"--latents {folder} was not encoded by this model's VAE (its folder name does not start "

@@ -135,7 +135,7 @@ def _merged(lower: dict, upper: dict) -> dict:
 
 def _same_vae(a: str | Path, b: str | Path) -> bool:
     vae_a, vae_b = find_weight(a, AUTOENCODER_FILE), find_weight(b, AUTOENCODER_FILE)
-    return vae_a is not None and vae_b is not None and _fingerprint(vae_a) == _fingerprint(vae_b)
+    return vae_a is not None and vae_b is not None and file_fingerprint(vae_a) == file_fingerprint(vae_b)
 
 
 def without_splits(autoencoder: torch.nn.Module) -> torch.nn.Module:
@@ -158,7 +158,9 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 # Latents
 
 
-def _fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
+    """The first 12 hex digits of a file's SHA-256: what names a latent cache after the VAE file that
+    encoded it, and tells two model folders' VAEs apart."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -216,7 +218,7 @@ def cached_latents(config: dict, ctx, cases: list[Case], autoencoder: torch.nn.M
     if refinement is not None:
         settings = json.dumps(refinement, sort_keys=True).encode()
         suffix = "-refined-" + hashlib.sha256(settings).hexdigest()[:8]
-    folder = Path(config["output_dir"]) / "latents" / (_fingerprint(vae_path) + suffix)
+    folder = Path(config["output_dir"]) / "latents" / (file_fingerprint(vae_path) + suffix)
     if ctx.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         autoencoder.to(ctx.device)

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import OptionError
 from ..models import AUTOENCODER_FILE, CONTROLNET_FILE, SETTINGS_NAME, UNET_FILE
-from .common import _fingerprint, find_weight
+from .common import file_fingerprint, find_weight
 from .data import Case, mix_seed, name_key
 
 
@@ -35,7 +35,7 @@ def _model_fingerprint(model_dir: Path) -> str:
                 f"vae.sampled_latents_from: {model_dir} has no {name}",
                 "point it at a complete model folder (VAE, UNet and ControlNet)",
             )
-        parts.append(_fingerprint(path) if path is not None else "-")
+        parts.append(file_fingerprint(path) if path is not None else "-")
     return hashlib.sha256("/".join(parts).encode()).hexdigest()[:12]
 
 

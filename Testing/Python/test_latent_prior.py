@@ -162,11 +162,11 @@ def test_fit_prior_fits_a_runs_cached_latents_when_given_and_refuses_a_foreign_c
     """--latents fits the latents a run trained on (a refined cache) instead of encoding μ; a cache
     from another VAE, a missing case or a latent of the wrong shape is one line, exit 2, no prior."""
     from MaisiSynthLib.models import locate_model_folder
-    from MaisiSynthLib.training.common import _fingerprint
+    from MaisiSynthLib.training.common import file_fingerprint
 
     cases = prior_model.parent / "cases"
     names = sorted(p.name[: -len("_image.nii.gz")] for p in cases.glob("*_image.nii.gz"))
-    folder = tmp_path / "latents" / (_fingerprint(locate_model_folder(prior_model).autoencoder_path) + "-refined-x")
+    folder = tmp_path / "latents" / (file_fingerprint(locate_model_folder(prior_model).autoencoder_path) + "-refined-x")
     folder.mkdir(parents=True)
     for name in names:  # every latent voxel 0.5: the least-squares level of every label is 0.5 × scale
         torch.save(torch.full((4, 16, 16, 8), 0.5), folder / f"{name}.pt")
