@@ -93,16 +93,20 @@ def complete_model_folder(config: dict, network: dict, keeps_encoder: bool = Tru
             source = find_weight(base, name)
             if source is not None and find_weight(model_dir, name) is None:
                 shutil.copyfile(source, model_dir / name)
-    prior = model_dir / PRIOR_FILE
-    if not keeps_encoder:
-        prior.unlink(missing_ok=True)
-    elif from_base and not prior.exists() and (Path(base) / PRIOR_FILE).is_file() and _same_vae(base, model_dir):
-        shutil.copyfile(Path(base) / PRIOR_FILE, prior)
+    # Files are found as the loader finds them (flat or official layout) and written flat.
+    prior = find_weight(model_dir, PRIOR_FILE)
+    if prior is not None and not keeps_encoder:
+        prior.unlink()
+        prior = None
+    base_prior = find_weight(base, PRIOR_FILE) if from_base else None
+    if prior is None and keeps_encoder and base_prior is not None and _same_vae(base, model_dir):
+        prior = model_dir / PRIOR_FILE
+        shutil.copyfile(base_prior, prior)
     layers = [_settings_of(base) if from_base else {}, _settings_of(model_dir), config.get("model_settings") or {}]
     settings: dict = {}
     for layer in layers:
         settings = _merged(settings, layer)
-    if not prior.exists() and isinstance(settings.get("inference"), dict):
+    if prior is None and isinstance(settings.get("inference"), dict):
         for key in PRIOR_SETTINGS:
             settings["inference"].pop(key, None)
     if settings:
@@ -114,7 +118,9 @@ PRIOR_SETTINGS = ("latent_prior_from", "latent_prior_bone_from")
 
 def _settings_of(folder: str | Path) -> dict:
     """A model folder's maisi_synth.json, or {} (absent or not a JSON object: the loader reports it)."""
-    path = Path(folder) / SETTINGS_NAME
+    path = find_weight(folder, SETTINGS_NAME)
+    if path is None:
+        return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -769,9 +769,11 @@ def test_a_stage_from_a_model_folder_keeps_its_latent_prior_only_with_its_encode
     assert kept["inference"]["latent_prior_from"] == 0.6 and kept["inference"]["latent_prior_bone_from"] == 0.3
     assert kept["inference"]["num_inference_steps"] == 5
     assert load_models(model, device="cpu").latent_prior is not None
-    # a decoder-only VAE stage keeps the encoder, so the prior stays; the whole VAE drops it
+    # a decoder-only VAE stage keeps the encoder, so the prior stays; the whole VAE, trained into a
+    # folder that holds a prior, drops it
     decoder = stage("vae", "dec", "--set", "vae.decoder_only=true")
     assert (decoder / "latent_prior.pt").exists()
+    shutil.copytree(model, tmp_path / "whole" / "model")
     whole = stage("vae", "whole")
     dropped = json.loads((whole / "maisi_synth.json").read_text())["inference"]
     assert not (whole / "latent_prior.pt").exists()
