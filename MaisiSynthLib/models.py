@@ -257,7 +257,8 @@ class ModelFolder:
         return [p for p in files if p is not None]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a model folder's file; anything else is one ModelError naming the file."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -288,11 +289,11 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
             "copy the official checkpoints into the model folder",
         )
     settings_path = find_model_file(root, SETTINGS_NAME)
-    settings = _read_json(settings_path) if settings_path else {}
+    settings = read_json(settings_path) if settings_path else {}
     infer_path = find_model_file(root, INFER_CONFIG_NAME)
     inference = dict(DEFAULT_INFERENCE)
     if infer_path:
-        official = _read_json(infer_path)
+        official = read_json(infer_path)
         inference.update({k: official[k] for k in DEFAULT_INFERENCE if k in official})
     inference.update(settings.get("inference", {}))
     return ModelFolder(
@@ -301,7 +302,7 @@ def locate_model_folder(path: str | Path, require_controlnet: bool = True) -> Mo
         autoencoder_path=found[AUTOENCODER_FILE],
         unet_path=found[UNET_FILE],
         controlnet_path=found[CONTROLNET_FILE],
-        config=_read_json(config_path),
+        config=read_json(config_path),
         settings=settings,
         inference=inference,
         prior_path=find_model_file(root, PRIOR_FILE),

@@ -125,9 +125,10 @@ def train_controlnet(base: Path, folder: Path, contrastive: bool, steps: int | N
         return model
     shutil.rmtree(folder, ignore_errors=True)
     model.mkdir(parents=True)
-    for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME, PRIOR_FILE):
-        if name != PRIOR_FILE or (base / name).is_file():  # the prior is optional; it keeps its settings
-            shutil.copyfile(base / name, model / name)
+    for name in (AUTOENCODER_FILE, UNET_FILE, CONFIG_NAME, SETTINGS_NAME):
+        shutil.copyfile(base / name, model / name)
+    if (base / PRIOR_FILE).is_file():  # optional; without it the stage drops the settings that use it
+        shutil.copyfile(base / PRIOR_FILE, model / PRIOR_FILE)
     overrides = [f"output_dir={folder}", f"model_dir={model}", f"controlnet.contrastive={str(contrastive).lower()}"]
     if steps is not None:
         overrides.append(f"controlnet.steps={steps}")

@@ -22,6 +22,7 @@ from ..models import (
     AUTOENCODER_FILE,
     CONFIG_NAME,
     CONTROLNET_FILE,
+    PRIOR_FILE,
     SETTINGS_NAME,
     UNET_FILE,
     build_network,
@@ -30,11 +31,14 @@ from ..models import (
     load_checkpoint,
     load_weights,
     network_kwargs,
+    read_json,
     save_json,
 )
 from .data import Case, generator, mix_seed, name_key
 
 WEIGHT_FILES = (AUTOENCODER_FILE, UNET_FILE, CONTROLNET_FILE)
+# The sampling settings that need the folder's latent_prior.pt.
+PRIOR_SETTINGS = ("latent_prior_from", "latent_prior_bone_from")
 
 
 def find_weight(folder: str | Path | None, name: str) -> Path | None:
@@ -81,19 +85,19 @@ def complete_model_folder(config: dict, network: dict, keeps_encoder: bool = Tru
     trains the encoder (`keeps_encoder=False`) drops it, and its settings go wherever the prior file
     is absent (the pipeline would refuse them).
     """
-    from ..model_home import PRIOR_FILE
-
     model_dir = Path(config["model_dir"])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_json(network, model_dir / CONFIG_NAME)
     base = config.get("base_model_dir")
     from_base = bool(base) and Path(base).resolve() != model_dir.resolve()
+    # Files are found as the loader finds them (flat or official layout) and written flat. The
+    # settings are read before anything is written: a broken file stops the stage here, not halfway.
+    layers = [_settings_of(base) if from_base else {}, _settings_of(model_dir), config.get("model_settings") or {}]
+    model_dir.mkdir(parents=True, exist_ok=True)
+    save_json(network, model_dir / CONFIG_NAME)
     if from_base:
         for name in WEIGHT_FILES:
             source = find_weight(base, name)
             if source is not None and find_weight(model_dir, name) is None:
                 shutil.copyfile(source, model_dir / name)
-    # Files are found as the loader finds them (flat or official layout) and written flat.
     prior = find_weight(model_dir, PRIOR_FILE)
     if prior is not None and not keeps_encoder:
         prior.unlink()
@@ -102,7 +106,6 @@ def complete_model_folder(config: dict, network: dict, keeps_encoder: bool = Tru
     if prior is None and keeps_encoder and base_prior is not None and _same_vae(base, model_dir):
         prior = model_dir / PRIOR_FILE
         shutil.copyfile(base_prior, prior)
-    layers = [_settings_of(base) if from_base else {}, _settings_of(model_dir), config.get("model_settings") or {}]
     settings: dict = {}
     for layer in layers:
         settings = _merged(settings, layer)
@@ -113,19 +116,10 @@ def complete_model_folder(config: dict, network: dict, keeps_encoder: bool = Tru
         save_json(settings, model_dir / SETTINGS_NAME)
 
 
-PRIOR_SETTINGS = ("latent_prior_from", "latent_prior_bone_from")
-
-
 def _settings_of(folder: str | Path) -> dict:
-    """A model folder's maisi_synth.json, or {} (absent or not a JSON object: the loader reports it)."""
+    """A model folder's maisi_synth.json, or {} when it has none (the loader's reader and messages)."""
     path = find_weight(folder, SETTINGS_NAME)
-    if path is None:
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return {} if path is None else read_json(path)
 
 
 def _merged(lower: dict, upper: dict) -> dict:

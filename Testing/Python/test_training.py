@@ -761,6 +761,17 @@ def test_a_stage_from_a_model_folder_keeps_its_latent_prior_only_with_its_encode
         assert result.returncode == 0, result.stderr
         return tmp_path / out / "model"
 
+    # a base folder whose settings are not a JSON object: one line, and no run folder is written
+    good = (base / "maisi_synth.json").read_text()
+    (base / "maisi_synth.json").write_text("[1, 2]")
+    result = run_cli(
+        "train", "controlnet", "--config", str(config), "--base-model-dir", str(base), "--set",
+        f"cases={workspace / 'cases'}", "--set", f"output_dir={tmp_path / 'bad'}", "--set",
+        f"model_dir={tmp_path / 'bad' / 'model'}", "--set=controlnet.steps=1", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 2 and "maisi_synth.json is not a JSON object" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad" / "model").exists()
+    (base / "maisi_synth.json").write_text(good)
     model = stage("controlnet", "cn")
     assert (model / "latent_prior.pt").read_bytes() == (base / "latent_prior.pt").read_bytes()
     kept = json.loads((model / "maisi_synth.json").read_text())
