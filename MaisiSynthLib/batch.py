@@ -38,108 +38,13 @@ from . import __version__
 from . import labels as L
 from .errors import MaisiSynthError, OptionError
 from .grid import spacing_of
+from .lesions import EditRule, apply_rules, parse_rule  # noqa: F401 - the rules' home is lesions.py
 from .request import DEFAULTS, check_options
 
 MANIFEST = "manifest.jsonl"
 LABEL_MAP = "label_map.json"
 LAYOUTS = ("nnunet", "monai")
 MASK_SUFFIXES = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
-TUMOR_SHORT = {
-    "hepatic": L.HEPATIC_TUMOR,
-    "liver": L.HEPATIC_TUMOR,
-    "lung": L.LUNG_TUMOR,
-    "pancreatic": L.PANCREATIC_TUMOR,
-    "pancreas": L.PANCREATIC_TUMOR,
-    "colon": L.COLON_CANCER,
-    "bone": L.BONE_LESION,
-}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Edit rules
-
-
-@dataclass(frozen=True)
-class EditRule:
-    kind: str  # insert, swap, remove
-    tumor: int | None = None  # None with remove: every tumor
-    to: int | None = None  # swap target
-    min_mm: float = 0.0
-    max_mm: float = 0.0
-    count: int = 1
-    text: str = ""
-
-
-def _tumor(word: str, rule: str) -> int:
-    word = word.strip().lower()
-    tumor = int(word) if word.isdigit() else TUMOR_SHORT.get(word, L.id_for_name(word))
-    if tumor is None or not L.is_tumor(tumor):
-        names = ", ".join(sorted(set(TUMOR_SHORT)))
-        raise OptionError(
-            f"'{word}' in edit rule '{rule}' is not a tumor type", f"use a MAISI tumor id or one of {names}"
-        )
-    return int(tumor)
-
-
-def parse_rule(text: str) -> EditRule:
-    parts = [p.strip() for p in text.split(":")]
-    kind = parts[0].lower()
-    usage = "use insert:<tumor>:<min>-<max>[:<count>], swap:<tumor>:<tumor> or remove:<tumor>|all"
-    if kind == "insert" and len(parts) in (3, 4):
-        sizes = re.fullmatch(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?(?:mm)?", parts[2])
-        count = parts[3] if len(parts) == 4 else "1"
-        if not sizes or not count.isdigit() or int(count) < 1:
-            raise OptionError(f"bad insert rule '{text}'", "e.g. insert:hepatic:10-30 (mm) or insert:lung:8-12:2")
-        low = float(sizes.group(1))
-        high = float(sizes.group(2) or low)
-        if not 0 < low <= high:
-            raise OptionError(f"bad lesion sizes in '{text}'", "give min-max diameters in mm with 0 < min <= max")
-        return EditRule("insert", _tumor(parts[1], text), None, low, high, int(count), text)
-    if kind == "swap" and len(parts) == 3:
-        return EditRule("swap", _tumor(parts[1], text), _tumor(parts[2], text), text=text)
-    if kind == "remove" and len(parts) == 2:
-        return EditRule("remove", None if parts[1].lower() == "all" else _tumor(parts[1], text), text=text)
-    raise OptionError(f"bad edit rule '{text}'", usage)
-
-
-def apply_rules(
-    labels: np.ndarray, spacing: Sequence[float], rules: Sequence[EditRule], rng: np.random.Generator
-) -> tuple[np.ndarray, list[dict]]:
-    """The edited label map and a record of what each rule did (for the manifest)."""
-    from . import lesions
-    from .masks import remove_tumors
-
-    done = []
-    for rule in rules:
-        if rule.kind == "insert":
-            for _ in range(rule.count):
-                diameter = float(rng.uniform(rule.min_mm, rule.max_mm))
-                before = labels == rule.tumor
-                labels = lesions.random_tumor(labels, rule.tumor, diameter / 2.0, spacing, rng)
-                added = (labels == rule.tumor) & ~before
-                centre = np.argwhere(added).mean(axis=0) if added.any() else None
-                done.append(
-                    {
-                        "rule": rule.text,
-                        "inserted": L.name_of(rule.tumor),
-                        "diameter_mm": round(diameter, 2),
-                        "voxels": int(added.sum()),
-                        "centre_voxel": None if centre is None else [round(float(c), 1) for c in centre],
-                    }
-                )
-        elif rule.kind == "swap":
-            where = labels == rule.tumor
-            labels = labels.copy()
-            labels[where] = rule.to
-            done.append({"rule": rule.text, "swapped_voxels": int(where.sum())})
-        else:
-            tumors = (rule.tumor,) if rule.tumor is not None else None
-            present = np.isin(labels, tumors or L.TUMORS)
-            labels = remove_tumors(labels, tumors)
-            done.append({"rule": rule.text, "removed_voxels": int(present.sum())})
-    return labels, done
-
-
 # ---------------------------------------------------------------------------------------------------
 # Planning
 

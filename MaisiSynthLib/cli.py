@@ -49,7 +49,19 @@ REQUEST_FLAGS: dict[str, dict] = {
     "modality": dict(
         choices=CT_MODALITIES, help="CT modality class of the conditioning: contrast phase (default: the model's, ct)"
     ),
+    "reference_ct": dict(
+        help="edit this CT instead of drawing a new one: the scan (in HU, on the mask's grid) is kept outside "
+        "the edit region, voxel for voxel"
+    ),
+    "original_mask": dict(help="with --reference-ct: the mask before the edit; the region is then what changed"),
+    "edit_region": dict(help="with --reference-ct: the region to redraw (nonzero voxels), instead of the rule"),
+    "edit_margin_mm": dict(
+        type=float,
+        help="with --reference-ct: how far the changed (or, without --original-mask, the tumor) voxels are widened "
+        "into the region that is redrawn (default 10 mm)",
+    ),
 }
+EDIT_RULE_HELP = "mask edit, repeatable: insert:hepatic:10-30[:count] (diameters in mm), swap:lung:hepatic, remove:all"
 
 
 def add_request_options(parser: argparse.ArgumentParser, *fields: str) -> None:
@@ -103,6 +115,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--label-output", help="also write the mask on the output grid (label map)")
     p.add_argument("--decode-window", nargs=3, metavar="N", help="VAE sliding window in latent voxels")
     p.add_argument("--decode-overlap", type=float, help="sliding-window overlap in [0, 1)")
+    edit = p.add_argument_group("editing a CT (keep the scan, redraw only what the mask changes)")
+    edit.add_argument("--edit", action="append", default=[], metavar="RULE", help=EDIT_RULE_HELP)
+    for name in ("reference_ct", "original_mask", "edit_region", "edit_margin_mm"):
+        edit.add_argument("--" + name.replace("_", "-"), **REQUEST_FLAGS[name])
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_generate)
@@ -132,10 +148,22 @@ def _run_generate(args) -> int:
         decode_window=_triple("--decode-window", args.decode_window, int),
         decode_overlap=args.decode_overlap,
         modality=args.modality,
+        reference_ct=args.reference_ct,
+        original_mask=args.original_mask,
+        edit_region=args.edit_region,
+        edit_margin_mm=args.edit_margin_mm,
+        edits=args.edit or None,
     )
     bar = None
     stage_started = {}
-    done_words = {"load": "models ready", "encode-mask": "mask encoded", "sample": "sampled", "decode": "decoded"}
+    done_words = {
+        "load": "models ready",
+        "encode-mask": "mask encoded",
+        "encode-ct": "reference CT encoded",
+        "sample": "sampled",
+        "decode": "decoded",
+        "composite": "edit blended into the reference CT",
+    }
 
     def progress(event: dict) -> None:
         # A stage is announced when it has finished, so a failing stage prints nothing but its error.
@@ -176,8 +204,16 @@ def _run_generate(args) -> int:
         if result.label_output:
             print(f"wrote {result.label_output}")
         print(f"model: {result.model}")
+        if result.edit:
+            e = result.edit
+            print(
+                f"edit: {e['region_voxels']} voxels redrawn ({e['region_mm3'] / 1000:.1f} ml), crop "
+                f"{'x'.join(map(str, e['crop_shape']))} at {' x '.join(f'{v:g}' for v in e['crop_spacing'])} mm"
+                f"{' (resampled)' if e['crop_resampled'] else ''}; the rest of the CT is the reference's"
+            )
+        work = sum(t.get(stage, 0.0) for stage in ("encode-mask", "encode-ct", "sample", "decode", "composite"))
         print(
-            f"generation took {t['encode-mask'] + t['sample'] + t['decode']:.1f} s "
+            f"{'edit' if result.edit else 'generation'} took {work:.1f} s "
             f"(sampling {t['sample']:.1f} s for {result.steps} {result.solver} steps, decoding {t['decode']:.1f} s; "
             f"model load {t['load']:.1f} s, total {t['total']:.1f} s) on {result.device}"
         )
@@ -701,13 +737,7 @@ def _add_batch(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="seeds per mask (default 1)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--out", required=True, help="output folder (the dataset)")
-    p.add_argument(
-        "--edit",
-        action="append",
-        default=[],
-        metavar="RULE",
-        help="mask edit, repeatable: insert:hepatic:10-30[:count], swap:lung:hepatic, remove:all",
-    )
+    p.add_argument("--edit", action="append", default=[], metavar="RULE", help=EDIT_RULE_HELP)
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 # Share of the bar per stage; sampling dominates the time, decoding comes second.
-_SPANS = {"load": (0, 10), "encode-mask": (10, 12), "sample": (12, 85), "decode": (85, 97), "write": (97, 100)}
+_SPANS = {
+    "load": (0, 10),
+    "encode-mask": (10, 12),
+    "encode-ct": (12, 15),
+    "sample": (15, 85),
+    "decode": (85, 95),
+    "composite": (95, 97),
+    "write": (97, 100),
+}
 _WORDS = {
     "load": "Loading models",
     "encode-mask": "Encoding the mask",
+    "encode-ct": "Encoding the reference CT",
+    "composite": "Blending the edit into the CT",
     "sample": "Sampling",
     "decode": "Decoding",
     "write": "Writing",

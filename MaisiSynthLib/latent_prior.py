@@ -23,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 from .errors import ModelError
+from .labels import TUMOR_HOSTS
 from .model_home import PRIOR_FILE  # noqa: F401 - re-exported
 
 NUM_LABELS = 256  # MAISI label ids are 0..255 (the ControlNet's 8-bit code)
@@ -235,3 +236,52 @@ def _cached_latents(folder: Path, cases: list, vae_path: Path, channels: int, co
             raise OptionError(f"the latent {path} is not finite floating point", fix)
         found.append(latent)
     return found
+
+
+def reference_level_shift(
+    prior: LatentPrior | None,
+    labels: torch.Tensor,
+    compression: int,
+    reference: torch.Tensor,
+    free: torch.Tensor,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For an edit of a reference CT: x̂0 (1, C, x, y, z) → the shift that gives each region drawn
+    inside the edit (`free` > 0) the level the same label has in the reference's held latent.
+
+    The patient's levels come from the reference latent where it is held (`free` == 0): there the
+    labels are the scan's own. A label the held part does not show takes the model's prior level (if
+    the model has a prior). A tumor takes its host's level in this patient plus the tumor − host
+    difference of the model's prior: the lesion sits in this patient's organ with the contrast the
+    model learnt; without a prior, tumors are left as drawn. Nothing moves outside the edit."""
+    ids, fractions = label_fractions(labels, compression)
+    free = free.reshape(fractions.shape[1:]).float().cpu()
+    held = fractions * (free <= 0).float()
+    mass = held.reshape(len(ids), -1).sum(1)
+    patient = region_levels(held, reference.reshape(reference.shape[-4:]).float().cpu())
+    seen = mass >= 1.0  # at least one latent voxel's worth of the label in the held part
+    index = {int(k): i for i, k in enumerate(ids.tolist())}
+    targets = torch.zeros_like(patient)
+    moved = torch.zeros(len(ids), dtype=torch.bool)
+    for i, label in enumerate(ids.tolist()):
+        if label in TUMOR_HOSTS:
+            hosts = [index[h] for h in TUMOR_HOSTS[label] if h in index and bool(seen[index[h]])]
+            if not hosts or prior is None or not bool(prior.known(torch.tensor([label]))[0]):
+                continue
+            host = max(hosts, key=lambda j: float(mass[j]))
+            if not bool(prior.known(ids[host : host + 1])[0]):
+                continue
+            targets[i] = patient[host] + prior.label_means[label] - prior.label_means[int(ids[host])]
+            moved[i] = True
+        elif bool(seen[i]):
+            targets[i], moved[i] = patient[i], True
+        elif prior is not None and bool(prior.known(ids[i : i + 1])[0]):
+            targets[i], moved[i] = prior.label_means[label], True
+    drawn = fractions * free
+
+    def shift(x0: torch.Tensor) -> torch.Tensor:
+        own = region_levels(drawn, x0[0].float().cpu())
+        delta = (targets - own) * moved[:, None].float()
+        out = torch.einsum("kc,kxyz->cxyz", delta, drawn)
+        return out.to(device=x0.device, dtype=x0.dtype)[None]
+
+    return shift

@@ -9,13 +9,15 @@ all bones for a bone lesion), so a lesion may cross a lobe fissure as real ones 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 from . import labels as L
-from .errors import MaskError
+from .errors import MaskError, OptionError
 
 
 def host_region(labels: np.ndarray, tumor: int) -> np.ndarray:
@@ -98,12 +100,17 @@ def random_tumor(
     radius_mm: float,
     spacing: Sequence[float],
     rng: np.random.Generator,
+    hosts: Sequence[int] | None = None,
 ) -> np.ndarray:
     """`labels` with a lesion of `radius_mm` at a random host voxel at least the radius deep.
 
     Thin hosts take the deepest voxels they have (a smaller lesion, still enclosed by the host).
+    `hosts` narrows the host labels (e.g. a bone lesion in vertebrae only); by default every host of
+    the tumor type.
     """
     host = host_region(labels, tumor)
+    if hosts is not None:
+        host &= np.isin(labels, tuple(hosts))
     if not host.any():
         raise MaskError(f"the mask has no host organ for a {L.name_of(int(tumor))}", "pick another tumor type")
     # The edge of the volume counts as outside: an organ cut by the field of view is not deep there
@@ -115,3 +122,103 @@ def random_tumor(
     deep_enough = np.argwhere(depth >= min(radius_mm, 0.8 * float(depth.max())))
     centre = deep_enough[int(rng.integers(len(deep_enough)))]
     return _insert(np.asarray(labels), tumor, centre, radius_mm, spacing, host, core)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edit rules: the words batch and generate take for a mask edit
+#
+#     insert:<tumor>:<min>-<max>[:<count>]   e.g. insert:hepatic:10-30  (lesion diameter in mm)
+#     swap:<tumor>:<tumor>                    e.g. swap:lung:hepatic
+#     remove:<tumor>|all                      e.g. remove:all
+#
+# Tumors by MAISI id or short name: hepatic, lung, pancreatic, colon, bone.
+
+TUMOR_SHORT = {
+    "hepatic": L.HEPATIC_TUMOR,
+    "liver": L.HEPATIC_TUMOR,
+    "lung": L.LUNG_TUMOR,
+    "pancreatic": L.PANCREATIC_TUMOR,
+    "pancreas": L.PANCREATIC_TUMOR,
+    "colon": L.COLON_CANCER,
+    "bone": L.BONE_LESION,
+}
+
+
+@dataclass(frozen=True)
+class EditRule:
+    kind: str  # insert, swap, remove
+    tumor: int | None = None  # None with remove: every tumor
+    to: int | None = None  # swap target
+    min_mm: float = 0.0
+    max_mm: float = 0.0
+    count: int = 1
+    text: str = ""
+
+
+def _tumor(word: str, rule: str) -> int:
+    word = word.strip().lower()
+    tumor = int(word) if word.isdigit() else TUMOR_SHORT.get(word, L.id_for_name(word))
+    if tumor is None or not L.is_tumor(tumor):
+        names = ", ".join(sorted(set(TUMOR_SHORT)))
+        raise OptionError(
+            f"'{word}' in edit rule '{rule}' is not a tumor type", f"use a MAISI tumor id or one of {names}"
+        )
+    return int(tumor)
+
+
+def parse_rule(text: str) -> EditRule:
+    parts = [p.strip() for p in text.split(":")]
+    kind = parts[0].lower()
+    usage = "use insert:<tumor>:<min>-<max>[:<count>], swap:<tumor>:<tumor> or remove:<tumor>|all"
+    if kind == "insert" and len(parts) in (3, 4):
+        sizes = re.fullmatch(r"(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))?(?:mm)?", parts[2])
+        count = parts[3] if len(parts) == 4 else "1"
+        if not sizes or not count.isdigit() or int(count) < 1:
+            raise OptionError(f"bad insert rule '{text}'", "e.g. insert:hepatic:10-30 (mm) or insert:lung:8-12:2")
+        low = float(sizes.group(1))
+        high = float(sizes.group(2) or low)
+        if not 0 < low <= high:
+            raise OptionError(f"bad lesion sizes in '{text}'", "give min-max diameters in mm with 0 < min <= max")
+        return EditRule("insert", _tumor(parts[1], text), None, low, high, int(count), text)
+    if kind == "swap" and len(parts) == 3:
+        return EditRule("swap", _tumor(parts[1], text), _tumor(parts[2], text), text=text)
+    if kind == "remove" and len(parts) == 2:
+        return EditRule("remove", None if parts[1].lower() == "all" else _tumor(parts[1], text), text=text)
+    raise OptionError(f"bad edit rule '{text}'", usage)
+
+
+def apply_rules(
+    labels: np.ndarray, spacing: Sequence[float], rules: Sequence[EditRule], rng: np.random.Generator
+) -> tuple[np.ndarray, list[dict]]:
+    """The edited label map and a record of what each rule did (for the manifest)."""
+    from .masks import remove_tumors
+
+    done = []
+    for rule in rules:
+        if rule.kind == "insert":
+            for _ in range(rule.count):
+                diameter = float(rng.uniform(rule.min_mm, rule.max_mm))
+                before = labels == rule.tumor
+                labels = random_tumor(labels, rule.tumor, diameter / 2.0, spacing, rng)
+                added = (labels == rule.tumor) & ~before
+                centre = np.argwhere(added).mean(axis=0) if added.any() else None
+                done.append(
+                    {
+                        "rule": rule.text,
+                        "inserted": L.name_of(rule.tumor),
+                        "diameter_mm": round(diameter, 2),
+                        "voxels": int(added.sum()),
+                        "centre_voxel": None if centre is None else [round(float(c), 1) for c in centre],
+                    }
+                )
+        elif rule.kind == "swap":
+            where = labels == rule.tumor
+            labels = labels.copy()
+            labels[where] = rule.to
+            done.append({"rule": rule.text, "swapped_voxels": int(where.sum())})
+        else:
+            tumors = (rule.tumor,) if rule.tumor is not None else None
+            present = np.isin(labels, tumors or L.TUMORS)
+            labels = remove_tumors(labels, tumors)
+            done.append({"rule": rule.text, "removed_voxels": int(present.sum())})
+    return labels, done

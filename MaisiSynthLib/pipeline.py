@@ -22,16 +22,27 @@ import numpy as np
 import torch
 
 from . import labels as L
-from .decoding import HU_MIN, decode_latent, resample_intensities, to_hu
-from .errors import CancelledError, ModelError, OptionError
+from .decoding import HU_MAX, HU_MIN, decode_latent, resample_intensities, to_hu
+from .editing import ReferenceCT, read_reference_ct
+from .errors import CancelledError, MaskError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
+from .lesions import apply_rules, parse_rule
 from .masks import Mask, binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
 from .model_home import PRIOR_FILE, choose_model_dir
-from .models import MaisiModels, ModelFolder, load_models, locate_model_folder, resolve_device, resolve_precision
+from .models import (
+    MaisiModels,
+    ModelFolder,
+    compression_of,
+    load_models,
+    locate_model_folder,
+    resolve_device,
+    resolve_precision,
+)
 from .preview import render_preview
 from .request import (
     DEFAULTS,
     FIELDS,
+    INPUT_FIELDS,
     OUTPUT_FIELDS,
     STAGES,
     RequestError,
@@ -40,7 +51,7 @@ from .request import (
     check_options,
     check_params,
 )
-from .sampling import Conditioning, sample_latent, spacing_condition
+from .sampling import Conditioning, LatentHold, sample_latent, spacing_condition
 from .volumes import (
     atomic_paths,
     check_name_length,
@@ -49,6 +60,7 @@ from .volumes import (
     format_of,
     from_canonical,
     is_same_file,
+    read_volume,
     same_file_key,
     save_volume,
     to_canonical,
@@ -65,8 +77,14 @@ __all__ = [
     "generate_volume",
     "default_model_dir",
 ]
-# The options of the in-memory core: every request field but the files it reads and writes.
-CORE_FIELDS = tuple(name for name in FIELDS if name != "mask" and name not in OUTPUT_FIELDS)
+EDIT_ONLY = ("edit_margin_mm", "edits")
+# The options of the in-memory core: every request field but the files it reads and writes and the
+# mask edits (an in-memory caller edits its masks itself: `lesions.apply_rules`).
+CORE_FIELDS = tuple(
+    name for name in FIELDS if name not in INPUT_FIELDS and name not in OUTPUT_FIELDS and name not in EDIT_ONLY
+)
+# What an edit takes besides: the region's dilation and RePaint-style harmonisation jumps per step.
+EDIT_OPTIONS = ("edit_margin_mm", "harmonize", "encode_context", "context", "band_mm", "soft", "level_match", "scan_schedule", "level_match_again")
 
 
 @dataclass
@@ -100,6 +118,14 @@ class GenerateRequest:
     controlnet: bool = DEFAULTS["controlnet"]
     # the CT modality class ("ct", "ct_wo_contrast", "ct_contrast"); None: the model's default
     modality: str | None = DEFAULTS["modality"]
+    # An edit of the user's own CT: the scan, kept outside the edit region (`edit_volume`); the region
+    # is what changed against `original_mask`, or `edit_region`, or the mask's tumors, widened by
+    # `edit_margin_mm`. `edits`: rules applied to the mask first (`lesions.parse_rule`).
+    reference_ct: str | Path | None = DEFAULTS["reference_ct"]
+    original_mask: str | Path | None = DEFAULTS["original_mask"]
+    edit_region: str | Path | None = DEFAULTS["edit_region"]
+    edit_margin_mm: float | None = DEFAULTS["edit_margin_mm"]
+    edits: tuple[str, ...] | list[str] | None = DEFAULTS["edits"]
 
     @classmethod
     def from_dict(cls, data: dict) -> "GenerateRequest":
@@ -109,7 +135,7 @@ class GenerateRequest:
     def params(self) -> dict:
         """The fields as `check_params` takes them (paths as strings)."""
         data = asdict(self)
-        for key in ("mask", "model_dir", *OUTPUT_FIELDS):
+        for key in ("model_dir", *INPUT_FIELDS, *OUTPUT_FIELDS):
             if data[key] is not None:
                 data[key] = str(data[key])
         return data
@@ -135,6 +161,7 @@ class GenerateResult:
     model: str = ""  # which model made it, in words (model_home.ModelChoice.describe)
     mask_guidance: float = 1.0
     latent_prior_from: float = 1.0
+    edit: dict | None = None  # an edit of a reference CT: region, crop, time (SyntheticCT.edit)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -205,14 +232,17 @@ def _model_settings(options: dict, folder: ModelFolder) -> dict:
 
 
 def _check_outputs(request: GenerateRequest) -> None:
-    """The output paths: distinct, not the mask, writable, of a format we write."""
+    """The output paths: distinct, none an input, writable, of a format we write."""
     outputs = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
     for path in outputs:
         check_name_length(path)
     if len({same_file_key(p) for p in outputs}) != len(outputs):
         raise OptionError("the output, preview and label paths must differ", "give each output its own file name")
-    if any(is_same_file(request.mask, p) for p in outputs):
-        raise OptionError("an output path is the input mask itself", "write the outputs to new files")
+    for name in INPUT_FIELDS:
+        source = getattr(request, name)
+        if source is not None and any(is_same_file(source, p) for p in outputs):
+            what = "input mask" if name == "mask" else name.replace("_", " ")
+            raise OptionError(f"an output path is the {what} itself", "write the outputs to new files")
     check_output_path(request.output)
     if request.label_output:
         check_output_path(request.label_output)
@@ -350,8 +380,10 @@ class SyntheticCT:
     peak_memory: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     latent: torch.Tensor | None = None
-    # RAS-ordered HU, labels and spacing, as the preview renders them
+    # RAS-ordered HU, labels and spacing (and the point to slice through), as the preview renders them
     canonical: tuple | None = field(default=None, repr=False)
+    # an edit of a reference CT: what was redrawn (region voxels, crop, time); None for a new CT
+    edit: dict | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -417,6 +449,86 @@ def _level_prior(
     return lambda x0: level_shift(prior, ids, fractions, x0[0], L.TUMORS)[None], bone_shift
 
 
+def _load(engine: _Engine, opts: dict, stages: _Stages) -> MaisiModels:
+    """The request's models: loaded now, from the caller's provider, or the caller's own."""
+    with stages("load"):
+        if engine.provider is not None:
+            models = engine.provider(engine.folder, engine.device, opts["precision"])
+        elif engine.models is None:
+            models = load_models(engine.folder, engine.device, opts["precision"])
+        else:
+            models = engine.models
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    return models
+
+
+def _peak_memory(device: torch.device) -> dict:
+    peak = {"process_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def _conditioning(
+    models: MaisiModels,
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    opts: dict,
+    settings: dict,
+    folder: ModelFolder,
+    device: torch.device,
+) -> Conditioning:
+    """What the velocity model needs for a RAS-ordered label map on the generation grid: the mask
+    code (and its tumor-free twin for CFG), spacing, modality, mask guidance and the latent prior."""
+    labels_t = torch.from_numpy(labels.astype(np.int64))[None, None]
+    control = binary_code(labels_t).to(device) if opts["controlnet"] else None
+    uncond = None
+    if settings["cfg"] > 0 and control is not None:
+        uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
+    modality_id = L.modality_id(opts["modality"]) if opts["modality"] else int(folder.inference.get("modality", 1))
+    modality = torch.tensor([modality_id], dtype=torch.long, device=device)
+    cond = Conditioning(
+        control,
+        spacing_condition(spacing),
+        modality,
+        settings["cfg"],
+        uncond,
+        mask_guidance=settings["mask_guidance"] if control is not None else 1.0,
+        mask_guidance_from=settings["mask_guidance_from"],
+    )
+    if settings["latent_prior_from"] < 1 and control is not None:
+        cond.level_prior, bone_prior = _level_prior(models, labels_t[0, 0])
+        cond.prior_from = settings["latent_prior_from"]
+        if settings["latent_prior_bone_from"] > 0:
+            cond.bone_prior, cond.bone_prior_from = bone_prior, settings["latent_prior_bone_from"]
+    return cond
+
+
+def _sample(
+    models: MaisiModels,
+    cond: Conditioning,
+    latent_shape: tuple[int, ...],
+    opts: dict,
+    settings: dict,
+    stages: _Stages,
+    check_cancel: Callable[[], None],
+    hold: LatentHold | None = None,
+) -> torch.Tensor:
+    """The sampling stage: progress per step, cancel between steps."""
+
+    def on_step(info: dict) -> None:
+        stages.report("sample", i=info["i"] + 1, total=info["total"])
+        check_cancel()
+
+    with stages("sample", report=False):
+        check_cancel()
+        stages.report("sample", i=0, total=settings["steps"])
+        return sample_latent(
+            models, cond, latent_shape, opts["seed"], settings["steps"], opts["solver"], on_step, hold=hold
+        )
+
+
 def _synthesize(
     mask: Mask,
     opts: dict,
@@ -468,54 +580,15 @@ def _synthesize(
     check_cancel()
 
     # 2. Models (reused when the caller passes them, as the worker does).
-    with stages("load"):
-        if engine.provider is not None:
-            models = engine.provider(folder, device, opts["precision"])
-        elif engine.models is None:
-            models = load_models(folder, device, opts["precision"])
-        else:
-            models = engine.models
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    models = _load(engine, opts, stages)
 
-    # 3. Conditioning.
+    # 3. Conditioning, 4. sampling.
     with stages("encode-mask"):
-        labels_t = torch.from_numpy(labels.astype(np.int64))[None, None]
-        control = binary_code(labels_t).to(device) if opts["controlnet"] else None
-        uncond = None
-        if settings["cfg"] > 0 and control is not None:
-            uncond = binary_code(torch.from_numpy(remove_tumors(labels).astype(np.int64))[None, None]).to(device)
-        modality_id = L.modality_id(opts["modality"]) if opts["modality"] else int(folder.inference.get("modality", 1))
-        modality = torch.tensor([modality_id], dtype=torch.long, device=device)
-        cond = Conditioning(
-            control,
-            spacing_condition(spacing),
-            modality,
-            settings["cfg"],
-            uncond,
-            mask_guidance=settings["mask_guidance"] if control is not None else 1.0,
-            mask_guidance_from=settings["mask_guidance_from"],
-        )
-        if settings["latent_prior_from"] < 1 and control is not None:
-            cond.level_prior, bone_prior = _level_prior(models, labels_t[0, 0])
-            cond.prior_from = settings["latent_prior_from"]
-            if settings["latent_prior_bone_from"] > 0:
-                cond.bone_prior, cond.bone_prior_from = bone_prior, settings["latent_prior_bone_from"]
-
-    # 4. Sampling.
-    def on_step(info: dict) -> None:
-        stages.report("sample", i=info["i"] + 1, total=info["total"])
-        check_cancel()
-
-    with stages("sample", report=False):
-        check_cancel()
-        stages.report("sample", i=0, total=settings["steps"])
-        latent = sample_latent(
-            models, cond, models.latent_shape(shape), opts["seed"], settings["steps"], opts["solver"], on_step
-        )
+        cond = _conditioning(models, labels, spacing, opts, settings, folder, device)
+    latent = _sample(models, cond, models.latent_shape(shape), opts, settings, stages, check_cancel)
     guidance_used = float(cond.mask_guidance)
     prior_used = float(cond.prior_from) if cond.level_prior is not None else 1.0
-    del cond, control, uncond
+    del cond
 
     # 5. Decoding, then back onto the mask's grid.
     with stages("decode"):
@@ -544,9 +617,7 @@ def _synthesize(
     if hu_out.shape == mask.shape and np.allclose(affine_out, mask.affine, atol=1e-4):
         affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
     labels_out, _ = from_canonical(labels, affine, mask.affine)
-    peak = {"process_rss_mb": peak_rss_mb()}
-    if device.type == "cuda":
-        peak["cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    peak = _peak_memory(device)
     return SyntheticCT(
         hu=hu_out,
         labels=labels_out.astype(np.int16),
@@ -568,6 +639,232 @@ def _synthesize(
     )
 
 
+def edit_volume(
+    reference: ReferenceCT,
+    mask: Mask,
+    options: dict | None = None,
+    original: Mask | None = None,
+    region: np.ndarray | None = None,
+    models: MaisiModels | ModelProvider | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | threading.Event | None = None,
+    keep_latent: bool = False,
+) -> SyntheticCT:
+    """A reference CT with the edit of `mask` drawn in: the in-memory core of an edit.
+
+    `reference`: the scan in HU (`editing.read_reference_ct`, or `ReferenceCT(hu, affine)` after
+    `editing.check_reference_ct`); `mask`: the edited label map on the scan's grid; `original`: the
+    mask before the edit (the region is then what changed), or `region`: the voxels to redraw
+    (nonzero). `options` as in `generate_volume` (output_size and spacing excepted: an edit is on the
+    scan's grid), plus `edit_margin_mm` and `harmonize`. Outside the region the result is the
+    reference, voxel for voxel and value for value.
+    """
+    extra = {key: (options or {}).pop(key) for key in EDIT_OPTIONS if key in (options or {})}
+    unknown = sorted(set(options or {}) - set(CORE_FIELDS))
+    if unknown:
+        raise RequestError(f"not options of an in-memory edit: {', '.join(unknown)}", "pass only CORE_FIELDS")
+    opts = {**DEFAULTS, **check_options(**(options or {}))}
+    engine = _resolve_engine(opts, models)
+    settings = _model_settings(opts, engine.folder)
+    return _edit(reference, mask, original, region, opts, extra, engine, settings, _Stages(progress),
+                 _cancel_check(cancel), keep_latent)  # fmt: skip
+
+
+def _edit(
+    reference: ReferenceCT,
+    mask: Mask,
+    original: Mask | None,
+    explicit: np.ndarray | None,
+    opts: dict,
+    extra: dict,
+    engine: _Engine,
+    settings: dict,
+    stages: _Stages,
+    cancelled: Callable[[], bool],
+    keep_latent: bool,
+) -> SyntheticCT:
+    from .editing import (
+        AIR_BELOW_HU,
+        EDIT_MARGIN_MM,
+        CanonicalView,
+        blend_weight,
+        check_region_size,
+        check_same_grid,
+        composite,
+        crop_body,
+        describe_crop,
+        edit_region,
+        plan_crop,
+    )
+
+    started = time.perf_counter()
+    folder, device = engine.folder, engine.device
+    notes: list[str] = list(mask.notes)
+
+    def check_cancel() -> None:
+        if cancelled():
+            raise CancelledError()
+
+    if opts["output_size"] is not None or opts["spacing"] is not None:
+        raise OptionError(
+            "an edit is written on the reference CT's own grid", "leave out --output-size and --spacing"
+        )
+    # 1. Everything cheap, before any model loads: grids, the region, the crop.
+    with stages("read-mask", report=False):
+        check_same_grid(mask.shape, mask.affine, reference, "mask", Path(mask.source).name or "mask")
+        if original is not None:
+            check_same_grid(
+                original.shape, original.affine, reference, "original mask", Path(original.source).name or "mask"
+            )
+        if explicit is not None and tuple(explicit.shape) != reference.shape:
+            check_same_grid(explicit.shape, reference.affine, reference, "edit region", "")
+        view = CanonicalView(reference.affine, reference.shape)
+        margin = float(extra.get("edit_margin_mm", EDIT_MARGIN_MM))
+        region, how = edit_region(
+            mask.labels, spacing_of(reference.affine), None if original is None else original.labels, explicit, margin
+        )
+        check_region_size(region, (mask.labels > 0) | (reference.hu > AIR_BELOW_HU))
+        region_c, hu_c, labels_c = view(region), view(reference.hu), view(mask.labels)
+        crop = plan_crop(region_c, view, folder.grid_rules(), compression_of(folder.config), int(extra.get("context", 4)))
+        has_body = bool((mask.labels == L.BODY).any())
+    check_cancel()
+
+    models = _load(engine, opts, stages)
+    c = models.compression
+
+    # 2. The crop: the scan encoded, the edited mask as conditioning, the region's latent footprint.
+    with stages("encode-mask"):
+        hu_crop = crop.take(hu_c, 1, HU_MIN).astype(np.float32, copy=False)
+        labels_crop = crop.take(labels_c, 0, 0)
+        if not has_body:
+            labels_crop = crop_body(labels_crop, hu_crop)
+        cond = _conditioning(models, labels_crop, crop.spacing, opts, settings, folder, device)
+    with stages("encode-ct"):
+        wide = crop.widened(int(extra.get("encode_context", 0)) * c, view.shape)
+        hu_wide = wide.take(hu_c, 1, HU_MIN).astype(np.float32, copy=False)
+        image = torch.from_numpy(np.clip((hu_wide - HU_MIN) / (HU_MAX - HU_MIN), 0.0, 1.0))[None, None]
+        with torch.no_grad(), models.autocast():
+            mu = models.autoencoder.encode(image.to(device))[0]
+        offset = [int(round(v)) // c for v in (crop.origin - wide.origin) / crop.step]
+        mu = mu[(slice(None), slice(None)) + tuple(slice(o, o + n // c) for o, n in zip(offset, crop.shape))]
+        reference_latent = mu.float() * models.scale_factor
+        drawn_crop = crop.take(region_c, 1, 0.0) > 0 if not crop.aligned else crop.take(region_c, 0, False)
+        free = torch.nn.functional.max_pool3d(
+            torch.from_numpy(drawn_crop.astype(np.float32))[None, None], kernel_size=c, stride=c
+        ).to(device)
+        if extra.get("soft"):
+            ring = torch.nn.functional.max_pool3d(free, 3, 1, 1) - free
+            free = free + float(extra["soft"]) * ring
+        match = extra.get("level_match", 0.6)
+        if match:
+            from .latent_prior import reference_level_shift
+
+            patient = reference_level_shift(
+                models.latent_prior, torch.from_numpy(labels_crop.astype(np.int64)), c, reference_latent, free
+            )
+            cond.level_prior, cond.prior_from = patient, float(match)
+            again = extra.get("level_match_again", 0)
+            cond.bone_prior, cond.bone_prior_from = (patient, float(again)) if again else (None, 0.0)
+        else:
+            if cond.level_prior is not None:  # the prior moves levels inside the edit only
+                cond.level_prior = _inside(cond.level_prior, free)
+            if cond.bone_prior is not None:
+                cond.bone_prior = _inside(cond.bone_prior, free)
+        scan_latent = tuple(int(round(n * s / t)) // c for n, s, t in zip(view.shape, view.spacing, crop.spacing))
+        hold = LatentHold(reference_latent, free, int(extra.get("harmonize", 0)),
+                          scan_latent if extra.get("scan_schedule", 1) else None)
+        del image, mu
+    check_cancel()
+
+    # 3. Sampling with the reference held outside the region.
+    latent = _sample(models, cond, tuple(reference_latent.shape), opts, settings, stages, check_cancel, hold)
+    guidance_used = float(cond.mask_guidance)
+    prior_used = float(cond.prior_from) if cond.level_prior is not None else 1.0
+    del cond, hold
+
+    # 4. Decoding the crop, 5. the drawn HU blended into the scan inside the region.
+    with stages("decode"):
+        decoded = decode_latent(
+            models, latent, settings["window"], settings["overlap"], lambda n: stages.report("decode", window=n),
+            cancelled,
+        )  # fmt: skip
+        drawn = np.clip(decoded[0, 0].numpy(), 0.0, 1.0) * (HU_MAX - HU_MIN) + HU_MIN
+        drawn[labels_crop == 0] = HU_MIN
+        del decoded
+    check_cancel()
+    with stages("composite"):
+        box = crop.box
+        weight = blend_weight(region_c[box], view.spacing, float(extra.get("band_mm", 6.0)))
+        weight[(labels_c[box] == 0) & (hu_c[box] <= AIR_BELOW_HU)] = 0.0  # air outside the body stays the scan's
+        hu = reference.hu.copy()
+        view(hu)[box] = composite(hu_c[box], crop.back(drawn), weight)
+    region_voxels = int(np.count_nonzero(region))
+    seconds = time.perf_counter() - started
+    edit = {
+        "region": how,
+        "region_voxels": region_voxels,
+        "region_mm3": round(region_voxels * float(np.prod(spacing_of(reference.affine))), 1),
+        "crop_shape": list(crop.shape),
+        "crop_spacing": [round(v, 6) for v in crop.spacing],
+        "crop_resampled": not crop.aligned,
+        "seconds": round(seconds, 3),
+    }
+    notes.append(
+        f"edited the reference CT: {region_voxels} voxels redrawn ({how}) on a crop of {describe_crop(crop)}; "
+        f"the rest of the scan is unchanged"
+    )
+    labels_out = mask.labels.astype(np.int16, copy=False)
+    return SyntheticCT(
+        hu=hu,
+        labels=labels_out,
+        affine=reference.affine,
+        seed=opts["seed"],
+        steps=settings["steps"],
+        solver=opts["solver"],
+        cfg_scale=settings["cfg"],
+        model_dir=str(folder.root),
+        device=str(device),
+        model=engine.choice.describe(),
+        mask_guidance=guidance_used,
+        latent_prior_from=prior_used,
+        timings=stages.timings,
+        peak_memory=_peak_memory(device),
+        notes=notes,
+        latent=latent.cpu() if keep_latent else None,
+        # the preview slices through the middle of the edit
+        canonical=(view(hu), view(labels_out), view.spacing, tuple((s.start + s.stop) // 2 for s in box)),
+        edit=edit,
+    )
+
+
+def _apply_edit_rules(mask: Mask, rules: tuple[str, ...], seed: int) -> Mask:
+    """The mask with the edit rules applied, random choices drawn from the request's seed."""
+    parsed = [parse_rule(rule) for rule in rules]
+    labels, done = apply_rules(mask.labels, mask.spacing, parsed, np.random.default_rng(seed))
+    said = "; ".join(
+        ", ".join(f"{k} {v}" for k, v in entry.items() if k not in ("rule",)) + f" ({entry['rule']})" for entry in done
+    )
+    return Mask(labels, mask.affine, mask.source, mask.volume, [*mask.notes, f"mask edited: {said}"])
+
+
+def read_edit_region(path: str | Path, reference: ReferenceCT) -> np.ndarray:
+    """An edit region file (nonzero voxels) on the reference CT's grid."""
+    from .editing import check_same_grid
+
+    volume = read_volume(path, "edit region")
+    array = np.asarray(volume.array)
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    check_same_grid(array.shape, volume.affine, reference, "edit region", Path(path).name)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise MaskError(f"edit region {Path(path).name} contains NaN voxels", "save it as a 0/1 label map")
+    return array != 0
+
+
+def _inside(shift: Callable[[torch.Tensor], torch.Tensor], free: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x0: shift(x0) * free
+
+
 def generate(
     request: GenerateRequest,
     models: MaisiModels | ModelProvider | None = None,
@@ -585,7 +882,7 @@ def generate(
     stages = _Stages(progress)
     cancelled = _cancel_check(cancel)
 
-    # 1. Everything cheap first: options, output paths, the model folder's files, device, the mask.
+    # 1. Everything cheap first: options, output paths, the model folder's files, device, the inputs.
     checked = check_params(request.params())  # the same type and range rules as every other front door
     opts = {**DEFAULTS, **{name: checked[name] for name in CORE_FIELDS if name in checked}}
     engine = _resolve_engine(opts, models)
@@ -593,13 +890,29 @@ def generate(
     _check_outputs(request)
     with stages("read-mask", report=False):
         mask = read_mask(request.mask)
+        original = read_mask(request.original_mask) if request.original_mask else None
+        if checked.get("edits"):
+            before = mask
+            mask = _apply_edit_rules(mask, checked["edits"], opts["seed"])
+            if original is None and request.edit_region is None:
+                original = before  # the region is then what the rules changed
+        reference = read_reference_ct(request.reference_ct) if request.reference_ct else None
+        region = None
+        if request.edit_region:
+            region = read_edit_region(request.edit_region, reference)
 
-    # 2. The core: grid, models, conditioning, sampling, decoding.
-    ct = _synthesize(mask, opts, engine, settings, stages, cancelled, keep_latent)
+    # 2. The core: grid, models, conditioning, sampling, decoding (and, for an edit, the composite).
+    if reference is None:
+        ct = _synthesize(mask, opts, engine, settings, stages, cancelled, keep_latent)
+    else:
+        extra = {} if checked.get("edit_margin_mm") is None else {"edit_margin_mm": checked["edit_margin_mm"]}
+        ct = _edit(reference, mask, original, region, opts, extra, engine, settings, stages, cancelled, keep_latent)
 
     # 3. Writing, all outputs at once.
     with stages("write"):
-        like = mask.volume if format_of(request.output) == "nifti" else None
+        source = reference.volume if reference is not None else mask.volume
+        like = source if format_of(request.output) == "nifti" else None
+        label_like = mask.volume if format_of(request.label_output or "") == "nifti" else None
         paths = [Path(request.output)] + [Path(p) for p in (request.preview, request.label_output) if p]
         try:
             with atomic_paths(*paths) as temps:
@@ -608,7 +921,7 @@ def generate(
                 if request.preview:
                     ct.preview().save(next(rest), format="PNG")
                 if request.label_output:
-                    save_volume(next(rest), ct.labels, ct.affine, like)
+                    save_volume(next(rest), ct.labels, ct.affine, label_like)
         except OSError as exc:
             raise write_error(exc, Path(request.output).parent) from None
     stages.timings["total"] = time.perf_counter() - stages.started
@@ -632,4 +945,5 @@ def generate(
         model=ct.model,
         mask_guidance=ct.mask_guidance,
         latent_prior_from=ct.latent_prior_from,
+        edit=ct.edit,
     )

@@ -60,10 +60,16 @@ def _contours(label_image: np.ndarray) -> np.ndarray:
     return edge & (label_image > 0)
 
 
-def render_preview(hu: np.ndarray, labels: np.ndarray, spacing: tuple[float, float, float]) -> Image.Image:
-    """An RGB image of three orthogonal slices (RAS-ordered inputs)."""
+def render_preview(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    point: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """An RGB image of three orthogonal slices (RAS-ordered inputs) through `point` (default: the
+    centre of the tumors, else of the labels)."""
     level, width = WINDOW
-    point = focus_point(labels)
+    point = focus_point(labels) if point is None else tuple(int(c) for c in point)
     tiles = []
     for ct, lab, (row_mm, col_mm) in zip(_panels(hu, point), _panels(labels, point), _pixel_mm(spacing)):
         height_mm, width_mm = ct.shape[0] * row_mm, ct.shape[1] * col_mm

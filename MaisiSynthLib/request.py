@@ -32,8 +32,15 @@ from .errors import MaisiSynthError
 SOLVER_NAMES = ("euler", "heun")  # sampling.SOLVERS implements them, in this order
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")  # what a menu offers; a request also takes cuda:N
-STAGES = ("load", "encode-mask", "sample", "decode", "write")  # progress events of a generation, in order
+# progress events of a generation, in order; an edit of a reference CT adds encode-ct and composite
+STAGES = ("load", "encode-mask", "encode-ct", "sample", "decode", "composite", "write")
 OUTPUT_FIELDS = ("output", "preview", "label_output")  # the files a generation writes
+INPUT_FIELDS = ("mask", "reference_ct", "original_mask", "edit_region")  # the files it reads
+# the fields of an edit of the user's own CT: meaningful only with reference_ct
+EDIT_FIELDS = ("reference_ct", "original_mask", "edit_region", "edit_margin_mm")
+EDIT_MARGIN_RANGE = (0.0, 100.0)  # mm
+MAX_EDIT_RULES = 16
+MAX_RULE_CHARS = 100
 STEPS_RANGE = (1, 1000)
 CFG_RANGE = (0.0, 100.0)
 # mask guidance scale: 1 = off (the ControlNet-conditioned velocity as it is), > 1 amplifies what the mask adds
@@ -181,6 +188,11 @@ FIELDS = (
     "decode_overlap",
     "controlnet",
     "modality",
+    "reference_ct",
+    "original_mask",
+    "edit_region",
+    "edit_margin_mm",
+    "edits",
 )
 REQUIRED = ("mask", "output")
 # The value a field has when a request leaves it out; None: the model's own default (steps, CFG scale,
@@ -204,6 +216,12 @@ DEFAULTS: dict = {
     # False: the diffusion UNet alone, without ControlNet residuals (engine checks, UNet-only models)
     "controlnet": True,
     "modality": None,  # the model's (its inference config's "modality", 1 = ct)
+    # an edit of the user's own CT: the scan kept outside the edit region (None: a new CT)
+    "reference_ct": None,
+    "original_mask": None,  # the mask before the edit: the region is then what changed
+    "edit_region": None,  # or the region itself (nonzero voxels)
+    "edit_margin_mm": None,  # how far the changed (or tumor) voxels are widened (None: editing.EDIT_MARGIN_MM)
+    "edits": None,  # edit rules applied to the mask first (lesions.parse_rule), e.g. ["insert:hepatic:20"]
 }
 
 
@@ -299,6 +317,29 @@ def _check_modality(value: Any) -> str:
     return _check_choice(value, "modality", CT_MODALITIES)
 
 
+def _check_edit_margin(value: Any) -> float:
+    return _scale_in(value, "edit margin (mm)", EDIT_MARGIN_RANGE, "pass e.g. --edit-margin-mm 10")
+
+
+def _check_edits(value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_EDIT_RULES:
+        raise RequestError(
+            f"'edits' must be a list of at most {MAX_EDIT_RULES} edit rules, got {_show(value)}",
+            'send e.g. ["insert:hepatic:20"]',
+        )
+    for rule in value:
+        if not isinstance(rule, str) or not 0 < len(rule) <= MAX_RULE_CHARS:
+            raise RequestError(
+                f"an edit rule must be a string of 1 to {MAX_RULE_CHARS} characters, got {_show(rule)}",
+                "e.g. insert:hepatic:20, swap:lung:hepatic or remove:all",
+            )
+    from .lesions import parse_rule  # the rules' grammar has one home; numpy + scipy only
+
+    for rule in value:
+        parse_rule(rule)
+    return tuple(value)
+
+
 # Field → checker of a present, non-null value (None means "the default" for every optional field).
 _CHECKS = {
     "mask": lambda value: _path("mask", value, True),
@@ -320,11 +361,17 @@ _CHECKS = {
     "decode_overlap": _check_decode_overlap,
     "controlnet": _check_controlnet,
     "modality": _check_modality,
+    "reference_ct": lambda value: _path("reference_ct", value, False),
+    "original_mask": lambda value: _path("original_mask", value, False),
+    "edit_region": lambda value: _path("edit_region", value, False),
+    "edit_margin_mm": _check_edit_margin,
+    "edits": _check_edits,
 }
 # None is a value only where it means "the default"; a required path or a flag cannot be null, and
 # seed, solver, device and precision have fixed defaults that a null would only hide.
 _NULLABLE = ("model_dir", "preview", "label_output", "steps", "cfg_scale", "mask_guidance", "output_size", "spacing")
 _NULLABLE += ("decode_window", "decode_overlap", "modality", "latent_prior_from")
+_NULLABLE += ("reference_ct", "original_mask", "edit_region", "edit_margin_mm", "edits")
 
 
 def check_field(name: str, value: Any) -> Any:
@@ -349,7 +396,9 @@ def check_options(**fields: Any) -> dict:
     unknown = sorted(name for name in fields if name not in FIELDS)
     if unknown:
         raise RequestError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(FIELDS)}")
-    return {name: check_field(name, value) for name, value in fields.items()}
+    checked = {name: check_field(name, value) for name, value in fields.items()}
+    check_edit_fields(checked)
+    return checked
 
 
 def check_params(params: Any) -> dict:
@@ -362,7 +411,30 @@ def check_params(params: Any) -> dict:
         raise RequestError(f"unknown generate option(s): {', '.join(unknown)}", f"use only {', '.join(FIELDS)}")
     if any(name not in params for name in REQUIRED):
         raise RequestError("a generate request needs 'mask' and 'output'", "give both paths")
-    return {name: check_field(name, params[name]) for name in FIELDS if name in params}
+    checked = {name: check_field(name, params[name]) for name in FIELDS if name in params}
+    check_edit_fields(checked)
+    return checked
+
+
+def check_edit_fields(fields: dict) -> None:
+    """The fields of an edit go together: each needs the reference CT, and the region is either
+    what changed against the original mask or given, not both."""
+    if fields.get("reference_ct") is None:
+        given = [name for name in EDIT_FIELDS[1:] if fields.get(name) is not None]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise RequestError(
+                f"{given[0]} applies only to an edit of a reference CT", f"pass --reference-ct too, or leave out {flag}"
+            )
+    elif fields.get("original_mask") is not None and fields.get("edit_region") is not None:
+        raise RequestError(
+            "give either the original mask (the region is then what changed) or the edit region, not both",
+            "leave out --original-mask or --edit-region",
+        )
+    if any(fields.get(name) is not None for name in ("output_size", "spacing")) and fields.get("reference_ct"):
+        raise RequestError(
+            "an edit is written on the reference CT's own grid", "leave out --output-size and --spacing"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

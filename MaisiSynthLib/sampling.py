@@ -8,6 +8,11 @@ spacing, modality, tumor CFG); each solver is a small function driving that clos
 
 Time runs from t = T (noise) to t = 0 (data); the network predicts the velocity v = x0 − noise, and a
 step moves x by v · (t − t_next) / T, exactly as `RFlowScheduler.step` does.
+
+Editing a reference CT (`editing.py`) samples with a `LatentHold`: after every solver step the latent
+outside the edit is set to the reference's latent noised to the new timestep with the scheduler's own
+`add_noise` and the run's initial noise, so that outside the edit the trajectory is the reference's at
+every step and ends exactly on it (blended latent diffusion); inside, the model draws.
 """
 
 from __future__ import annotations
@@ -198,6 +203,61 @@ def sample_heun(
 SOLVERS = {"euler": sample_euler, "heun": sample_heun}
 
 
+@dataclass
+class LatentHold:
+    """The part of the latent an edit keeps: the reference's clean latent, held where `free` is 0.
+
+    `free` is 1 where the model draws, 0 where the reference is held, and may be fractional in a
+    band between (a soft blend). `harmonize` > 0 adds that many resampling jumps per step (RePaint):
+    the blended latent is noised back from t_next to t and the step taken again, so that the drawn part
+    can agree with the held part it was just joined to, at (1 + harmonize) times the network passes.
+    """
+
+    latent: torch.Tensor  # (1, C, x, y, z) in the UNet's scaled units, on the device
+    free: torch.Tensor  # (1, 1, x, y, z) in [0, 1], on the device
+    harmonize: int = 0
+    # the latent shape whose timestep shift the schedule takes: the whole scan's, not the crop's
+    schedule_shape: tuple[int, ...] | None = None
+
+    def blend(self, x: torch.Tensor, noise: torch.Tensor, scheduler, t: torch.Tensor) -> torch.Tensor:
+        """x where the model draws, the reference noised to timestep t elsewhere (t = 0: the reference)."""
+        known = scheduler.add_noise(self.latent, noise, t.reshape(1).to(self.latent.device))
+        return known + self.free * (x - known)
+
+
+def _renoise(x: torch.Tensor, t_from: float, t_to: float, T: float, generator: torch.Generator) -> torch.Tensor:
+    """A sample of x_t_to given x_t_from (t_to > t_from) under the rectified flow's forward process
+    x_t = (1 − t/T)·x0 + (t/T)·ε: x_to = a·x_from + σ·ε' with a = (1 − t_to/T)/(1 − t_from/T) and
+    σ² = (t_to/T)² − a²·(t_from/T)²."""
+    s, t = t_from / T, t_to / T
+    a = (1.0 - t) / (1.0 - s)
+    sigma = max(t * t - (a * s) ** 2, 0.0) ** 0.5
+    fresh = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+    return a * x + sigma * fresh
+
+
+def _held(run, hold: LatentHold, noise: torch.Tensor, seed: int):
+    """`run` (a solver) one timestep at a time, the latent blended with the held reference after each
+    step (and, with `hold.harmonize`, noised back and stepped again that many times)."""
+    generator = torch.Generator("cpu").manual_seed((int(seed) + 1) % 2**63)
+
+    def solver(velocity, x, scheduler, timesteps, next_timesteps, callback=None):
+        T = float(scheduler.num_train_timesteps)
+        for i, (t, t_next) in enumerate(zip(timesteps, next_timesteps)):
+            for jump in range(hold.harmonize + 1):
+                if jump:
+                    x = _renoise(x, float(t_next), float(t), T, generator)
+                x = run(velocity, x, scheduler, timesteps[i : i + 1], next_timesteps[i : i + 1])
+                x = hold.blend(x, noise, scheduler, t_next)
+                if float(t_next) <= 0:
+                    break  # the last step ends on the data: nothing left to harmonise
+            if callback is not None:
+                callback({"i": i, "total": len(timesteps), "t": float(t), "t_next": float(t_next), "x": x})
+        return x
+
+    return solver
+
+
 def sample_latent(
     models: MaisiModels,
     cond: Conditioning,
@@ -206,8 +266,11 @@ def sample_latent(
     num_steps: int = 30,
     solver: str = "euler",
     callback: StepCallback | None = None,
+    hold: LatentHold | None = None,
 ) -> torch.Tensor:
     """Noise from `seed` → latent after `num_steps` solver steps (float32, on the device).
+
+    With `hold`, the latent is the held reference outside the edit at every timestep (`LatentHold`).
 
     With `cond.level_prior`, the trajectory is split at the first timestep t ≤ prior_from · T: there
     the one-step prediction x̂0 = x + t·v is moved by level_prior(x̂0) while the noise it implies is
@@ -215,10 +278,14 @@ def sample_latent(
     well, it is split again at the first later timestep t ≤ bone_prior_from · T for the bone-only shift
     (the networks draw bone back towards the tissue around it after the first shift; TRAINING.md).
     """
-    scheduler, timesteps, next_timesteps = schedule(models, num_steps, latent_shape)
-    x = initial_noise(latent_shape, seed, models.device)
+    schedule_shape = latent_shape if hold is None or hold.schedule_shape is None else hold.schedule_shape
+    scheduler, timesteps, next_timesteps = schedule(models, num_steps, schedule_shape)
+    x = noise = initial_noise(latent_shape, seed, models.device)
     velocity = velocity_model(models, cond)
     run = SOLVERS[solver]
+    if hold is not None:
+        x = hold.blend(noise, noise, scheduler, timesteps[0])
+        run = _held(run, hold, noise, seed)
     total = len(timesteps)
     T = float(scheduler.num_train_timesteps)
     splits: list[tuple[int, Callable[[torch.Tensor], torch.Tensor]]] = []

@@ -173,11 +173,15 @@ def check_volume_file(path: str | os.PathLike, what: str = "volume", detached: s
         ) from None
 
 
-def read_volume(path: str | os.PathLike, what: str = "volume", detached: str = "beside") -> Volume:
+def read_volume(
+    path: str | os.PathLike, what: str = "volume", detached: str = "beside", unscaled: bool = False
+) -> Volume:
     """Read a NIfTI or plain NRRD volume; raise MaskError with the reason when that is impossible.
 
     `what` names the file in messages ("mask", "reference CT"); `detached` is the policy for NRRD
-    headers that keep their voxels in another file (`check_volume_file`).
+    headers that keep their voxels in another file (`check_volume_file`). `unscaled`: a NIfTI's stored
+    values without its slope and intercept, which go to `header["scaling"]` (a scaled int16 CT would
+    otherwise become a float64 copy eight times its size).
     """
     path = Path(path)
     fmt = format_of(path)
@@ -204,8 +208,12 @@ def read_volume(path: str | os.PathLike, what: str = "volume", detached: str = "
 
             img = nib.load(str(path))
             check_affine(img.affine, what, path.name)
-            array = np.asanyarray(img.dataobj)
             header = {"nifti_header": img.header.copy()}
+            if unscaled:
+                array = np.asanyarray(img.dataobj.get_unscaled())
+                header["scaling"] = (float(img.dataobj.slope), float(img.dataobj.inter))
+            else:
+                array = np.asanyarray(img.dataobj)
             return Volume(array, np.array(img.affine, dtype=float), "nifti", header)
         import nrrd
 

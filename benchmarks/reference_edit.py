@@ -1,0 +1,221 @@
+"""Editing a reference CT, measured: exactness outside the edit, lesions, host tissue, seam, removal, time.
+
+    .venv/bin/python benchmarks/reference_edit.py quality [--cases DIR] [--model-dir D] [--json out.json]
+    .venv/bin/python benchmarks/reference_edit.py timing [--model-dir D] [--json out.json]
+
+`quality`, on held-out image/label pairs (default: the 8 held-out torsos of docs/results.md, phantoms
+from seed 1000, made on first use): in every case, one 20 mm lesion of each tumor type is inserted at
+a random host voxel (the mask's own tumors kept) and, separately, each tumor type the case holds is
+removed; each edit redraws the changed voxels dilated by the edit margin. Per tumor type:
+
+- outside: max |Δ| between the output and the reference outside the edit region (must be 0);
+- contrast: the inserted lesion's median minus its host organ's median in the output, against the same
+  for the real lesions of that type in the reference, both averaged over the cases (as `evaluate`);
+- shell: median of the host voxels within 5 mm of the inserted lesion minus the reference's host
+  median (the lesion sits in this patient's organ, not in the model's average one);
+- seam: mean |gradient| on the voxels of the blend band and the ring just outside the region, over
+  mean |gradient| in the host organ more than 20 mm from the region, both on host voxels away from
+  the organ's edge; printed beside the same ratio of the reference itself;
+- removal: the removed tumor's former voxels' median minus the reference's host median (host voxels).
+
+`timing`: one 20 mm hepatic lesion inserted against a full generation of the same case, on the
+128×128×64 grid and on a grid with 8× the voxels at the same spacing (256×256×128, a wider field of
+view); each measured in its own process with the models loaded first, so the time and the peak RSS
+are those of the one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from MaisiSynthLib import labels as L  # noqa: E402
+
+TYPES = (L.HEPATIC_TUMOR, L.PANCREATIC_TUMOR, L.COLON_CANCER, L.LUNG_TUMOR, L.BONE_LESION)
+LESION_DIAMETER_MM = 20.0
+SHELL_MM = 5.0
+FAR_MM = 20.0
+HELDOUT = ROOT / "runs" / "results" / "heldout8"
+
+
+def phantoms(folder: Path, count: int, seed: int, size: tuple[int, int, int], tumors: str = "all") -> Path:
+    if len(list(folder.glob("*_label.nii.gz"))) != count:
+        subprocess.run(
+            [sys.executable, "-m", "MaisiSynthLib", "phantoms", "--count", str(count), "--out", str(folder),
+             "--seed", str(seed), "--size", *map(str, size), "--spacing", "3", "3", "5", "--tumors", tumors],
+            check=True, cwd=ROOT,
+        )  # fmt: skip
+    return folder
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = json.loads(value)
+    return out
+
+
+def gradient_magnitude(hu: np.ndarray, spacing) -> np.ndarray:
+    return np.sqrt(sum(g**2 for g in np.gradient(hu.astype(np.float32), *spacing)))
+
+
+def seam_ratio(out: np.ndarray, region: np.ndarray, host: np.ndarray, spacing, band_mm: float) -> float | None:
+    from scipy import ndimage
+
+    interior = ndimage.binary_erosion(host)
+    depth = ndimage.distance_transform_edt(np.pad(region, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    band = (region & (depth <= band_mm + 0.5 * min(spacing))) | (ndimage.binary_dilation(region) & ~region)
+    far = interior & (ndimage.distance_transform_edt(~region, sampling=spacing) > FAR_MM)
+    at = band & interior
+    if not at.any() or not far.any():
+        return None
+    g = gradient_magnitude(out, spacing)
+    return float(g[at].mean() / g[far].mean())
+
+
+def mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def quality(args) -> dict:
+    import nibabel as nib
+    import torch
+    from scipy import ndimage
+
+    from MaisiSynthLib.cases import find_pairs
+    from MaisiSynthLib.editing import BLEND_BAND_MM, ReferenceCT, check_reference_ct, edit_region
+    from MaisiSynthLib.lesions import random_tumor
+    from MaisiSynthLib.masks import Mask, remove_tumors
+    from MaisiSynthLib.models import load_models
+    from MaisiSynthLib.phantoms import TUMOR_RADII_MM, VERTEBRAE
+    from MaisiSynthLib.pipeline import default_model_dir, edit_volume
+
+    cases = Path(args.cases) if args.cases else phantoms(HELDOUT, 8, 1000, (128, 128, 64))
+    model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
+    models = load_models(model_dir, args.device)
+    options = {"steps": args.steps, "seed": 0, **parse_set(args.set)}
+    band = float(options.get("band_mm", BLEND_BAND_MM))
+    rows = []
+    for name, image_path, label_path in find_pairs(cases):
+        image = nib.load(str(image_path))
+        labels = np.asanyarray(nib.load(str(label_path)).dataobj).astype(np.int16)
+        hu = check_reference_ct(np.asanyarray(image.dataobj))
+        spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+        reference = ReferenceCT(hu, image.affine)
+        original = Mask(labels, image.affine)
+        rng = np.random.default_rng([1000, int(sum(map(ord, name)))])
+        for tumor in TYPES:
+            host_ids = L.TUMOR_HOSTS[tumor]
+            ref_host = np.isin(labels, host_ids)
+            ref_host_median = float(np.median(hu[ref_host]))
+            row = {"case": name, "tumor": L.name_of(tumor)}
+            if (labels == tumor).any():
+                row["real_contrast"] = float(np.median(hu[labels == tumor]) - ref_host_median)
+            # insertion
+            low, high = TUMOR_RADII_MM[tumor]
+            hosts = VERTEBRAE if tumor == L.BONE_LESION else None
+            edited = random_tumor(labels, tumor, float(rng.uniform(low, high)), spacing, rng, hosts)
+            started = time.perf_counter()
+            ct = edit_volume(reference, Mask(edited, image.affine), dict(options), original=original, models=models)
+            row["seconds"] = time.perf_counter() - started
+            out = ct.hu
+            region, _ = edit_region(edited, spacing, labels, margin_mm=options.get("edit_margin_mm", 10.0))
+            row["outside_max_abs"] = float(np.abs(out.astype(np.float64) - hu)[~region].max())
+            lesion = (edited == tumor) & (labels != tumor)
+            host = np.isin(edited, host_ids)
+            row["contrast"] = float(np.median(out[lesion]) - np.median(out[host]))
+            near = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= SHELL_MM
+            shell = near & ~lesion & host
+            row["shell"] = float(np.median(out[shell]) - ref_host_median) if shell.any() else None
+            row["shell_reference"] = float(np.median(hu[shell]) - ref_host_median) if shell.any() else None
+            row["seam"] = seam_ratio(out, region, host, spacing, band)
+            row["seam_reference"] = seam_ratio(hu, region, host, spacing, band)
+            # removal of the case's own tumors of this type
+            if (labels == tumor).any():
+                removed = remove_tumors(labels, (tumor,))
+                ct = edit_volume(reference, Mask(removed, image.affine), dict(options), original=original, models=models)
+                former = labels == tumor
+                region, _ = edit_region(removed, spacing, labels, margin_mm=options.get("edit_margin_mm", 10.0))
+                row["removal_outside_max_abs"] = float(np.abs(ct.hu.astype(np.float64) - hu)[~region].max())
+                row["removal"] = float(np.median(ct.hu[former]) - np.median(hu[ref_host & ~former]))
+            rows.append(row)
+            print(
+                f"{name} {row['tumor'][:16]:16s} contrast {row['contrast']:+6.0f} (real {row.get('real_contrast', float('nan')):+5.0f}) "
+                f"shell {row['shell'] if row['shell'] is not None else float('nan'):+5.0f} seam {row['seam'] or float('nan'):.2f} "
+                f"removal {row.get('removal', float('nan')):+5.0f} {row['seconds']:.1f} s",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+    summary = {}
+    for tumor in TYPES:
+        mine = [r for r in rows if r["tumor"] == L.name_of(tumor)]
+        real = mean([r.get("real_contrast") for r in mine])
+        drawn = mean([r["contrast"] for r in mine])
+        summary[L.name_of(tumor)] = {
+            "cases": len(mine),
+            "outside_max_abs_hu": max([r["outside_max_abs"] for r in mine] + [r.get("removal_outside_max_abs", 0) for r in mine]),
+            "contrast_hu": drawn,
+            "real_contrast_hu": real,
+            "ratio": drawn / real if real else None,
+            "shell_mean_abs_hu": mean([abs(r["shell"]) for r in mine if r["shell"] is not None]),
+            "shell_mean_hu": mean([r["shell"] for r in mine]),
+            "shell_reference_mean_hu": mean([r["shell_reference"] for r in mine]),
+            "seam": mean([r["seam"] for r in mine]),
+            "seam_reference": mean([r["seam_reference"] for r in mine]),
+            "removal_mean_abs_hu": mean([abs(r["removal"]) for r in mine if "removal" in r]),
+            "seconds": mean([r["seconds"] for r in mine]),
+        }
+    return {"settings": {"model_dir": str(model_dir), "cases": str(cases), **options}, "rows": rows, "summary": summary}
+
+
+def print_quality(data: dict) -> None:
+    print(
+        f"{'tumor type':<26} {'outside':>7} {'contrast':>8} {'real':>6} {'ratio':>6} {'shell':>6} {'(ref)':>6} "
+        f"{'seam':>5} {'(ref)':>5} {'removal':>7} {'s':>5}"
+    )
+
+    def f(v, spec):
+        return format(v, spec) if v is not None else "—"
+
+    for name, s in data["summary"].items():
+        print(
+            f"{name:<26} {f(s['outside_max_abs_hu'], '7.0f')} {f(s['contrast_hu'], '+8.0f')} {f(s['real_contrast_hu'], '+6.0f')} "
+            f"{f(s['ratio'], '6.2f')} {f(s['shell_mean_abs_hu'], '6.1f')} {f(s['shell_reference_mean_hu'], '+6.1f')} "
+            f"{f(s['seam'], '5.2f')} {f(s['seam_reference'], '5.2f')} {f(s['removal_mean_abs_hu'], '7.1f')} {f(s['seconds'], '5.1f')}"
+        )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--cases")
+    q.add_argument("--model-dir")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--steps", type=int, default=30)
+    q.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="an edit option")
+    q.add_argument("--json")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.what == "quality":
+        data = quality(args)
+        print_quality(data)
+    if args.json:
+        Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
