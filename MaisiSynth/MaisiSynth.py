@@ -7,6 +7,7 @@ imported at module load, so the module appears even when PyTorch is not installe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -181,6 +182,11 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None and segmentation is not None:
             # Painting needs a source volume; without a reference CT, a blank one on the mask's grid.
             node = self.logic.canvasVolume(segmentation)
+        elif segmentation is not None:
+            from MaisiSynthLib import scene
+
+            with _UserAction("Cannot keep the segmentation before edits."):  # what an edit of this CT compares against
+                scene.ensure_snapshot(slicer.mrmlScene, segmentation, node)
         self.ui.segmentEditorWidget.setSourceVolumeNode(node)
 
     def updateMapping(self):
@@ -252,7 +258,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSwapTumor(self):
         with _UserAction("Cannot change the tumor type."):
-            self.logic.swapTumor(self._segmentationNode(), self._selectedTumor(), self.ui.tumorTypeComboBox.currentData)
+            tumor = self.ui.tumorTypeComboBox.currentData
+            self.logic.swapTumor(self._segmentationNode(), self._selectedTumor(), tumor, self._referenceNode())
         self.updateMapping()
 
     def onRemoveTumor(self):
@@ -289,6 +296,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             python=self.ui.pythonPathLineEdit.currentPath,
             server_url=self.ui.serverUrlLineEdit.text.strip(),
             token=self.ui.tokenLineEdit.text,
+            edit_mode=self.ui.editModeComboBox.currentText,
         )
 
     def onGenerateOrCancel(self):
@@ -403,7 +411,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
         from MaisiSynthLib.client import ClientSession
 
         self.session = ClientSession()
-        self.requests = {}  # request id → (temp folder, input name, reference node id, seed)
+        self.requests = {}  # request id → (input name, reference node id, seed, edit region or None)
 
     # -- scene edits ----------------------------------------------------------------------------------
 
@@ -422,41 +430,36 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
         return scene.canvas_volume(slicer.mrmlScene, segmentation)
 
-    def _reference(self, segmentation, reference):
+    @contextlib.contextmanager
+    def _grid(self, segmentation, reference):
+        """The reference CT, else (removed afterwards) a label map on the segmentation's own geometry."""
         from MaisiSynthLib import scene
 
         if segmentation is None:
             raise ValueError("Select a segmentation first.")
-        return (
-            (reference, False)
-            if reference is not None
-            else (scene.reference_grid(slicer.mrmlScene, segmentation), True)
-        )
+        grid = reference if reference is not None else scene.reference_grid(slicer.mrmlScene, segmentation)
+        try:
+            yield grid
+        finally:
+            if reference is None:
+                scene.discard(slicer.mrmlScene, grid)
 
-    def swapTumor(self, segmentation, segmentId, tumor):
+    def swapTumor(self, segmentation, segmentId, tumor, reference=None):
         from MaisiSynthLib import scene
 
-        scene.swap_tumor(segmentation, segmentId, tumor)
+        scene.swap_tumor(segmentation, segmentId, tumor, slicer.mrmlScene, reference)
 
     def removeTumor(self, segmentation, segmentId, reference):
         from MaisiSynthLib import scene
 
-        grid, temporary = self._reference(segmentation, reference)
-        try:
+        with self._grid(segmentation, reference) as grid:
             return scene.remove_tumor(slicer.mrmlScene, segmentation, segmentId, grid)
-        finally:
-            if temporary:
-                scene.discard(slicer.mrmlScene, grid)
 
     def insertTumor(self, segmentation, reference, tumor, centreRas, diameterMm):
         from MaisiSynthLib import scene
 
-        grid, temporary = self._reference(segmentation, reference)
-        try:
+        with self._grid(segmentation, reference) as grid:
             return scene.insert_tumor(slicer.mrmlScene, segmentation, grid, tumor, centreRas, diameterMm)
-        finally:
-            if temporary:
-                scene.discard(slicer.mrmlScene, grid)
 
     @staticmethod
     def lesionCentre(pointNode):
@@ -489,21 +492,18 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
                 slicer.util.pip_install(" ".join(f'"{r}"' for r in rest))
 
     def generate(self, segmentation, reference, options, onEvent):
-        """Export the mask on the reference grid, send it to the worker; returns the request id."""
+        """Write the request's files (an edit of the reference CT, or a mask for a new CT), send it to
+        the worker; returns the request id."""
         from MaisiSynthLib import scene
 
-        grid, temporary = self._reference(segmentation, reference)
+        if segmentation is None:
+            raise ValueError("Select a segmentation first.")
         folder = Path(tempfile.mkdtemp(prefix="MaisiSynth-"))
-        try:
-            mask = scene.write_label_input(slicer.mrmlScene, segmentation, grid, folder / "mask.nrrd")
-        finally:
-            if temporary:
-                scene.discard(slicer.mrmlScene, grid)
-        params = options.worker_params(str(mask), str(folder / "synthetic.nrrd"))
+        params, region = scene.prepare_generate(slicer.mrmlScene, segmentation, reference, options, folder)
         key, factory = options.client_factory(self.workerBaseEnvironment(options.python_executable()))
         inputName = (reference or segmentation).GetName()
         requestId = self.session.request(key, factory, params, onEvent)  # returns at once; see poll()
-        self.requests[requestId] = (folder, inputName, reference.GetID() if reference else None, options.seed)
+        self.requests[requestId] = (inputName, reference.GetID() if reference else None, options.seed, region)
         return requestId
 
     def download(self, options, hfToken, onEvent):
@@ -529,9 +529,9 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
     def loadResult(self, event):
         from MaisiSynthLib import scene
 
-        _, inputName, referenceId, seed = self.requests.pop(event["id"])
+        inputName, referenceId, seed, region = self.requests.pop(event["id"])
         reference = slicer.mrmlScene.GetNodeByID(referenceId) if referenceId else None
-        return scene.adopt_result(slicer.mrmlScene, event["output"], scene.result_name(inputName, seed), reference)
+        return scene.adopt_edit_result(slicer.mrmlScene, event["output"], inputName, seed, region, reference)
 
     # -- views ----------------------------------------------------------------------------------------
 

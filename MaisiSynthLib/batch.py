@@ -1,7 +1,13 @@
 """Batch synthesis: many masks × seeds (× mask edits) → image/label pairs in nnU-Net or MONAI layout.
 
     maisi-synth batch --masks DIR|LIST --seeds K --out DIR [--edit RULE ...] [--layout nnunet|monai]
+    maisi-synth batch --reference-cts DIR --edit RULE ... --out DIR     # real CTs with edits
     torchrun --nproc_per_node G -m MaisiSynthLib batch ...      # the same work, sharded over ranks
+
+With `--reference-cts` (a folder of *_image/*_label pairs, or a MONAI datalist: `cases.find_pairs`)
+each output pair is a real CT with the edit rules applied to its label map and drawn into it
+(`pipeline.edit_volume`): outside the changed voxels and their margin the image is the real one,
+voxel for voxel; the manifest records each pair's edit region and crop.
 
 Every pair goes through `pipeline.generate` (models loaded once per process). A pair is done when
 its image and label files are in place *and* its line is in the manifest: files are renamed into
@@ -39,7 +45,7 @@ from . import labels as L
 from .errors import MaisiSynthError, OptionError
 from .grid import spacing_of
 from .lesions import EditRule, apply_rules, parse_rule  # noqa: F401 - the rules' home is lesions.py
-from .request import DEFAULTS, check_options
+from .request import DEFAULTS, check_field, check_options
 
 MANIFEST = "manifest.jsonl"
 LABEL_MAP = "label_map.json"
@@ -54,6 +60,7 @@ class Job:
     case: str
     mask: Path
     seed: int
+    image: Path | None = None  # the real CT the edit is drawn into (--reference-cts)
 
 
 def find_masks(source: str | Path) -> list[Path]:
@@ -83,12 +90,17 @@ def case_stem(mask: Path) -> str:
     return re.sub(r"[^A-Za-z0-9-]+", "-", name).strip("-") or "case"
 
 
-def plan(masks: Sequence[Path], seeds: Sequence[int]) -> list[Job]:
+def plan(masks: Sequence[Path], seeds: Sequence[int], images: Sequence[Path] | None = None) -> list[Job]:
     stems = [case_stem(m) for m in masks]
     if len(set(stems)) != len(stems):
         dup = sorted({s for s in stems if stems.count(s) > 1})
         raise OptionError(f"several masks give the same case name: {', '.join(dup)}", "rename them")
-    return [Job(f"{stem}_s{seed:03d}", mask, int(seed)) for mask, stem in zip(masks, stems) for seed in seeds]
+    images = list(images) if images is not None else [None] * len(masks)
+    return [
+        Job(f"{stem}_s{seed:03d}", mask, int(seed), image)
+        for mask, stem, image in zip(masks, stems, images)
+        for seed in seeds
+    ]
 
 
 def job_rng(job: Job) -> np.random.Generator:
@@ -290,7 +302,7 @@ def append_line(path: Path, entry: dict) -> None:
 
 @dataclass
 class BatchSettings:
-    masks: str
+    masks: str | None
     out: str
     seeds: int = 1
     seed_start: int = 0
@@ -307,6 +319,9 @@ class BatchSettings:
     device: str = DEFAULTS["device"]
     threads: int | None = None
     name: str = "MaisiSynth"
+    # real CTs to edit instead of masks to draw from: image/label pairs (cases.find_pairs)
+    reference_cts: str | None = None
+    edit_margin_mm: float | None = DEFAULTS["edit_margin_mm"]
 
 
 def _model_provenance(model_dir: Path) -> dict:
@@ -347,9 +362,29 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
         latent_prior_from=settings.latent_prior_from,
         device=settings.device,
     )
+    if (settings.masks is None) == (settings.reference_cts is None):
+        raise OptionError(
+            "give either --masks or --reference-cts", "--masks to draw new CTs, --reference-cts to edit real ones"
+        )
+    if settings.edit_margin_mm is not None:
+        if settings.reference_cts is None:
+            raise OptionError("--edit-margin-mm applies only with --reference-cts", "leave it out, or edit real CTs")
+        check_field("edit_margin_mm", settings.edit_margin_mm)
     rules = [parse_rule(r) for r in settings.edits]
-    masks = find_masks(settings.masks)
-    jobs = plan(masks, range(settings.seed_start, settings.seed_start + settings.seeds))
+    images = None
+    if settings.reference_cts is not None:
+        if not rules:
+            raise OptionError(
+                "--reference-cts needs at least one --edit rule: without one there is nothing to draw",
+                "e.g. --edit insert:hepatic:10-30 --edit insert:lung:8-15",
+            )
+        from .cases import find_pairs
+
+        pairs = find_pairs(settings.reference_cts)
+        masks, images = [label for _, _, label in pairs], [image for _, image, _ in pairs]
+    else:
+        masks = find_masks(settings.masks)
+    jobs = plan(masks, range(settings.seed_start, settings.seed_start + settings.seeds), images)
     out = Path(settings.out)
     choice = choose_model_dir(settings.model_dir)
     provenance = _model_provenance(choice.path)
@@ -445,7 +480,7 @@ def run_batch(settings: BatchSettings, progress: bool = True) -> dict:
 
 def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> dict:
     from .masks import Mask, read_mask, validate_labels
-    from .pipeline import generate_volume
+    from .pipeline import edit_volume, generate_volume
     from .volumes import nifti_gz_bytes, nifti_volume
 
     image_path, label_path = pair_paths(out, settings.layout, job.case)
@@ -455,6 +490,7 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
     entry: dict = {
         "case": job.case,
         "source_mask": str(job.mask),
+        **({"source_image": str(job.image)} if job.image is not None else {}),
         "seed": job.seed,
         "edits": [],
         "steps": settings.steps,
@@ -471,6 +507,13 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
         labels = validate_labels(labels, job.mask.name)
         # The edited mask stays in memory; the CT gets the NIfTI header a mask file written from it has.
         mask = Mask(labels, source.affine, str(job.mask), nifti_volume(labels, source.affine), source.notes)
+        reference = None
+        if job.image is not None:
+            from .editing import read_reference_ct
+
+            entry["source_image_sha256"] = sha256_of(job.image)
+            reference = read_reference_ct(job.image)
+            mask.volume = reference.volume  # the edited CT keeps the real one's header
         options = dict(
             model_dir=provenance["model_dir"],
             steps=settings.steps,
@@ -481,7 +524,13 @@ def _run_job(job, out, settings, rules, mapping, provenance, cache, device) -> d
             solver=settings.solver,
             device=device,
         )
-        result = generate_volume(mask, options, models=cache.get)
+        if reference is None:
+            result = generate_volume(mask, options, models=cache.get)
+        else:
+            if settings.edit_margin_mm is not None:
+                options["edit_margin_mm"] = settings.edit_margin_mm
+            result = edit_volume(reference, mask, options, original=source, models=cache.get)
+            entry["edit"] = result.edit
         # Each output written once, to a temp name renamed into place below; hashed from its bytes.
         t = time.perf_counter()
         image_bytes = nifti_gz_bytes(result.hu, result.affine, mask.volume)

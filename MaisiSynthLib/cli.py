@@ -731,13 +731,18 @@ def _add_batch(sub) -> None:
         description="Generate synthetic image/label pairs for training. Re-running the same command skips "
         "finished pairs; under `torchrun --nproc_per_node G -m MaisiSynthLib batch ...` the ranks share the work.",
     )
-    p.add_argument(
-        "--masks", required=True, help="folder of masks (its *_label files if it holds pairs) or a list file"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--masks", help="folder of masks (its *_label files if it holds pairs) or a list file")
+    source.add_argument(
+        "--reference-cts",
+        help="folder of real *_image/*_label pairs (or a MONAI datalist): each output is the real CT with the "
+        "--edit rules drawn into it, the rest of the scan kept voxel for voxel",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per mask (default 1)")
     p.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--out", required=True, help="output folder (the dataset)")
     p.add_argument("--edit", action="append", default=[], metavar="RULE", help=EDIT_RULE_HELP)
+    p.add_argument("--edit-margin-mm", **REQUEST_FLAGS["edit_margin_mm"])
     p.add_argument("--layout", default="nnunet", choices=["nnunet", "monai"])
     p.add_argument("--labels", default="all", help="'all' or a comma list of MAISI names/ids to keep (numbered 1..K)")
     p.add_argument("--name", default="MaisiSynth", help="dataset name in dataset.json / datalist.json")
@@ -768,6 +773,8 @@ def _run_batch(args) -> int:
             device=args.device,
             threads=args.threads,
             name=args.name,
+            reference_cts=args.reference_cts,
+            edit_margin_mm=args.edit_margin_mm,
         ),
         progress=not args.quiet,
     )

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from .request import (
+    INPUT_FIELDS,
     OUTPUT_FIELDS,
     TERMINAL_EVENTS,
     cancel_request,
@@ -462,25 +463,18 @@ class RemoteClient(_EventClient):
     def _run_request(self, request_id: str, params: dict) -> None:
         try:
             local = {key: params.pop(key) for key in OUTPUT_FIELDS if params.get(key)}
-            mask = Path(params.pop("mask"))
+            uploads = {}
             try:
-                data = mask.read_bytes()
-            except OSError as exc:
-                raise RemoteError(
-                    400,
-                    {
-                        "kind": "bad-mask",
-                        "message": f"cannot read the mask {mask}: {exc.strerror}",
-                        "hint": "check the path",
-                    },
-                ) from None
-            name = urllib.parse.quote(mask.name)
-            upload = self._request("POST", f"/v1/masks?name={name}", data, {"Content-Type": "application/octet-stream"})
-            with upload as response:
-                mask_id = json.loads(response.read().decode("utf-8"))["mask_id"]
+                for key in INPUT_FIELDS:
+                    if params.get(key):
+                        uploads[f"{key}_id"] = self._upload(params.pop(key))
+            except (RemoteError, WorkerError):
+                self._drop_uploads(uploads.values())  # an edit's mask must not wait on the server for its CT
+                raise
+            params = {key: value for key, value in params.items() if key not in INPUT_FIELDS}
             outputs = {key: Path(value).name for key, value in local.items()}
             self._json(
-                "POST", "/v1/requests", {"id": request_id, "mask_id": mask_id, "outputs": outputs, "params": params}
+                "POST", "/v1/requests", {"id": request_id, **uploads, "outputs": outputs, "params": params}
             )
             if request_id in self._cancelled:
                 self.cancel(request_id)
@@ -515,6 +509,39 @@ class RemoteClient(_EventClient):
                         "see the server's log",
                     )
                 )
+
+    def _upload(self, path: str) -> str:
+        """One input volume to the server; its upload id."""
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            limit = (self.ready or self.start()).get("max_upload_bytes")
+            if isinstance(limit, int) and size > limit:
+                raise RemoteError(
+                    413,
+                    {
+                        "kind": "too-large",
+                        "message": f"{path.name} is {size} bytes, more than the server's upload limit of {limit} bytes",
+                        "hint": "crop or compress the volume, or start the server with a larger --max-upload-mb",
+                    },
+                )
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RemoteError(
+                400, {"kind": "bad-mask", "message": f"cannot read {path}: {exc.strerror}", "hint": "check the path"}
+            ) from None
+        name = urllib.parse.quote(path.name)
+        upload = self._request("POST", f"/v1/masks?name={name}", data, {"Content-Type": "application/octet-stream"})
+        with upload as response:
+            return json.loads(response.read().decode("utf-8"))["mask_id"]
+
+    def _drop_uploads(self, upload_ids) -> None:
+        for upload_id in upload_ids:
+            try:
+                with self._request("DELETE", f"/v1/masks/{upload_id}"):
+                    pass
+            except (RemoteError, WorkerError):
+                pass  # the server deletes unused uploads after its time-to-live anyway
 
     def _download(self, request_id: str, event: dict, local: dict) -> dict:
         from .volumes import atomic_paths

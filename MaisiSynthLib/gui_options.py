@@ -26,8 +26,17 @@ SOLVERS = SOLVER_NAMES  # the menus offer exactly what a request takes (request.
 # The latent prior menu, label → the request's latent_prior_from (None: the model folder's own
 # setting; 1: from the last step on, i.e. never applied), in menu order.
 LATENT_PRIOR_CHOICES: dict[str, float | None] = {"model default": None, "off": 1.0}
+# What Generate does with a chosen reference CT, menu label → mode: "auto" edits the CT (keeps it
+# outside what the mask changed) when the change is local (`scene.edit_is_local`), "edit" always edits
+# it, "new" draws a new CT on its grid.
+EDIT_MODES: dict[str, str] = {
+    "edit it where the mask changed (if local)": "auto",
+    "edit it where the mask changed": "edit",
+    "draw a new CT on its grid": "new",
+}
 # The panel's fixed menus: combo box name in MaisiSynth.ui → its items, in order.
 MENUS: dict[str, list[str]] = {
+    "editModeComboBox": list(EDIT_MODES),
     "gridPresetComboBox": [label for label, _, _ in GRID_PRESETS],
     "solverComboBox": list(SOLVERS),
     "deviceComboBox": list(DEVICES),
@@ -35,6 +44,7 @@ MENUS: dict[str, list[str]] = {
 }
 __all__ = [
     "DEVICES",
+    "EDIT_MODES",
     "GRID_PRESETS",
     "LATENT_PRIOR_CHOICES",
     "MENUS",
@@ -60,6 +70,12 @@ class GenerateOptions:
     python: str = ""  # empty: Slicer's own Python
     server_url: str = ""  # set: use a remote `maisi-synth serve`
     token: str = ""
+    edit_mode: str = next(iter(EDIT_MODES))  # a label of EDIT_MODES
+
+    def wants_edit(self, local: bool) -> bool:
+        """Whether Generate edits the reference CT rather than drawing a new one (with a CT chosen)."""
+        mode = EDIT_MODES.get(self.edit_mode, "auto")
+        return mode == "edit" or (mode == "auto" and local)
 
     def problems(self) -> list[str]:
         """Every option that would make the request fail, each with what to do; empty when fine."""
@@ -80,6 +96,8 @@ class GenerateOptions:
             problem = field_problem("mask_guidance", float(self.mask_guidance))
             if problem:
                 out.append(f"{problem} (or 'model default')")
+        if self.edit_mode not in EDIT_MODES:
+            out.append(f"the reference CT's use must be one of {', '.join(EDIT_MODES)}")
         if self.latent_prior not in LATENT_PRIOR_CHOICES:
             out.append(f"latent prior must be one of {', '.join(LATENT_PRIOR_CHOICES)}")
         if self.device not in DEVICES:  # the menu's choices; a request would also take cuda:N
@@ -97,9 +115,10 @@ class GenerateOptions:
                 out.append(f"Python executable not found: {self.python}")
         return out
 
-    def worker_params(self, mask: str, output: str) -> dict:
-        """The `generate` params for the worker (a remote server chooses model and device itself)."""
-        _, size, spacing = GRID_PRESETS[self.grid_preset]
+    def worker_params(self, mask: str, output: str, edit: dict | None = None) -> dict:
+        """The `generate` params for the worker (a remote server chooses model and device itself).
+        `edit`: the reference CT and original mask of an edit, which is on the CT's own grid."""
+        _, size, spacing = GRID_PRESETS[self.grid_preset] if not edit else (None, None, None)
         params: dict = {
             "mask": mask,
             "output": output,
@@ -117,6 +136,8 @@ class GenerateOptions:
             params["output_size"] = size if isinstance(size, str) else list(size)
         if spacing is not None:
             params["spacing"] = list(spacing)
+        if edit:
+            params.update(edit)
         if not self.server_url:
             params["device"] = self.device
             if self.model_dir:

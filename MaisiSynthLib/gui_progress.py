@@ -5,11 +5,11 @@ from __future__ import annotations
 # Share of the bar per stage; sampling dominates the time, decoding comes second.
 _SPANS = {
     "load": (0, 10),
-    "encode-mask": (10, 12),
-    "encode-ct": (12, 15),
-    "sample": (15, 85),
-    "decode": (85, 95),
-    "composite": (95, 97),
+    "encode-mask": (10, 11),
+    "encode-ct": (11, 12),  # an edit's only
+    "sample": (12, 85),
+    "decode": (85, 96),
+    "composite": (96, 97),  # an edit's only
     "write": (97, 100),
 }
 _WORDS = {

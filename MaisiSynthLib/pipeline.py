@@ -659,11 +659,16 @@ def edit_volume(
     scan's grid), plus `edit_margin_mm` and `harmonize`. Outside the region the result is the
     reference, voxel for voxel and value for value.
     """
-    extra = {key: (options or {}).pop(key) for key in EDIT_OPTIONS if key in (options or {})}
-    unknown = sorted(set(options or {}) - set(CORE_FIELDS))
+    options = dict(options or {})
+    extra = {key: options.pop(key) for key in EDIT_OPTIONS if key in options}
+    unknown = sorted(set(options) - set(CORE_FIELDS))
     if unknown:
-        raise RequestError(f"not options of an in-memory edit: {', '.join(unknown)}", "pass only CORE_FIELDS")
-    opts = {**DEFAULTS, **check_options(**(options or {}))}
+        raise RequestError(
+            f"not options of an in-memory edit: {', '.join(unknown)}", "pass only CORE_FIELDS and EDIT_OPTIONS"
+        )
+    if "edit_margin_mm" in extra:
+        extra["edit_margin_mm"] = check_field("edit_margin_mm", extra["edit_margin_mm"])
+    opts = {**DEFAULTS, **check_options(**options)}
     engine = _resolve_engine(opts, models)
     settings = _model_settings(opts, engine.folder)
     return _edit(reference, mask, original, region, opts, extra, engine, settings, _Stages(progress),

@@ -301,8 +301,11 @@ def _segment_for(segmentation_node, label: int) -> str | None:
     return None
 
 
-def swap_tumor(segmentation_node, segment_id: str, tumor: int) -> None:
-    """Make a tumor segment another tumor type (e.g. lung → hepatic); its voxels do not change."""
+def swap_tumor(segmentation_node, segment_id: str, tumor: int, scene=None, reference_volume=None) -> None:
+    """Make a tumor segment another tumor type (e.g. lung → hepatic); its voxels do not change. With
+    the scene and a reference CT, the segmentation before the change is kept first (`take_snapshot`)."""
+    if scene is not None and reference_volume is not None:
+        _keep_before_edits(scene, segmentation_node, reference_volume)
     current = {s.segment_id: s for s in segment_labels(segmentation_node)}.get(segment_id)
     if current is None or not current.is_tumor:
         raise MaskError(
@@ -322,6 +325,7 @@ def remove_tumor(scene, segmentation_node, segment_id: str, reference_volume) ->
     current = {s.segment_id: s for s in segment_labels(segmentation_node)}.get(segment_id)
     if current is None or not current.is_tumor:
         raise MaskError("the selected segment is not a tumor", "select a tumor segment")
+    _keep_before_edits(scene, segmentation_node, reference_volume)
     labels, _ = export_labels(scene, segmentation_node, reference_volume)
     lesion = labels == current.label
     healed = remove_tumors(labels, (current.label,))
@@ -352,6 +356,7 @@ def insert_tumor(
 
     if not diameter_mm or diameter_mm <= 0:
         raise MaskError(f"lesion diameter must be positive, got {diameter_mm} mm", "enter e.g. 15 mm")
+    _keep_before_edits(scene, segmentation_node, reference_volume)
     labels, affine = export_labels(scene, segmentation_node, reference_volume)
     centre = (np.linalg.inv(affine) @ np.array([*centre_ras, 1.0]))[:3]
     spacing = np.array(spacing_of(affine))
@@ -366,6 +371,159 @@ def insert_tumor(
     set_segment_label(segmentation_node, segment_id, tumor)
     _write_segment(scene, segmentation_node, reference_volume, segment_id, lesion)
     return segment_id
+
+
+# ---------------------------------------------------------------------------------------------------
+# Edits of a reference CT: what the segmentation was before, and what changed since
+#
+# Editing the user's own scan needs the mask before the edit: the engine redraws what changed (plus a
+# margin) and keeps the rest of the CT. The tumor tools keep it themselves before their first change;
+# the module keeps it when a segmentation and a reference CT are chosen, so hand-painted edits count
+# too. It is a hidden label map on the reference grid, referenced from the segmentation node.
+
+SNAPSHOT_ROLE = "MaisiSynthBeforeEdits"
+
+
+def _snapshot_node(scene, segmentation_node, reference_volume):
+    node = segmentation_node.GetNodeReference(SNAPSHOT_ROLE)
+    if node is None or node.GetImageData() is None or reference_volume is None:
+        return None
+    if array_from_volume(node).shape != tuple(reference_volume.GetImageData().GetDimensions()) or not np.allclose(
+        ijk_to_ras(node), ijk_to_ras(reference_volume), atol=1e-4
+    ):
+        return None  # kept for another reference grid: not this CT's
+    return node
+
+
+def take_snapshot(scene, segmentation_node, reference_volume):
+    """Keep the segmentation as it is now (on the reference CT's grid) as the mask before the edits."""
+    labels, affine = export_labels(scene, segmentation_node, reference_volume)
+    old = segmentation_node.GetNodeReference(SNAPSHOT_ROLE)
+    node = _labelmap_node(scene, labels, affine, f"{segmentation_node.GetName()} before edits")
+    node.SetHideFromEditors(True)
+    node.SetSaveWithScene(False)
+    segmentation_node.SetNodeReferenceID(SNAPSHOT_ROLE, node.GetID())
+    if old is not None:
+        discard(scene, old)
+    return node
+
+
+def ensure_snapshot(scene, segmentation_node, reference_volume):
+    """The kept mask for this reference CT, taken now if there is none yet."""
+    return _snapshot_node(scene, segmentation_node, reference_volume) or take_snapshot(
+        scene, segmentation_node, reference_volume
+    )
+
+
+def _keep_before_edits(scene, segmentation_node, grid) -> None:
+    """The tumor tools' first step: keep the segmentation before they change it, when `grid` is a CT
+    (a label map grid stands for "no reference CT": there is no scan to edit)."""
+    if not grid.IsA("vtkMRMLLabelMapVolumeNode"):
+        ensure_snapshot(scene, segmentation_node, grid)
+
+
+def snapshot_labels(scene, segmentation_node, reference_volume) -> np.ndarray | None:
+    """The mask before the edits, on the reference CT's grid, or None when none was kept for it."""
+    node = _snapshot_node(scene, segmentation_node, reference_volume)
+    return None if node is None else array_from_volume(node)
+
+
+def edit_region_of(scene, segmentation_node, reference_volume, margin_mm: float | None = None):
+    """(region, edited labels, labels before): the voxels an edit of the reference CT would redraw,
+    by the engine's own rule (`editing.edit_region`); region None when nothing was kept or changed."""
+    from .editing import EDIT_MARGIN_MM, edit_region
+    from .grid import spacing_of
+
+    before = snapshot_labels(scene, segmentation_node, reference_volume)
+    labels, affine = export_labels(scene, segmentation_node, reference_volume)
+    if before is None or np.array_equal(before, labels):
+        return None, labels, before
+    margin = EDIT_MARGIN_MM if margin_mm is None else margin_mm
+    region, _ = edit_region(labels, spacing_of(affine), original=before, margin_mm=margin)
+    return region, labels, before
+
+
+def edit_is_local(region: np.ndarray | None, labels: np.ndarray) -> bool:
+    """Whether an edit can keep the reference CT: something changed, and not most of the body."""
+    from .editing import MAX_REGION_SHARE
+
+    if region is None:
+        return False
+    body = labels > 0
+    return bool(region.any()) and int(np.count_nonzero(region & body)) <= MAX_REGION_SHARE * max(
+        1, int(np.count_nonzero(body))
+    )
+
+
+def write_edit_inputs(scene, reference_volume, labels: np.ndarray, before: np.ndarray, folder: str | os.PathLike) -> dict:
+    """The files of an edit request besides the mask: the reference CT and the mask before the edits
+    (uncompressed NRRD on the CT's grid); returns the request fields naming them, the mask's too."""
+    folder = Path(folder)
+    affine = ijk_to_ras(reference_volume)
+    paths = {"mask": folder / "mask.nrrd", "original_mask": folder / "original.nrrd"}
+    for key, array in (("mask", labels), ("original_mask", before)):
+        node = _labelmap_node(scene, array, affine, "maisi edit input")
+        try:
+            write_nrrd(scene, node, paths[key])
+        finally:
+            discard(scene, node)
+    paths["reference_ct"] = write_nrrd(scene, reference_volume, folder / "reference_ct.nrrd")
+    return {key: str(path) for key, path in paths.items()}
+
+
+def prepare_generate(scene, segmentation_node, reference_volume, options, folder: str | os.PathLike):
+    """(worker params, edit region or None) of a Generate press, its files written to `folder`: an
+    edit of the reference CT when `options.wants_edit` says so for this change, else a new CT from the
+    mask on the reference grid (the segmentation's own without a CT). `options`: gui_options.GenerateOptions."""
+    folder = Path(folder)
+    output = str(folder / "synthetic.nrrd")
+    if reference_volume is not None:
+        region, labels, before = edit_region_of(scene, segmentation_node, reference_volume)
+        if options.wants_edit(edit_is_local(region, labels)):
+            if region is None:
+                raise MaskError(
+                    "nothing in the segmentation changed since it was chosen with this CT, so there is nothing "
+                    "to edit",
+                    "insert, remove or change a tumor first, or choose 'draw a new CT on its grid'",
+                )
+            inputs = write_edit_inputs(scene, reference_volume, labels, before, folder)
+            return options.worker_params(inputs.pop("mask"), output, edit=inputs), region
+    grid = reference_volume if reference_volume is not None else reference_grid(scene, segmentation_node)
+    try:
+        mask = write_label_input(scene, segmentation_node, grid, folder / "mask.nrrd")
+    finally:
+        if reference_volume is None:
+            discard(scene, grid)
+    return options.worker_params(str(mask), output), None
+
+
+def adopt_edit_result(scene, path: str | os.PathLike, input_name: str, seed: int, region, reference_volume):
+    """A worker's output in the scene: '<CT> synthetic (seed N)', or for an edit '<CT> edited
+    (seed N)' with the edit region outlined beside it."""
+    if region is None:
+        return adopt_result(scene, path, result_name(input_name, seed), reference_volume)
+    volume = adopt_result(scene, path, edited_name(input_name, seed), reference_volume)
+    show_edit_region(scene, region, reference_volume, f"{input_name} edit region (seed {seed})")
+    return volume
+
+
+def show_edit_region(scene, region: np.ndarray, reference_volume, name: str):
+    """The edit region as a segmentation drawn as an outline only (what was redrawn), beside the CT."""
+    ensure_segmentation_converters()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(name))
+    node.CreateDefaultDisplayNodes()
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+    segment_id = node.GetSegmentation().AddEmptySegment("edit region", "edit region", (1.0, 0.85, 0.1))
+    _write_segment(scene, node, reference_volume, segment_id, region.astype(np.uint8))
+    display = node.GetDisplayNode()
+    display.SetVisibility2DFill(False)
+    display.SetVisibility2DOutline(True)
+    place_in_study(scene, node, reference_volume)
+    return node
+
+
+def edited_name(input_name: str, seed: int) -> str:
+    return f"{input_name} edited (seed {seed})"
 
 
 # ---------------------------------------------------------------------------------------------------

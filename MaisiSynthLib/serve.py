@@ -6,9 +6,12 @@ mask, names the outputs it wants, follows the events (polling or a JSON-lines st
 the files. `client.RemoteClient` does all of that behind the same calls as the local worker.
 
     GET    /v1/ping                               ready info (device, versions), busy request
-    POST   /v1/masks?name=mask.nii.gz             body: the mask file → {"mask_id"}
+    POST   /v1/masks?name=mask.nii.gz             body: a volume file (a mask, or the reference CT,
+                                                   original mask or edit region of an edit) → {"mask_id"}
     POST   /v1/requests                           {"id", "mask_id", "outputs": {"output": "ct.nii.gz",
                                                    "preview": "ct.png"}, "params": {steps, seed, ...}}
+                                                   an edit adds "reference_ct_id" (and "original_mask_id"
+                                                   or "edit_region_id"), uploads like the mask's
     GET    /v1/requests/{id}/events?since=N       {"events": [...], "next": M, "done": bool}
     GET    /v1/requests/{id}/events?stream=1      the events as JSON lines, until result or error
     POST   /v1/requests/{id}/cancel
@@ -49,10 +52,21 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import MaisiSynthError, OptionError
-from .request import OUTPUT_FIELDS, RequestError, bye_event, cancel_request, job_request, parse_json, ready_event
+from .request import (
+    INPUT_FIELDS,
+    OUTPUT_FIELDS,
+    RequestError,
+    bye_event,
+    cancel_request,
+    job_request,
+    parse_json,
+    ready_event,
+)
 from .worker import PROTOCOL_VERSION, RequestRunner, device_info
 
-SERVER_OWNED = ("mask", *OUTPUT_FIELDS, "model_dir", "device")  # the server chooses these, never a client
+SERVER_OWNED = (*INPUT_FIELDS, *OUTPUT_FIELDS, "model_dir", "device")  # the server chooses these, never a client
+# the body's upload id of each input file: "mask_id", "reference_ct_id", ...
+UPLOAD_KEYS = {f"{name}_id": name for name in INPUT_FIELDS}
 OUTPUT_KEYS = OUTPUT_FIELDS
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_NAME = 100  # characters of a client's file name kept on the server
@@ -97,7 +111,7 @@ class _RequestLog:
         self.folder = folder
         self.events: list[dict] = []
         self.files: dict[str, Path] = {}
-        self.mask: Optional[Path] = None
+        self.uploads: list = []  # the uploaded inputs this request uses, deleted when it ends
         self.done = False
 
 
@@ -151,8 +165,8 @@ class Hub:
             event = self._scrub(event)
             if event.get("type") in ("result", "error"):
                 log.done = True
-                if log.mask is not None:
-                    shutil.rmtree(log.mask.parent, ignore_errors=True)
+                for upload in log.uploads:
+                    shutil.rmtree(upload.parent, ignore_errors=True)
             log.events.append(event)
             self.changed.notify_all()
 
@@ -170,7 +184,11 @@ def create_app(
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
     app = FastAPI(title="MaisiSynth", version=str(PROTOCOL_VERSION), docs_url=None, redoc_url=None)
-    ready = ready_event(PROTOCOL_VERSION, **device_info(hub.runner.defaults.get("device", "auto")))
+    # the upload limit is public: a client refuses a larger file before sending it (a body cut off by
+    # an early 413 reaches the client as a broken connection, not as the answer)
+    ready = ready_event(
+        PROTOCOL_VERSION, **device_info(hub.runner.defaults.get("device", "auto")), max_upload_bytes=max_upload_bytes
+    )
 
     def problem(status: int, kind: str, message: str, hint: str = "") -> JSONResponse:
         return JSONResponse({"kind": kind, "message": message, "hint": hint}, status_code=status)
@@ -218,13 +236,15 @@ def create_app(
             413,
             "too-large",
             f"the upload is larger than the server's limit of {max_upload_bytes} bytes",
-            "crop or compress the mask, or start the server with a larger --max-upload-mb",
+            "crop or compress the volume, or start the server with a larger --max-upload-mb",
         )
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
             return too_big
         safe = _safe_name(name)
         if format_of(safe) not in ("nifti", "nrrd", "seg.nrrd"):
-            return problem(415, "bad-mask", f"{safe} is not a supported mask format", "upload .nii.gz, .nii or .nrrd")
+            return problem(
+                415, "bad-mask", f"{safe} is not a supported volume format", "upload .nii.gz, .nii or .nrrd"
+            )
         mask_id = uuid.uuid4().hex
         folder = hub.workdir / "uploads" / mask_id
         folder.mkdir(parents=True)
@@ -243,7 +263,7 @@ def create_app(
                     if size > max_upload_bytes:
                         return too_big
                     f.write(chunk)
-            check_volume_file(path, "mask", detached="never")
+            check_volume_file(path, "upload", detached="never")
             complete = True
         except asyncio.TimeoutError:
             return problem(408, "bad-request", f"the upload stalled for {upload_idle_seconds:.0f} s", "upload again")
@@ -276,17 +296,31 @@ def create_app(
         if not isinstance(body, dict):
             return problem(400, "bad-request", "the body must be a JSON object", "send a JSON object")
         hub.expire_uploads(upload_ttl_seconds)
+        inputs, missing = {}, []
         with hub.changed:
-            entry = hub.uploads.pop(str(body.get("mask_id")), None)
-        mask = entry[0] if entry is not None else None
-        if mask is None:
-            return problem(404, "bad-request", "unknown mask_id", "upload the mask first (POST /v1/masks)")
-        refused = _submit(body, mask)
-        if refused is not None:  # an upload serves one request: a refused one takes its mask with it
-            shutil.rmtree(mask.parent, ignore_errors=True)
+            for key, name in UPLOAD_KEYS.items():
+                if name == "mask" or body.get(key) is not None:
+                    entry = hub.uploads.pop(str(body.get(key)), None)
+                    if entry is None:
+                        missing.append(key)
+                    else:
+                        inputs[name] = entry[0]
+        refused = None
+        if missing:
+            refused = problem(
+                404,
+                "bad-request",
+                f"unknown {', '.join(missing)}",
+                "upload the mask first (POST /v1/masks), and each other input file the same way",
+            )
+        else:
+            refused = _submit(body, inputs)
+        if refused is not None:  # an upload serves one request: a refused one takes its files with it
+            for path in inputs.values():
+                shutil.rmtree(path.parent, ignore_errors=True)
         return refused or {"id": str(body["id"])}
 
-    def _submit(body: dict, mask: Path):
+    def _submit(body: dict, inputs: dict):
         params = body.get("params") or {}
         outputs = body.get("outputs") or {"output": "ct.nii.gz"}
         if not isinstance(params, dict) or not isinstance(outputs, dict):
@@ -297,7 +331,7 @@ def create_app(
                 400,
                 "bad-request",
                 f"the server decides {', '.join(owned)}",
-                "upload the mask, name outputs in 'outputs'; the model and device are the server's",
+                "upload the input files, name outputs in 'outputs'; the model and device are the server's",
             )
         unknown = sorted(set(outputs) - set(OUTPUT_KEYS))
         if unknown or "output" not in outputs:
@@ -309,7 +343,7 @@ def create_app(
         try:
             from .request import check_params
 
-            check_params({**params, "mask": "mask", "output": "output"})
+            check_params({**params, **{name: name for name in inputs}, "output": "output"})
         except RequestError as exc:
             return problem(400, exc.kind, exc.message, exc.hint)
         with hub.changed:
@@ -318,12 +352,16 @@ def create_app(
             folder = hub.workdir / "requests" / request_id
             folder.mkdir(parents=True)
             log = _RequestLog(folder)
-            log.mask = mask
+            log.uploads = list(inputs.values())
             hub.requests[request_id] = log
         names = {key: _safe_name(str(value)) for key, value in outputs.items() if value}
         if len(set(names.values())) != len(names):
             names = {key: f"{key}-{name}" for key, name in names.items()}
-        full = {**params, "mask": str(mask), **{key: str(folder / name) for key, name in names.items()}}
+        full = {
+            **params,
+            **{name: str(path) for name, path in inputs.items()},
+            **{key: str(folder / name) for key, name in names.items()},
+        }
         hub.runner.handle(job_request("generate", request_id, full))
         return None
 

@@ -99,3 +99,35 @@ def act_at_step(client, request_id: str, step: int, action, timeout: float = 180
 
 def sample_steps(events: list[dict]) -> list[int]:
     return [e["i"] for e in events if e["type"] == "progress" and e.get("stage") == "sample"]
+
+
+def write_scan(folder: Path, seed: int = 3, shape=(64, 64, 32), spacing=(6.0, 6.0, 8.0), name: str = "") -> Path:
+    """A phantom CT (int16 HU, `<name>ct.nii.gz`) and its mask without tumors (`<name>mask.nii.gz`):
+    a reference CT to edit, as the user's own scan and segmentation."""
+    from MaisiSynthLib.phantoms import make_phantom
+
+    phantom = make_phantom(seed, shape, spacing, "none")
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.array(spacing) * (np.array(shape) - 1) / 2
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(phantom.image, affine), str(folder / f"{name}ct.nii.gz"))
+    nib.save(nib.Nifti1Image(phantom.labels.astype(np.int16), affine), str(folder / f"{name}mask.nii.gz"))
+    return folder
+
+
+def assert_kept_outside(
+    edited_ct: Path, reference_ct: Path, edited_labels: np.ndarray, original: np.ndarray, margin_mm: float = 10.0
+) -> None:
+    """Every voxel more than the margin from a changed label is the reference's, value for value
+    (the test's own region rule, not the engine's), and something inside was drawn."""
+    from scipy import ndimage
+
+    ref = nib.load(str(reference_ct))
+    ct = np.asanyarray(nib.load(str(edited_ct)).dataobj)
+    hu = np.asanyarray(ref.dataobj)
+    spacing = ref.header.get_zooms()[:3]
+    changed = edited_labels != original
+    assert changed.any()
+    outside = ndimage.distance_transform_edt(~changed, sampling=spacing) > margin_mm + 1e-6
+    assert ct.dtype == hu.dtype and np.array_equal(ct[outside], hu[outside])
+    assert np.abs(ct[changed].astype(int) - hu[changed]).max() > 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import run_cli, save_nifti, torso_labels
+from conftest import assert_kept_outside, run_cli, save_nifti, torso_labels, write_scan
 
 from MaisiSynthLib import labels as L
 from MaisiSynthLib.batch import EditRule, apply_rules, parse_rule
@@ -228,3 +228,31 @@ def test_one_batch_per_output_folder_and_damaged_records_are_refused_before_any_
     result = batch(masks, out, tiny_model, "--seeds", "2")
     assert result.returncode == 2 and "label_map.json is damaged" in result.stderr
     assert not list(out.glob("imagesTr/*_s001*")) and time.monotonic() - started < 120
+
+
+def test_reference_cts_become_edited_real_cts_with_their_label_maps(tiny_model, tmp_path):
+    cases = tmp_path / "real"
+    for i in range(2):
+        write_scan(cases, seed=10 + i)
+        (cases / "ct.nii.gz").rename(cases / f"p{i}_image.nii.gz")
+        (cases / "mask.nii.gz").rename(cases / f"p{i}_label.nii.gz")
+    out = tmp_path / "dataset"
+    args = ["batch", "--reference-cts", str(cases), "--edit", "insert:hepatic:25-30", "--out", str(out)]
+    result = run_cli(*args, "--model-dir", str(tiny_model), "--steps", "2", "--layout", "monai", "--quiet")
+    assert result.returncode == 0, result.stderr
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(e["case"] for e in entries) == ["p0_s000", "p1_s000"]
+    for e in entries:
+        assert e["status"] == "ok" and e["source_image"].endswith("_image.nii.gz") and e["source_image_sha256"]
+        assert (
+            e["edit"]["region_voxels"] > 0 and e["edit"]["crop_shape"] and e["edits"][0]["inserted"] == "hepatic tumor"
+        )
+        labels = np.asanyarray(nib.load(str(out / e["label"])).dataobj)
+        original = np.asanyarray(nib.load(e["source_mask"]).dataobj)
+        assert_kept_outside(out / e["image"], Path(e["source_image"]), labels, original)
+    # nothing to edit without a rule
+    refused = run_cli(
+        "batch", "--reference-cts", str(cases), "--out", str(tmp_path / "none"), "--model-dir", str(tiny_model)
+    )
+    assert refused.returncode == 2 and "needs at least one --edit rule" in refused.stderr
+    assert not (tmp_path / "none").exists()

@@ -240,7 +240,12 @@ def test_export_compare_and_insert_leave_only_what_the_user_asked_for(scene, ref
     labels, _ = S.export_labels(scene, seg, reference)
     assert labels[30, 32, 12] == L.LUNG_TUMOR
     added = {k: v - before.get(k, 0) for k, v in _census(scene).items() if v != before.get(k, 0)}
-    assert added == {}  # the lesion is a segment of the user's segmentation, nothing else
+    # the lesion is a segment of the user's segmentation; besides, only the segmentation before the
+    # edit, kept for an edit of this CT: hidden from the node menus and never saved with the scene
+    assert added == {"vtkMRMLLabelMapVolumeNode": 1}
+    kept = seg.GetNodeReference(S.SNAPSHOT_ROLE)
+    assert kept.GetHideFromEditors() and not kept.GetSaveWithScene()
+    assert (S.snapshot_labels(scene, seg, reference) != L.LUNG_TUMOR).all()
 
     synthetic = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "synthetic")
     S.set_volume_array(synthetic, np.zeros(SHAPE, np.int16), AFFINE)
@@ -265,3 +270,72 @@ def test_a_mask_alone_gets_one_canvas_to_paint_on(scene, reference):
     assert (S.array_from_volume(canvas) == -1000).all()
     count = scene.GetNumberOfNodes()
     assert S.canvas_volume(scene, seg) is canvas and scene.GetNumberOfNodes() == count  # reused, nothing left over
+
+
+def test_an_edit_of_the_reference_ct_from_the_tumor_tools_through_a_real_worker(scene, tiny_model, tmp_path):
+    """The module's edit flow on real MRML: the segmentation is kept before the first tumor tool
+    changes it, the region is what changed, the inputs go to a real worker, and the result comes back
+    as '<CT> edited (seed N)' that is the scan itself outside the region, with the region outlined."""
+    from MaisiSynthLib.client import WorkerClient
+    from MaisiSynthLib.gui_options import EDIT_MODES, GenerateOptions
+    from MaisiSynthLib.phantoms import make_phantom
+
+    phantom = make_phantom(5, (64, 64, 32), (6.0, 6.0, 8.0), "none")
+    affine = np.array([[-6.0, 0, 0, 190.0], [0, -6.0, 0, 180.0], [0, 0, 8.0, -120.0], [0, 0, 0, 1]])  # LPS-like
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "patient CT")
+    S.set_volume_array(ct, phantom.image, affine)
+    segmentation = S.import_labels(scene, phantom.labels.astype(np.int16), affine)
+    assert S.snapshot_labels(scene, segmentation, ct) is None
+    assert S.edit_region_of(scene, segmentation, ct)[0] is None  # nothing kept, nothing to edit
+    from scipy import ndimage
+
+    depth = ndimage.distance_transform_edt(phantom.labels == 1)
+    liver = np.unravel_index(int(np.argmax(depth)), depth.shape)  # the liver's deepest voxel
+    centre = (affine @ np.array([*liver, 1.0]))[:3]
+    S.insert_tumor(scene, segmentation, ct, L.HEPATIC_TUMOR, centre, diameter_mm=30.0)
+    before = S.snapshot_labels(scene, segmentation, ct)
+    assert np.array_equal(before, phantom.labels)  # kept before the insert changed anything
+    region, labels, _ = S.edit_region_of(scene, segmentation, ct)
+    lesion = (labels == L.HEPATIC_TUMOR) & (before != L.HEPATIC_TUMOR)
+    assert lesion.sum() > 20 and region[lesion].all() and S.edit_is_local(region, labels)
+    # the request the module's Generate sends (mode "if local"), through a real worker process
+    options = GenerateOptions(steps=2, seed=7, device="cpu", model_dir=str(tiny_model))
+    folder = tmp_path / "request"
+    folder.mkdir()
+    params, sent_region = S.prepare_generate(scene, segmentation, ct, options, folder)
+    assert np.array_equal(sent_region, region) and "output_size" not in params
+    assert {"mask", "original_mask", "reference_ct"} <= set(params) and params["seed"] == 7
+    client = WorkerClient(env={"CUDA_VISIBLE_DEVICES": "-1"}, worker_args=["--device", "cpu"])
+    client.start()
+    try:
+        end = client.wait(client.generate(params), 180)
+    finally:
+        client.shutdown()
+    assert end["type"] == "result" and end["edit"]["region_voxels"] == int(region.sum()), end
+    result = S.adopt_edit_result(scene, end["output"], ct.GetName(), 7, sent_region, ct)
+    assert result.GetName() == "patient CT edited (seed 7)" and not folder.exists()
+    values = S.array_from_volume(result)
+    assert np.allclose(S.ijk_to_ras(result), affine, atol=1e-5)
+    assert np.array_equal(values[~region], phantom.image[~region]) and (values[lesion] != phantom.image[lesion]).any()
+    outline = scene.GetFirstNodeByName("patient CT edit region (seed 7)")
+    assert outline is not None and outline.GetSegmentation().GetNumberOfSegments() == 1
+    assert not outline.GetDisplayNode().GetVisibility2DFill() and outline.GetDisplayNode().GetVisibility2DOutline()
+    # "draw a new CT on its grid": the plain request, no edit fields
+    new = GenerateOptions(steps=2, edit_mode=list(EDIT_MODES)[2])
+    params, none = S.prepare_generate(scene, segmentation, ct, new, tmp_path)
+    assert none is None and "reference_ct" not in params and "original_mask" not in params
+
+
+def test_a_hand_painted_lesion_counts_from_the_kept_segmentation(scene, reference):
+    node = painted(scene, reference, [("liver", LIVER)])
+    S.take_snapshot(scene, node, reference)  # what the module does when the segmentation and CT are chosen
+    lesion = box((10, 10, 10), (14, 14, 13))
+    sid = node.GetSegmentation().AddEmptySegment("", "liver tumor", (1, 1, 0))
+    S._write_segment(scene, node, reference, sid, lesion)  # a Segment Editor stroke
+    region, labels, before = S.edit_region_of(scene, node, reference, margin_mm=0.0)
+    assert np.array_equal(region, lesion) and np.array_equal(before == 1, LIVER)
+    assert labels[lesion].tolist() == [L.HEPATIC_TUMOR] * int(lesion.sum())
+    # a kept mask belongs to its CT's grid: another grid has none
+    other = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other CT")
+    S.set_volume_array(other, np.zeros((24, 24, 16), np.int16), AFFINE)
+    assert S.snapshot_labels(scene, node, other) is None

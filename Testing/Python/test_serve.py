@@ -16,7 +16,16 @@ from http.client import HTTPConnection
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import act_at_step, assert_same_as_cli, run_cli, sample_steps, save_nifti, torso_labels
+from conftest import (
+    act_at_step,
+    assert_kept_outside,
+    assert_same_as_cli,
+    run_cli,
+    sample_steps,
+    save_nifti,
+    torso_labels,
+    write_scan,
+)
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -159,6 +168,32 @@ def test_bad_requests_get_clear_errors(server, mask, tmp_path):
     assert end["kind"] == "bad-mask" and end["hint"]
     assert not (tmp_path / "x.nii.gz").exists()
     assert client.start()["type"] == "ready"  # still serving
+
+
+def test_an_edit_uploads_the_reference_ct_and_keeps_it_outside_the_region(server, tmp_path):
+    client, workdir = server
+    scan = write_scan(tmp_path / "scan")
+    out, labels = tmp_path / "edited.nii.gz", tmp_path / "edited_label.nii.gz"
+    request = {"mask": str(scan / "mask.nii.gz"), "reference_ct": str(scan / "ct.nii.gz"), "output": str(out)}
+    end = client.wait(client.generate({**request, "label_output": str(labels), "edits": ["insert:hepatic:30"],
+                                       "steps": 3}), 180)  # fmt: skip
+    assert end["type"] == "result" and end["edit"]["region_voxels"] > 0, end
+    original = np.asanyarray(nib.load(str(scan / "mask.nii.gz")).dataobj)
+    assert_kept_outside(out, scan / "ct.nii.gz", np.asanyarray(nib.load(str(labels)).dataobj), original)
+    assert str(workdir) not in json.dumps(end)  # server paths stay private
+    # the client may not name a server-side file as the reference CT
+    status, body = http(client, "POST", "/v1/requests", json.dumps({"mask_id": "x", "params": {
+        "reference_ct": "/etc/passwd"}}).encode())  # fmt: skip
+    assert status == 404 or "reference_ct" in body["message"]
+    # a reference CT larger than the server takes: one clear error, nothing kept, nothing written
+    big = tmp_path / "big_ct.nii.gz"
+    noise = np.random.default_rng(0).integers(-1000, 1000, (96, 96, 64)).astype(np.int16)
+    nib.save(nib.Nifti1Image(noise, np.diag([6.0, 6.0, 8.0, 1.0])), str(big))
+    assert big.stat().st_size > MAX_UPLOAD_MB * 2**20
+    end = client.wait(client.generate({**request, "reference_ct": str(big), "edits": ["insert:hepatic:30"]}), 60)
+    assert end["type"] == "error" and end["kind"] == "too-large" and end["status"] == 413
+    assert "max-upload-mb" in end["hint"] and not out.with_name("x").exists()
+    assert not list((run_folder(workdir) / "uploads").iterdir())  # the mask uploaded first went too
 
 
 def test_token_is_required_when_set(server, mask):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from MaisiSynthLib.gui_options import GRID_PRESETS, MENUS, GenerateOptions, error_text
+from MaisiSynthLib.gui_options import EDIT_MODES, GRID_PRESETS, MENUS, GenerateOptions, error_text
 from MaisiSynthLib.gui_progress import describe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -300,3 +300,15 @@ def test_download_events_map_to_the_download_bar(event, percent, words):
 def test_download_errors_speak_of_the_module_controls():
     text = error_text({"type": "error", "kind": "token-needed", "message": "gated", "hint": "pass --token"})
     assert "HF token" in text and "--token" not in text
+
+
+def test_with_a_reference_ct_generate_edits_it_as_the_mode_says():
+    auto, always, new = (GenerateOptions(edit_mode=label) for label in EDIT_MODES)
+    assert auto.wants_edit(True) and not auto.wants_edit(False)
+    assert always.wants_edit(False) and not new.wants_edit(True)
+    # an edit is on the CT's own grid: a grid preset does not reach it
+    edit = {"reference_ct": "ct.nrrd", "original_mask": "before.nrrd"}
+    params = GenerateOptions(grid_preset=4).worker_params("mask.nrrd", "out.nrrd", edit=edit)
+    assert params["reference_ct"] == "ct.nrrd" and params["original_mask"] == "before.nrrd"
+    assert "output_size" not in params and "spacing" not in params
+    assert any("reference CT" in p for p in GenerateOptions(edit_mode="sometimes").problems())

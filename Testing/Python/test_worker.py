@@ -13,7 +13,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import act_at_step, assert_same_as_cli, sample_steps, save_nifti, torso_labels
+from conftest import (
+    act_at_step,
+    assert_kept_outside,
+    assert_same_as_cli,
+    sample_steps,
+    save_nifti,
+    torso_labels,
+    write_scan,
+)
 
 from MaisiSynthLib.client import WorkerClient
 
@@ -296,3 +304,25 @@ def test_a_gui_session_never_waits_for_the_worker(tiny_model, mask, tmp_path):
     remote.client, remote.key = Server("http://127.0.0.1:9"), ("remote", "x")
     remote.close()
     assert not shut
+
+
+def test_an_edit_keeps_the_scan_and_a_cancelled_edit_leaves_nothing(worker, tiny_model, tmp_path):
+    scan = write_scan(tmp_path / "scan")
+    edit = {"reference_ct": str(scan / "ct.nii.gz"), "edits": ["insert:hepatic:30"]}
+    out, labels = tmp_path / "edited.nii.gz", tmp_path / "edited_label.nii.gz"
+    end, seen = collect(
+        worker, worker.generate(params(scan / "mask.nii.gz", out, tiny_model, label_output=str(labels), **edit))
+    )
+    assert end["type"] == "result" and end["edit"]["region_voxels"] > 0, end
+    stages = [e["stage"] for e in seen if e["type"] == "progress"]
+    assert "encode-ct" in stages and "composite" in stages
+    original = np.asanyarray(nib.load(str(scan / "mask.nii.gz")).dataobj)
+    assert_kept_outside(out, scan / "ct.nii.gz", np.asanyarray(nib.load(str(labels)).dataobj), original)
+    # cancelled mid-sampling: no file, and the worker serves the next request
+    long = tmp_path / "long.nii.gz"
+    rid = worker.generate(params(scan / "mask.nii.gz", long, tiny_model, **{**edit, "steps": 400}))
+    end, seen = act_at_step(worker, rid, 2, lambda: worker.cancel(rid))
+    assert end["type"] == "error" and end["kind"] == "cancelled" and max(sample_steps(seen)) <= 5
+    assert not long.exists() and worker.alive
+    again, _ = collect(worker, worker.generate(params(scan / "mask.nii.gz", tmp_path / "n.nii.gz", tiny_model, **edit)))
+    assert again["type"] == "result"
