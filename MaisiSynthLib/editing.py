@@ -132,17 +132,36 @@ def read_reference_ct(path: str | os.PathLike) -> ReferenceCT:
     return ReferenceCT(hu=hu, affine=volume.affine, source=str(path), volume=volume)
 
 
-def check_same_grid(shape: tuple, affine: np.ndarray, ref: ReferenceCT, what: str, name: str) -> None:
-    """Refuse a mask or region that is not on the reference CT's grid (same voxels, same positions)."""
+def on_reference_grid(array: np.ndarray, affine: np.ndarray, ref: ReferenceCT, what: str, name: str) -> np.ndarray:
+    """`array` (a mask or region) on the reference CT's grid: as it is when the grids are the same;
+    placed into the CT's grid when it is a voxel-aligned block of it (a Slicer segmentation saved with
+    its extent cropped to its segments); else refused with the fix."""
     tolerance = 1e-3 * min(spacing_of(ref.affine))
-    if tuple(shape) != ref.shape or not np.allclose(affine, ref.affine, rtol=0, atol=tolerance):
-        same = "the same size but another position or orientation" if tuple(shape) == ref.shape else (
-            f"{'x'.join(map(str, shape))} voxels against the CT's {'x'.join(map(str, ref.shape))}"
-        )
-        raise GeometryError(
-            f"the {what} {name} is not on the reference CT's grid ({same})",
-            f"resample the {what} onto the CT (in Slicer: export the segmentation with the CT as reference geometry)",
-        )
+    if tuple(array.shape) == ref.shape and np.allclose(affine, ref.affine, rtol=0, atol=tolerance):
+        return array
+    offset = np.linalg.solve(ref.affine, np.asarray(affine, float)[:, 3])[:3]
+    aligned = np.allclose(np.asarray(affine)[:3, :3], ref.affine[:3, :3], rtol=0, atol=tolerance) and np.allclose(
+        offset, np.round(offset), rtol=0, atol=1e-3
+    )
+    if aligned:
+        lo = np.round(offset).astype(int)
+        hi = lo + np.array(array.shape)
+        inner_lo, inner_hi = np.maximum(lo, 0), np.minimum(hi, ref.shape)
+        if np.all(inner_hi > inner_lo):
+            inside = tuple(slice(a - o, b - o) for a, b, o in zip(inner_lo, inner_hi, lo))
+            kept = np.count_nonzero(array[inside])
+            if kept == np.count_nonzero(array):  # nothing labelled falls outside the CT
+                out = np.zeros(ref.shape, dtype=array.dtype)
+                out[tuple(slice(a, b) for a, b in zip(inner_lo, inner_hi))] = array[inside]
+                return out
+    if tuple(array.shape) == ref.shape:
+        detail = "the same size but another position or orientation"
+    else:
+        detail = f"{'x'.join(map(str, array.shape))} voxels against the CT's {'x'.join(map(str, ref.shape))}"
+    raise GeometryError(
+        f"the {what} {name} is not on the reference CT's grid ({detail})",
+        f"resample the {what} onto the CT (in Slicer: export the segmentation with the CT as reference geometry)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -407,6 +426,66 @@ def composite(reference_box: np.ndarray, drawn_box: np.ndarray, weight: np.ndarr
     keep = weight <= 0
     out[keep] = reference_box[keep]  # bit for bit where nothing is drawn
     return out
+
+
+# Fewer voxels than this of a label in the region say too little of its level to correct it by.
+MIN_LEVEL_VOXELS = 20
+
+
+def match_levels(
+    drawn: np.ndarray, reference: np.ndarray, labels: np.ndarray, region: np.ndarray, kept: np.ndarray
+) -> tuple[np.ndarray, dict[int, float]]:
+    """The drawn HU with each label's level moved to the patient's: per label, the median of the scan
+    minus the median of the drawn HU over that label's `kept` voxels in the region (voxels whose label
+    the edit did not change, where the scan shows this patient's tissue of that label). Tumors are
+    left as drawn: their level was set against this patient's host in the latent already
+    (`latent_prior.reference_level_shift`). A label with too few such voxels is not moved. Returns
+    (corrected HU, label → offset)."""
+    offsets: dict[int, float] = {}
+    inside = region & kept
+    for label in np.unique(labels[region]).tolist():
+        if label == 0 or label in L.TUMOR_HOSTS:
+            continue
+        where = inside & (labels == label)
+        if np.count_nonzero(where) >= MIN_LEVEL_VOXELS:
+            offsets[int(label)] = float(np.median(reference[where]) - np.median(drawn[where]))
+    out = drawn.astype(np.float32, copy=True)
+    for label, offset in offsets.items():
+        out[region & (labels == label)] += offset
+    return out, offsets
+
+
+def _fine(image: np.ndarray) -> np.ndarray:
+    """What a one-voxel Gaussian removes: the scan's noise and finest texture."""
+    return image - ndimage.gaussian_filter(image, 1.0)
+
+
+def _spread(values: np.ndarray) -> float:
+    """A robust standard deviation (1.4826 × the median absolute value of a zero-centred residual)."""
+    return 1.4826 * float(np.median(np.abs(values))) if values.size else 0.0
+
+
+def match_noise(
+    drawn: np.ndarray, reference: np.ndarray, body: np.ndarray, region: np.ndarray, seed: int
+) -> tuple[np.ndarray, float]:
+    """The drawn HU with fine noise added where they are smoother than the scan around them.
+
+    A crop drawn at a model's coarser spacing and resampled onto a 0.7 mm scan has none of the scan's
+    noise, and would show as a smooth patch. The scan's fine-texture spread is measured on body voxels
+    outside the region, the drawn HU's inside it; the missing part is added as seeded Gaussian noise of
+    the same grain inside the region. Returns (HU, the added spread in HU; 0 when none was missing)."""
+    outside, inside = body & ~region, body & region
+    if np.count_nonzero(outside) < MIN_LEVEL_VOXELS or not inside.any():
+        return drawn, 0.0
+    scan = _spread(_fine(reference.astype(np.float32))[outside])
+    own = _spread(_fine(drawn.astype(np.float32))[inside])
+    missing = float(np.sqrt(max(scan * scan - own * own, 0.0)))
+    if missing < 1.0:
+        return drawn, 0.0
+    noise = np.random.default_rng(seed).standard_normal(drawn.shape).astype(np.float32)
+    noise = ndimage.gaussian_filter(noise, 0.6)
+    noise *= missing / max(_spread(_fine(noise)), 1e-6)
+    return np.where(inside, drawn + noise, drawn).astype(np.float32), missing
 
 
 def crop_body(labels: np.ndarray, hu: np.ndarray) -> np.ndarray:

@@ -113,14 +113,19 @@ def random_tumor(
         host &= np.isin(labels, tuple(hosts))
     if not host.any():
         raise MaskError(f"the mask has no host organ for a {L.name_of(int(tumor))}", "pick another tumor type")
+    # Depth and core on the host's bounding box only (the same numbers as on the whole volume, whose
+    # other voxels are not host): a liver in a 512 x 512 x 300 scan is a fraction of it.
+    nonzero = [np.flatnonzero(host.any(axis=tuple(a for a in range(3) if a != i))) for i in range(3)]
+    box = tuple(slice(int(n[0]), int(n[-1]) + 1) for n in nonzero)
     # The edge of the volume counts as outside: an organ cut by the field of view is not deep there
     # (the lesion is painted only inside the host's core, which stops one voxel short of the edge).
-    depth = ndimage.distance_transform_edt(np.pad(host, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    core = _core(host)
+    depth = ndimage.distance_transform_edt(np.pad(host[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+    core = np.zeros_like(host)
+    core[box] = _core(host[box])
     if core.any():
-        depth = np.where(core, depth, 0.0)
+        depth = np.where(core[box], depth, 0.0)
     deep_enough = np.argwhere(depth >= min(radius_mm, 0.8 * float(depth.max())))
-    centre = deep_enough[int(rng.integers(len(deep_enough)))]
+    centre = deep_enough[int(rng.integers(len(deep_enough)))] + np.array([b.start for b in box])
     return _insert(np.asarray(labels), tumor, centre, radius_mm, spacing, host, core)
 
 

@@ -24,7 +24,7 @@ import torch
 from . import labels as L
 from .decoding import HU_MAX, HU_MIN, decode_latent, resample_intensities, to_hu
 from .editing import ReferenceCT, read_reference_ct
-from .errors import CancelledError, MaskError, ModelError, OptionError
+from .errors import CancelledError, GeometryError, MaskError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
 from .lesions import apply_rules, parse_rule
 from .masks import Mask, binary_code, ensure_body, lost_labels, read_mask, remove_tumors, resample_labels
@@ -84,7 +84,7 @@ CORE_FIELDS = tuple(
     name for name in FIELDS if name not in INPUT_FIELDS and name not in OUTPUT_FIELDS and name not in EDIT_ONLY
 )
 # What an edit takes besides: the region's dilation and RePaint-style harmonisation jumps per step.
-EDIT_OPTIONS = ("edit_margin_mm", "harmonize", "encode_context", "context", "band_mm", "soft", "level_match", "scan_schedule", "level_match_again")
+EDIT_OPTIONS = ("edit_margin_mm", "harmonize", "encode_context", "context", "band_mm", "soft", "level_match", "scan_schedule", "level_match_again", "level_correction", "noise_match")
 
 
 @dataclass
@@ -694,7 +694,6 @@ def _edit(
         CanonicalView,
         blend_weight,
         check_region_size,
-        check_same_grid,
         composite,
         crop_body,
         describe_crop,
@@ -716,13 +715,14 @@ def _edit(
         )
     # 1. Everything cheap, before any model loads: grids, the region, the crop.
     with stages("read-mask", report=False):
-        check_same_grid(mask.shape, mask.affine, reference, "mask", Path(mask.source).name or "mask")
-        if original is not None:
-            check_same_grid(
-                original.shape, original.affine, reference, "original mask", Path(original.source).name or "mask"
-            )
+        mask = _on_grid(mask, reference, "mask")
+        original = None if original is None else _on_grid(original, reference, "original mask")
         if explicit is not None and tuple(explicit.shape) != reference.shape:
-            check_same_grid(explicit.shape, reference.affine, reference, "edit region", "")
+            raise GeometryError(
+                f"the edit region has {'x'.join(map(str, explicit.shape))} voxels, the reference CT "
+                f"{'x'.join(map(str, reference.shape))}",
+                "give the region on the CT's grid",
+            )
         view = CanonicalView(reference.affine, reference.shape)
         margin = float(extra.get("edit_margin_mm", EDIT_MARGIN_MM))
         region, how = edit_region(
@@ -801,8 +801,24 @@ def _edit(
         box = crop.box
         weight = blend_weight(region_c[box], view.spacing, float(extra.get("band_mm", 6.0)))
         weight[(labels_c[box] == 0) & (hu_c[box] <= AIR_BELOW_HU)] = 0.0  # air outside the body stays the scan's
+        drawn_box = crop.back(drawn)
+        if extra.get("level_correction", 0):
+            from .editing import match_levels
+
+            if original is not None:
+                kept = view(original.labels)[box] == labels_c[box]
+            else:
+                kept = ~np.isin(labels_c[box], L.TUMORS)
+            drawn_box, _ = match_levels(drawn_box, hu_c[box], labels_c[box], region_c[box], kept)
+        if extra.get("noise_match", 0):
+            from .editing import match_noise
+
+            body_box = (labels_c[box] > 0) | (hu_c[box] > AIR_BELOW_HU)
+            drawn_box, added = match_noise(drawn_box, hu_c[box], body_box, region_c[box], opts["seed"])
+            if added:
+                notes.append(f"the drawn region was smoother than the scan: {added:.0f} HU of fine noise added")
         hu = reference.hu.copy()
-        view(hu)[box] = composite(hu_c[box], crop.back(drawn), weight)
+        view(hu)[box] = composite(hu_c[box], drawn_box, weight)
     region_voxels = int(np.count_nonzero(region))
     seconds = time.perf_counter() - started
     edit = {
@@ -842,6 +858,17 @@ def _edit(
     )
 
 
+def _on_grid(mask: Mask, reference: ReferenceCT, what: str) -> Mask:
+    """The mask on the reference CT's grid (`editing.on_reference_grid`)."""
+    from .editing import on_reference_grid
+
+    labels = on_reference_grid(mask.labels, mask.affine, reference, what, Path(mask.source).name or what)
+    if labels is mask.labels:
+        return mask
+    note = f"the {what} covered part of the CT's grid; it was placed into it (no label outside)"
+    return Mask(labels, reference.affine, mask.source, mask.volume, [*mask.notes, note])
+
+
 def _apply_edit_rules(mask: Mask, rules: tuple[str, ...], seed: int) -> Mask:
     """The mask with the edit rules applied, random choices drawn from the request's seed."""
     parsed = [parse_rule(rule) for rule in rules]
@@ -854,16 +881,15 @@ def _apply_edit_rules(mask: Mask, rules: tuple[str, ...], seed: int) -> Mask:
 
 def read_edit_region(path: str | Path, reference: ReferenceCT) -> np.ndarray:
     """An edit region file (nonzero voxels) on the reference CT's grid."""
-    from .editing import check_same_grid
+    from .editing import on_reference_grid
 
     volume = read_volume(path, "edit region")
     array = np.asarray(volume.array)
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
-    check_same_grid(array.shape, volume.affine, reference, "edit region", Path(path).name)
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         raise MaskError(f"edit region {Path(path).name} contains NaN voxels", "save it as a 0/1 label map")
-    return array != 0
+    return on_reference_grid(array != 0, volume.affine, reference, "edit region", Path(path).name)
 
 
 def _inside(shift: Callable[[torch.Tensor], torch.Tensor], free: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

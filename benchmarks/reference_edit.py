@@ -90,7 +90,6 @@ def mean(values):
 
 def quality(args) -> dict:
     import nibabel as nib
-    import torch
     from scipy import ndimage
 
     from MaisiSynthLib.cases import find_pairs
@@ -99,7 +98,7 @@ def quality(args) -> dict:
     from MaisiSynthLib.masks import Mask, remove_tumors
     from MaisiSynthLib.models import load_models
     from MaisiSynthLib.phantoms import TUMOR_RADII_MM, VERTEBRAE
-    from MaisiSynthLib.pipeline import default_model_dir, edit_volume
+    from MaisiSynthLib.pipeline import default_model_dir, edit_volume, generate_volume
 
     cases = Path(args.cases) if args.cases else phantoms(HELDOUT, 8, 1000, (128, 128, 64))
     model_dir = Path(args.model_dir) if args.model_dir else default_model_dir()
@@ -114,6 +113,9 @@ def quality(args) -> dict:
         spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
         reference = ReferenceCT(hu, image.affine)
         original = Mask(labels, image.affine)
+        drawn_full = None
+        if args.baseline:
+            drawn_full = generate_volume(original, {"steps": args.steps, "seed": 0}, models=models).hu
         rng = np.random.default_rng([1000, int(sum(map(ord, name)))])
         for tumor in TYPES:
             host_ids = L.TUMOR_HOSTS[tumor]
@@ -121,7 +123,15 @@ def quality(args) -> dict:
             ref_host_median = float(np.median(hu[ref_host]))
             row = {"case": name, "tumor": L.name_of(tumor)}
             if (labels == tumor).any():
-                row["real_contrast"] = float(np.median(hu[labels == tumor]) - ref_host_median)
+                real = labels == tumor
+                row["real_contrast"] = float(np.median(hu[real]) - ref_host_median)
+                real_shell = (ndimage.distance_transform_edt(~real, sampling=spacing) <= SHELL_MM) & ~real & ref_host
+                row["real_shell"] = float(np.median(hu[real_shell]) - ref_host_median) if real_shell.any() else None
+                if drawn_full is not None:  # the same shell where a full generation of the mask draws the lesion
+                    host_drawn = float(np.median(drawn_full[ref_host]))
+                    row["full_generation_shell"] = (
+                        float(np.median(drawn_full[real_shell]) - host_drawn) if real_shell.any() else None
+                    )
             # insertion
             low, high = TUMOR_RADII_MM[tumor]
             hosts = VERTEBRAE if tumor == L.BONE_LESION else None
@@ -170,6 +180,8 @@ def quality(args) -> dict:
             "shell_mean_abs_hu": mean([abs(r["shell"]) for r in mine if r["shell"] is not None]),
             "shell_mean_hu": mean([r["shell"] for r in mine]),
             "shell_reference_mean_hu": mean([r["shell_reference"] for r in mine]),
+            "real_shell_hu": mean([abs(r["real_shell"]) for r in mine if r.get("real_shell") is not None]),
+            "full_generation_shell_hu": mean([abs(v) for r in mine if (v := r.get("full_generation_shell")) is not None]),
             "seam": mean([r["seam"] for r in mine]),
             "seam_reference": mean([r["seam_reference"] for r in mine]),
             "removal_mean_abs_hu": mean([abs(r["removal"]) for r in mine if "removal" in r]),
@@ -180,8 +192,8 @@ def quality(args) -> dict:
 
 def print_quality(data: dict) -> None:
     print(
-        f"{'tumor type':<26} {'outside':>7} {'contrast':>8} {'real':>6} {'ratio':>6} {'shell':>6} {'(ref)':>6} "
-        f"{'seam':>5} {'(ref)':>5} {'removal':>7} {'s':>5}"
+        f"{'tumor type':<26} {'outside':>7} {'contrast':>8} {'real':>6} {'ratio':>6} {'shell':>6} {'real':>6} "
+        f"{'full':>6} {'seam':>5} {'(ref)':>5} {'removal':>7} {'s':>5}"
     )
 
     def f(v, spec):
@@ -190,9 +202,99 @@ def print_quality(data: dict) -> None:
     for name, s in data["summary"].items():
         print(
             f"{name:<26} {f(s['outside_max_abs_hu'], '7.0f')} {f(s['contrast_hu'], '+8.0f')} {f(s['real_contrast_hu'], '+6.0f')} "
-            f"{f(s['ratio'], '6.2f')} {f(s['shell_mean_abs_hu'], '6.1f')} {f(s['shell_reference_mean_hu'], '+6.1f')} "
+            f"{f(s['ratio'], '6.2f')} {f(s['shell_mean_abs_hu'], '6.1f')} {f(s['real_shell_hu'], '6.1f')} "
+            f"{f(s['full_generation_shell_hu'], '6.1f')} "
             f"{f(s['seam'], '5.2f')} {f(s['seam_reference'], '5.2f')} {f(s['removal_mean_abs_hu'], '7.1f')} {f(s['seconds'], '5.1f')}"
         )  # fmt: skip
+
+
+TIMING_GRIDS = {"128x128x64": (128, 128, 64), "256x256x128": (256, 256, 128)}  # 8x the voxels, same spacing
+
+
+def _one_timing(args) -> dict:
+    """In this process: load the models, then time one full generation or one 20 mm insertion."""
+    import nibabel as nib
+    import torch
+
+    from MaisiSynthLib.cases import find_pairs
+    from MaisiSynthLib.editing import ReferenceCT, check_reference_ct
+    from MaisiSynthLib.lesions import random_tumor
+    from MaisiSynthLib.masks import Mask
+    from MaisiSynthLib.models import load_models
+    from MaisiSynthLib.pipeline import default_model_dir, edit_volume, generate_volume, peak_rss_mb
+
+    torch.set_num_threads(args.threads)
+    (_, image_path, label_path), *_ = find_pairs(args.case_dir)
+    image = nib.load(str(image_path))
+    labels = np.asanyarray(nib.load(str(label_path)).dataobj).astype(np.int16)
+    hu = check_reference_ct(np.asanyarray(image.dataobj))
+    models = load_models(Path(args.model_dir) if args.model_dir else default_model_dir(), args.device)
+    rss_loaded = peak_rss_mb()
+    spacing = tuple(float(s) for s in image.header.get_zooms()[:3])
+    edited = random_tumor(labels, L.HEPATIC_TUMOR, LESION_DIAMETER_MM / 2, spacing, np.random.default_rng(0))
+    if models.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(models.device)
+    started = time.perf_counter()
+    if args.kind == "generate":
+        ct = generate_volume(Mask(edited, image.affine), {"seed": 0, "steps": args.steps}, models=models)
+    else:
+        ct = edit_volume(
+            ReferenceCT(hu, image.affine), Mask(edited, image.affine), {"seed": 0, "steps": args.steps},
+            original=Mask(labels, image.affine), models=models,
+        )  # fmt: skip
+    seconds = time.perf_counter() - started
+    out = {
+        "kind": args.kind,
+        "shape": list(hu.shape),
+        "seconds": seconds,
+        "timings": ct.timings,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": peak_rss_mb(),
+        "volume_mb": round(hu.nbytes / 2**20, 1),
+        "device": str(models.device),
+    }
+    if models.device.type == "cuda":
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(models.device) / 2**20, 1)
+    if ct.edit:
+        out["crop_shape"] = ct.edit["crop_shape"]
+    return out
+
+
+def timing(args) -> dict:
+    """Each (grid, kind) in a fresh process, so that time and peak memory are the one call's."""
+    runs = []
+    for name, size in TIMING_GRIDS.items():
+        folder = phantoms(ROOT / "runs" / "results" / f"edit_timing_{name}", 1, 1000, size, tumors="none")
+        for kind in ("generate", "edit"):
+            cmd = [sys.executable, __file__, "one-timing", "--case-dir", str(folder), "--kind", kind]
+            cmd += ["--steps", str(args.steps), "--device", args.device, "--threads", str(args.threads)]
+            if args.model_dir:
+                cmd += ["--model-dir", args.model_dir]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            run = {"grid": name, **json.loads(done.stdout.strip().splitlines()[-1])}
+            runs.append(run)
+            print(f"{name} {kind}: {run['seconds']:.2f} s, peak RSS {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
+    by = {(r["grid"], r["kind"]): r for r in runs}
+    small, large = TIMING_GRIDS
+    summary = {
+        "edit_over_generate_small": by[small, "edit"]["seconds"] / by[small, "generate"]["seconds"],
+        "edit_large_over_small": by[large, "edit"]["seconds"] / by[small, "edit"]["seconds"],
+        "generate_large_over_small": by[large, "generate"]["seconds"] / by[small, "generate"]["seconds"],
+    }
+    return {"settings": {"steps": args.steps, "device": args.device, "threads": args.threads}, "runs": runs,
+            "summary": summary}  # fmt: skip
+
+
+def print_timing(data: dict) -> None:
+    print(f"{'grid':<12} {'kind':<9} {'seconds':>8} {'crop':>10} {'peak RSS MB':>12} {'volume MB':>10}")
+    for r in data["runs"]:
+        crop = "x".join(map(str, r.get("crop_shape", []))) or "—"
+        print(f"{r['grid']:<12} {r['kind']:<9} {r['seconds']:8.2f} {crop:>10} {r['peak_rss_mb']:12.0f} {r['volume_mb']:10.1f}")
+    s = data["summary"]
+    print(
+        f"edit / full generation on the small grid: {s['edit_over_generate_small']:.2f}; 8x the voxels: edit "
+        f"{s['edit_large_over_small']:.2f}x, full generation {s['generate_large_over_small']:.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,14 +306,33 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--device", default="cpu")
     q.add_argument("--steps", type=int, default=30)
     q.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="an edit option")
+    q.add_argument(
+        "--baseline", action="store_true", help="also draw each mask as a full generation: its real lesions' shells"
+    )
     q.add_argument("--json")
+    t = sub.add_parser("timing")
+    t.add_argument("--model-dir")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--json")
+    o = sub.add_parser("one-timing")  # one measurement, in its own process (used by `timing`)
+    o.add_argument("--case-dir", required=True)
+    o.add_argument("--kind", choices=["generate", "edit"], required=True)
+    for name, default in (("--model-dir", None), ("--device", "cpu")):
+        o.add_argument(name, default=default)
+    o.add_argument("--steps", type=int, default=30)
+    o.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.what == "one-timing":
+        print(json.dumps(_one_timing(args)))
+        return 0
     if args.what == "quality":
         data = quality(args)
         print_quality(data)
+    else:
+        data = timing(args)
+        print_timing(data)
     if args.json:
         Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
     return 0

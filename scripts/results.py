@@ -6,6 +6,7 @@
     .venv/bin/python scripts/results.py downstream   # tumor segmentation: real vs real + synthetic
     .venv/bin/python scripts/results.py fov          # chest-only coarse and abdomen-only held-out masks
     .venv/bin/python scripts/results.py guidance     # mask guidance scale and interval
+    .venv/bin/python scripts/results.py edit         # editing a reference CT: inserted/removed lesions, time
 
 Each writes docs/results/<experiment>.json and .png and rewrites its table in docs/results.md
 (between `<!-- <experiment> -->` markers). To measure a candidate before shipping it, give its folder
@@ -248,28 +249,34 @@ def steps(args) -> None:
 # Downstream tumor segmentation
 
 
+def random_lesions(labels: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
+    """1-3 lesions of random types and sizes inserted into a tumor-free mask."""
+    from MaisiSynthLib.lesions import random_tumor
+    from MaisiSynthLib.phantoms import TUMOR_CHOICES
+
+    radii = {L.HEPATIC_TUMOR: (6, 18), L.LUNG_TUMOR: (5, 12), L.PANCREATIC_TUMOR: (6, 10)}
+    for tumor in rng.choice(TUMOR_CHOICES, size=int(rng.integers(1, 4)), replace=False):
+        low, high = radii.get(int(tumor), (7, 12))
+        labels = random_tumor(labels, int(tumor), float(rng.uniform(low, high)), spacing, rng)
+    return labels
+
+
 def edited_masks(real: Path, out: Path, per_case: int, seed: int) -> list[Path]:
     """Masks of the real cases with their tumors removed and new ones inserted elsewhere, each a
     random type and size (the paper's tumor-inserted masks)."""
     import nibabel as nib
 
-    from MaisiSynthLib.lesions import random_tumor
     from MaisiSynthLib.masks import remove_tumors
-    from MaisiSynthLib.phantoms import TUMOR_CHOICES
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    radii = {L.HEPATIC_TUMOR: (6, 18), L.LUNG_TUMOR: (5, 12), L.PANCREATIC_TUMOR: (6, 10)}
     paths = []
     for label_path in sorted(real.glob("*_label.nii.gz")):
         nifti = nib.load(str(label_path))
         spacing = nifti.header.get_zooms()[:3]
         base = remove_tumors(np.asanyarray(nifti.dataobj).astype(np.int16))
         for k in range(per_case):
-            labels = base
-            for tumor in rng.choice(TUMOR_CHOICES, size=int(rng.integers(1, 4)), replace=False):
-                low, high = radii.get(int(tumor), (7, 12))
-                labels = random_tumor(labels, int(tumor), float(rng.uniform(low, high)), spacing, rng)
+            labels = random_lesions(base, spacing, rng)
             path = out / f"{label_path.name.replace('_label.nii.gz', '')}_edit{k}_label.nii.gz"
             nib.save(nib.Nifti1Image(labels, nifti.affine), str(path))
             paths.append(path)
@@ -292,6 +299,33 @@ def synthesize(masks: list[Path], folder: Path, model_dir: Path) -> Path:
             models=models,
         )
     return folder
+
+
+def inserted(free: Path, out: Path, model_dir: Path, seed: int) -> Path:
+    """Real tumor-free cases, each with 1-3 lesions inserted by an edit of its CT (the scan kept
+    outside the lesions and their margin): *_image/*_label pairs in `out`, drawn anew every time."""
+    import nibabel as nib
+
+    from MaisiSynthLib.cases import find_pairs
+    from MaisiSynthLib.editing import ReferenceCT, check_reference_ct
+    from MaisiSynthLib.masks import Mask
+    from MaisiSynthLib.models import load_models
+    from MaisiSynthLib.pipeline import edit_volume
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    models = load_models(model_dir, "auto")
+    rng = np.random.default_rng(seed)
+    for i, (name, image_path, label_path) in enumerate(find_pairs(free)):
+        image, nifti = nib.load(str(image_path)), nib.load(str(label_path))
+        labels = np.asanyarray(nifti.dataobj).astype(np.int16)
+        edited = random_lesions(labels, nifti.header.get_zooms()[:3], rng)
+        reference = ReferenceCT(check_reference_ct(np.asanyarray(image.dataobj)), image.affine)
+        ct = edit_volume(reference, Mask(edited, image.affine), {"seed": i}, original=Mask(labels, image.affine),
+                         models=models)  # fmt: skip
+        nib.save(nib.Nifti1Image(ct.hu, image.affine), str(out / f"{name}_image.nii.gz"))
+        nib.save(nib.Nifti1Image(edited, image.affine), str(out / f"{name}_label.nii.gz"))
+    return out
 
 
 def load_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -358,16 +392,24 @@ def downstream(args) -> None:
     real_dir = phantoms(RUNS / f"downstream_real{args.real}", args.real, 2000)
     masks = edited_masks(real_dir, RUNS / "downstream_edited_masks", args.synthetic // args.real, args.seed)
     synthetic_dir = synthesize(masks, RUNS / "downstream_edited_masks", args.model)
+    free_dir = phantoms(RUNS / f"downstream_free{args.free}", args.free, 5000, *GRID, "--tumors", "none")
+    inserted_dir = inserted(free_dir, RUNS / "downstream_inserted", args.model, args.seed)
     test = load_pairs(heldout(args.cases))
     real = load_pairs(real_dir)
     synthetic = load_pairs(synthetic_dir)
+    edited = load_pairs(inserted_dir)
+    arms = {
+        "real": real,
+        "real + synthetic": real + synthetic,
+        "real + tumor-free real with inserted tumors": real + edited,
+    }
     data = {"settings": vars(args).copy(), "runs": []}
     for key in ("run", "model", "out", "docs") + (("model_dir",) if args.docs else ()):
         data["settings"].pop(key, None)
     if not args.docs:
         data["settings"]["model_dir"] = str(args.model)
     for seed in args.seeds:
-        for name, train in (("real", real), ("real + synthetic", real + synthetic)):
+        for name, train in arms.items():
             log(f"segmenter on {name} ({len(train)} cases), seed {seed}")
             scores = dice_scores(train_segmenter(train, args.train_steps, seed), test)
             data["runs"].append({"data": name, "seed": seed, "dice": scores, "mean_dice": float(np.mean(scores))})
@@ -376,7 +418,8 @@ def downstream(args) -> None:
         "|---|---|---|---|",
     ]
     summary = {}
-    for name, count in (("real", len(real)), ("real + synthetic", len(real) + len(synthetic))):
+    for name, train in arms.items():
+        count = len(train)
         means = [r["mean_dice"] for r in data["runs"] if r["data"] == name]
         summary[name] = means
         rows.append(
@@ -385,13 +428,12 @@ def downstream(args) -> None:
         )
     data["summary"] = summary
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     for i, means in enumerate(summary.values()):
         ax.scatter([i] * len(means), means, color="black", zorder=3)
-        ax.bar(i, np.mean(means), color=["tab:blue", "tab:red"][i], alpha=0.6)
+        ax.bar(i, np.mean(means), color=["tab:blue", "tab:red", "tab:green"][i], alpha=0.6)
     ax.set_xticks(
-        range(len(summary)),
-        [f"{k}\n({len(real) if k == 'real' else len(real) + len(synthetic)} cases)" for k in summary],
+        range(len(summary)), [f"{k.replace(' with ', chr(10) + 'with ')}\n({len(arms[k])} cases)" for k in summary]
     )
     ax.set_ylabel("tumor Dice on held-out phantoms")
     fig.tight_layout()
@@ -485,6 +527,81 @@ def guidance(args) -> None:
     write_result("guidance", data, "\n".join(rows), args)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Editing a reference CT
+
+# What else was tried, each against the shipped settings (pipeline.EDIT_OPTIONS), on the same edits
+EDIT_VARIANTS = {
+    "shipped": {},
+    "margin 10 mm, band 6 mm": {"edit_margin_mm": 10, "band_mm": 6},
+    "patient levels once (0.6 T)": {"level_match_again": 0},
+    "no patient levels (the model's prior, inside the region)": {"level_match": 0},
+    "softer latent blend (ring at 0.5)": {"latent_blend": 0.5},
+    "RePaint harmonisation (1 jump per step)": {"harmonize": 1},
+}
+
+
+def benchmark(*args: str) -> dict:
+    """benchmarks/reference_edit.py with these arguments; its JSON."""
+    target = RUNS / "edit_benchmark.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reference_edit.py"), *args, "--json", str(target)],
+                   cwd=ROOT, check=True)  # fmt: skip
+    return json.loads(target.read_text())
+
+
+def edit(args) -> None:
+    """The held-out torsos with lesions inserted and removed (benchmarks/reference_edit.py quality),
+    each variant of EDIT_VARIANTS, and the time of one insertion against a full generation."""
+    data: dict = {"variants": {}}
+    cases = str(heldout(8))
+    for name, options in EDIT_VARIANTS.items():
+        if name != "shipped" and not args.variants:
+            continue
+        log(f"edit quality: {name}")
+        sets = [f"--set={key}={json.dumps(value)}" for key, value in options.items()]
+        data["variants"][name] = benchmark("quality", "--cases", cases, "--model-dir", str(args.model), *sets)
+    log("edit timing")
+    data["timing"] = benchmark("timing", "--model-dir", str(args.model), "--threads", str(args.threads))
+    shipped = data["variants"]["shipped"]["summary"]
+    rows = [
+        "| tumor type | outside max \\|Δ\\| HU | inserted contrast HU | real HU | ratio | host shell \\|Δ\\| HU "
+        "(real lesions' shell) | seam ratio (reference's) | removal \\|Δ\\| HU | s per edit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for tumor, r in shipped.items():
+        rows.append(
+            f"| {tumor} | {fmt(r['outside_max_abs_hu'], 0)} | {fmt(r['contrast_hu'], 0)} | {fmt(r['real_contrast_hu'], 0)} "
+            f"| {fmt(r['ratio'], 2)} | {fmt(r['shell_mean_abs_hu'])} ({fmt(r['real_shell_hu'])}) "
+            f"| {fmt(r['seam'], 2)} ({fmt(r['seam_reference'], 2)}) | {fmt(r['removal_mean_abs_hu'])} | {fmt(r['seconds'])} |"
+        )  # fmt: skip
+    if len(data["variants"]) > 1:
+        rows += ["", "| variant | contrast ratio: hepatic / pancreatic / colon / lung / bone | shell \\|Δ\\| HU, mean "
+                 "| seam ratio, mean | removal \\|Δ\\| HU, mean |", "|---|---|---|---|---|"]  # fmt: skip
+        for name, result in data["variants"].items():
+            summary = list(result["summary"].values())
+            ratios = " / ".join(fmt(r["ratio"], 2) for r in summary)
+            means = [
+                fmt(float(np.mean([r[key] for r in summary if r[key] is not None])))
+                for key in ("shell_mean_abs_hu", "seam", "removal_mean_abs_hu")
+            ]
+            rows.append(f"| {name} | {ratios} | {' | '.join(means)} |")
+    t = data["timing"]
+    rows += ["", "| grid | full generation s | one 20 mm lesion inserted s | crop | peak RSS MB: generation / edit |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    by = {(r["grid"], r["kind"]): r for r in t["runs"]}
+    for grid in dict.fromkeys(r["grid"] for r in t["runs"]):
+        g, e = by[grid, "generate"], by[grid, "edit"]
+        rows.append(f"| {grid} | {g['seconds']:.1f} | {e['seconds']:.1f} | {'x'.join(map(str, e['crop_shape']))} "
+                    f"| {g['peak_rss_mb']:.0f} / {e['peak_rss_mb']:.0f} |")  # fmt: skip
+    s = t["summary"]
+    rows.append(
+        f"\nInsertion ÷ full generation on 128×128×64: {s['edit_over_generate_small']:.2f}; with 8× the voxels "
+        f"the insertion takes {s['edit_large_over_small']:.2f}× as long, a full generation "
+        f"{s['generate_large_over_small']:.2f}×."
+    )
+    write_result("edit", data, "\n".join(rows), args)
+
+
 def resolve_target(args) -> None:
     """Which model to measure and where its numbers go. Only the demo model with the default output
     rewrites docs/: a candidate measured here must not overwrite the shipped model's tables."""
@@ -539,11 +656,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--real", type=int, default=4, help="real phantoms for training (seed 2000)")
     p.add_argument("--synthetic", type=int, default=8, help="synthetic cases from edited real masks")
+    p.add_argument(
+        "--free", type=int, default=8, help="tumor-free real phantoms (seed 5000) given inserted tumors by an edit"
+    )
     p.add_argument("--cases", type=int, default=8, help="held-out test phantoms")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0, help="seed of the mask edits")
     p.set_defaults(run=downstream)
+    p = sub.add_parser("edit", parents=[target], help="editing a reference CT: lesions inserted and removed, time")
+    p.add_argument("--no-variants", dest="variants", action="store_false", help="only the shipped settings")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the timing runs")
+    p.set_defaults(run=edit)
     p = sub.add_parser("fov", parents=[target], help="held-out masks of other kinds: chest-only coarse, abdomen-only")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)

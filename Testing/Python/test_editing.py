@@ -20,6 +20,8 @@ from MaisiSynthLib.editing import (
     check_reference_ct,
     composite,
     edit_region,
+    match_levels,
+    match_noise,
     plan_crop,
 )
 from MaisiSynthLib.errors import MaskError
@@ -127,7 +129,9 @@ def refusal_cases(scan, tmp_path):
     mask = np.asanyarray(nib.load(str(scan / "mask.nii.gz")).dataobj)
     affine = nib.load(str(scan / "ct.nii.gz")).affine
     shifted = affine.copy()
-    shifted[:3, 3] += 6.0
+    shifted[:3, 3] += 3.0  # half a voxel: not aligned with the CT
+    coarse = affine.copy()
+    coarse[:3, :3] *= 2
     nan_ct = ct.astype(np.float32)
     nan_ct[10, 10, 10] = np.nan
     with_tumor = mask.copy()
@@ -135,8 +139,8 @@ def refusal_cases(scan, tmp_path):
     good_ct, good_mask = str(scan / "ct.nii.gz"), str(scan / "mask.nii.gz")
     tumor_mask = write(tmp_path / "tumor.nii.gz", with_tumor, affine)
     return [
-        ("grids differ", ["--mask", write(tmp_path / "m.nii.gz", mask[:, :, :16], affine), "--reference-ct", good_ct,
-                          "--edit", "insert:hepatic:20"], "not on the reference CT's grid"),
+        ("grids differ", ["--mask", write(tmp_path / "m.nii.gz", mask[::2, ::2, ::2], coarse), "--reference-ct",
+                          good_ct, "--edit", "insert:hepatic:20"], "not on the reference CT's grid"),
         ("0-4095", ["--mask", good_mask, "--reference-ct", write(tmp_path / "raw.nii.gz", (ct + 1024).astype(np.int16),
                     affine), "--edit", "insert:hepatic:20"], "not in HU"),
         ("label map", ["--mask", good_mask, "--reference-ct", good_mask, "--edit", "insert:hepatic:20"],
@@ -230,3 +234,56 @@ def test_what_is_not_a_ct_in_hu_is_refused_and_whole_hu_stay_int16():
     ):
         with pytest.raises(MaskError, match=words):
             check_reference_ct(array)
+
+
+def test_a_segmentation_cropped_to_its_segments_is_placed_into_the_cts_grid(scan, tiny_model, tmp_path):
+    """Slicer saves a segmentation with its extent cut to the painted voxels: a voxel-aligned block of
+    the CT's grid. It is placed into the grid (background around it), not refused."""
+    reference = nib.load(str(scan / "ct.nii.gz"))
+    mask = np.asanyarray(nib.load(str(scan / "mask.nii.gz")).dataobj)
+    inner = np.argwhere(mask > 0)
+    lo, hi = inner.min(axis=0), inner.max(axis=0) + 1
+    cropped = reference.affine.copy()
+    cropped[:3, 3] = (reference.affine @ np.array([*lo, 1.0]))[:3]
+    block = write(tmp_path / "block.nii.gz", mask[tuple(slice(a, b) for a, b in zip(lo, hi))], cropped)
+    out, labels = tmp_path / "e.nii.gz", tmp_path / "e_label.nii.gz"
+    code = cli.main(["generate", "--mask", block, "--reference-ct", str(scan / "ct.nii.gz"), "--edit",
+                     "insert:hepatic:30", "--output", str(out), "--label-output", str(labels), "--model-dir",
+                     str(tiny_model), "--steps", "1", "--quiet"])  # fmt: skip
+    assert code == 0
+    edited = np.asanyarray(nib.load(str(labels)).dataobj)
+    assert edited.shape == mask.shape and np.array_equal(edited[edited != L.HEPATIC_TUMOR], mask[edited != 26])
+
+
+def test_levels_move_to_the_patients_and_tumors_stay_as_drawn():
+    labels = np.ones((12, 12, 12), np.int16)
+    labels[:, 6:] = 5
+    labels[3:5, 3:5, 3:5] = L.HEPATIC_TUMOR
+    region = np.zeros(labels.shape, bool)
+    region[1:11, 1:11, 1:11] = True
+    reference = np.where(labels == 1, 60.0, 30.0).astype(np.float32)
+    drawn = np.where(labels == 1, 100.0, 10.0).astype(np.float32)
+    drawn[labels == L.HEPATIC_TUMOR] = 40.0
+    kept = labels != L.HEPATIC_TUMOR
+    out, offsets = match_levels(drawn, reference, labels, region, kept)
+    assert offsets == {1: -40.0, 5: 20.0}
+    assert np.all(out[region & (labels == 1)] == 60.0) and np.all(out[region & (labels == 5)] == 30.0)
+    assert np.all(out[labels == L.HEPATIC_TUMOR] == 40.0) and np.all(out[~region] == drawn[~region])
+
+
+def test_noise_is_added_only_where_the_drawn_hu_are_smoother_than_the_scan():
+    rng = np.random.default_rng(1)
+    scan = ndimage.gaussian_filter(rng.normal(0, 40, (40, 40, 20)), 0.6).astype(np.float32)
+    body = np.ones(scan.shape, bool)
+    region = np.zeros(scan.shape, bool)
+    region[10:30, 10:30, 5:15] = True
+    smooth = np.zeros_like(scan)
+    out, added = match_noise(smooth, scan, body, region, seed=3)
+    fine = lambda a: a - ndimage.gaussian_filter(a, 1.0)  # noqa: E731
+    assert added > 5 and np.all(out[~region] == 0)
+    assert 0.8 < fine(out)[region].std() / fine(scan)[~region].std() < 1.25  # the scan's grain, not more
+    again, _ = match_noise(smooth, scan, body, region, seed=3)
+    assert np.array_equal(out, again)  # seeded
+    rough = scan * 1.3  # drawn HU with more grain than the scan get nothing
+    same, none = match_noise(rough, scan, body, region, seed=3)
+    assert none == 0.0 and same is rough
