@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,16 @@ from .errors import GeometryError, MaskError
 from .grid import GridRules, spacing_of
 from .volumes import Volume, read_volume
 
-# The dilation of the changed voxels that is redrawn with them: the host tissue a lesion touches
-# (its rim, partial-volume voxels, the organ's texture around it) has to agree with the lesion, and
-# 10 mm is about one latent voxel of the official model at 1.5 mm plus the reach of the blend band.
-EDIT_MARGIN_MM = 10.0
-MAX_EDIT_MARGIN_MM = 100.0
+# The dilation of the changed voxels that is redrawn with them: the tissue a lesion touches (its
+# rim, its blurred edge, the organ around it) has to be drawn with it, and the blend band at the
+# region's edge has to lie beyond all that. Drawn lesions are softer than their masks (the demo
+# model's lung nodules by about 8 mm): with 10 mm the band fell on the nodules' edges, with 20 mm the
+# larger region drew weaker lesions (docs/results.md, section 6).
+EDIT_MARGIN_MM = 15.0
 # The band at the region's edge over which the drawn HU are blended into the reference.
 BLEND_BAND_MM = 6.0
+# When the sampler moves the drawn regions to the patient's latent levels (t/T; `reference_level_shift`)
+PATIENT_LEVELS_AT = (0.6, 0.3)
 # Latent voxels of real context the networks see on each side of the region.
 CONTEXT_LATENT = 4
 # A region larger than this share of the body is a new CT, not an edit.
@@ -55,6 +58,68 @@ MAX_REGION_SHARE = 0.5
 # A CT in HU has air (about −1000 HU) around the body and in the lungs; its minimum is far below this.
 AIR_BELOW_HU = -500.0
 INT16 = np.iinfo(np.int16)
+
+
+# ---------------------------------------------------------------------------------------------------
+# How an edit is drawn
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """The settings of an edit. A request carries the margin only; the rest are research options of
+    the in-memory core (`pipeline.edit_volume`), their defaults what docs/results.md section 6 measured
+    best on the held-out torsos."""
+
+    edit_margin_mm: float = EDIT_MARGIN_MM
+    band_mm: float = BLEND_BAND_MM
+    # t/T at which the drawn latent levels are moved to the patient's (at most two; empty: the model's
+    # own latent prior instead, inside the region only)
+    patient_levels: tuple = PATIENT_LEVELS_AT
+    level_correction: bool = True  # `match_levels` on the drawn HU
+    noise_match: bool = True  # `match_noise` on the drawn HU
+    latent_blend: float = 0.0  # > 0: the latent voxels around the region held only partly (1 − this)
+    harmonize: int = 0  # RePaint resampling jumps per step (sampling.LatentHold)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "EditSettings":
+        """Settings from option values, each checked; unknown names are refused."""
+        from .request import RequestError, check_field
+
+        unknown = sorted(set(options) - {f.name for f in fields(cls)})
+        if unknown:
+            raise RequestError(f"unknown edit option(s): {', '.join(unknown)}", f"use {', '.join(EDIT_OPTIONS)}")
+        values = dict(options)
+
+        def number(name: str, low: float, high: float, whole: bool = False):
+            value = values[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise RequestError(f"{name} must be a number from {low:g} to {high:g}, got {value!r}", "")
+            if whole and int(value) != value:
+                raise RequestError(f"{name} must be a whole number, got {value!r}", "")
+            return int(value) if whole else float(value)
+
+        if "edit_margin_mm" in values:
+            values["edit_margin_mm"] = check_field("edit_margin_mm", values["edit_margin_mm"])
+        for name, low, high, whole in (("band_mm", 0, 50, False), ("latent_blend", 0, 1, False), ("harmonize", 0, 10, True)):
+            if name in values:
+                values[name] = number(name, low, high, whole)
+        for name in ("level_correction", "noise_match"):
+            if name in values and not isinstance(values[name], bool):
+                raise RequestError(f"{name} must be true or false, got {values[name]!r}", "")
+        if "patient_levels" in values:
+            at = values["patient_levels"]
+            ok = isinstance(at, (list, tuple)) and len(at) <= 2 and all(
+                not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < 1 for t in at
+            )
+            if not ok or list(at) != sorted(at, reverse=True):
+                raise RequestError(
+                    f"patient_levels must be at most two decreasing t/T values in (0, 1), got {at!r}", "e.g. [0.6, 0.3]"
+                )
+            values["patient_levels"] = tuple(float(t) for t in at)
+        return cls(**values)
+
+
+EDIT_OPTIONS = tuple(f.name for f in fields(EditSettings))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,24 +364,6 @@ class EditCrop:
     @property
     def spacing(self) -> tuple[float, float, float]:
         return spacing_of(self.affine)
-
-    def widened(self, voxels: int, full: tuple[int, int, int]) -> "EditCrop":
-        """The same grid grown by `voxels` model voxels on each side, as far as the volume reaches."""
-        if voxels <= 0:
-            return self
-        full = np.array(full)
-        before = np.minimum(voxels, np.floor(self.origin / self.step + 1e-6).astype(int))
-        before = np.maximum(before, 0)
-        far = self.origin + self.step * (np.array(self.shape) - 1)
-        after = np.maximum(np.minimum(voxels, np.floor((full - 1 - far) / self.step + 1e-6).astype(int)), 0)
-        # whole latent voxels only, so the crop's latent is a block of the wider one
-        c = 4
-        before, after = before // c * c, after // c * c
-        origin = self.origin - self.step * before
-        affine = self.affine.copy()
-        affine[:3, 3] = self.affine[:3, :3] @ (-before) + self.affine[:3, 3]
-        shape = tuple(int(n) for n in np.array(self.shape) + before + after)
-        return EditCrop(shape, affine, origin, self.step, self.box)
 
     def take(self, array: np.ndarray, order: int, fill: float) -> np.ndarray:
         """`array` (reference grid, RAS-ordered) on the crop: a copy of its block, or resampled."""

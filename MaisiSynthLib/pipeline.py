@@ -23,7 +23,7 @@ import torch
 
 from . import labels as L
 from .decoding import HU_MAX, HU_MIN, decode_latent, resample_intensities, to_hu
-from .editing import ReferenceCT, read_reference_ct
+from .editing import EDIT_OPTIONS, EditSettings, ReferenceCT, read_reference_ct
 from .errors import CancelledError, GeometryError, MaskError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
 from .lesions import apply_rules, parse_rule
@@ -83,8 +83,6 @@ EDIT_ONLY = ("edit_margin_mm", "edits")
 CORE_FIELDS = tuple(
     name for name in FIELDS if name not in INPUT_FIELDS and name not in OUTPUT_FIELDS and name not in EDIT_ONLY
 )
-# What an edit takes besides: the region's dilation and RePaint-style harmonisation jumps per step.
-EDIT_OPTIONS = ("edit_margin_mm", "harmonize", "encode_context", "context", "band_mm", "soft", "level_match", "scan_schedule", "level_match_again", "level_correction", "noise_match")
 
 
 @dataclass
@@ -656,22 +654,20 @@ def edit_volume(
     `editing.check_reference_ct`); `mask`: the edited label map on the scan's grid; `original`: the
     mask before the edit (the region is then what changed), or `region`: the voxels to redraw
     (nonzero). `options` as in `generate_volume` (output_size and spacing excepted: an edit is on the
-    scan's grid), plus `edit_margin_mm` and `harmonize`. Outside the region the result is the
-    reference, voxel for voxel and value for value.
+    scan's grid), plus the edit's (`editing.EditSettings`: the margin, and research options). Outside
+    the region the result is the reference, voxel for voxel and value for value.
     """
     options = dict(options or {})
-    extra = {key: options.pop(key) for key in EDIT_OPTIONS if key in options}
+    edit = EditSettings.from_options({key: options.pop(key) for key in EDIT_OPTIONS if key in options})
     unknown = sorted(set(options) - set(CORE_FIELDS))
     if unknown:
         raise RequestError(
             f"not options of an in-memory edit: {', '.join(unknown)}", "pass only CORE_FIELDS and EDIT_OPTIONS"
         )
-    if "edit_margin_mm" in extra:
-        extra["edit_margin_mm"] = check_field("edit_margin_mm", extra["edit_margin_mm"])
     opts = {**DEFAULTS, **check_options(**options)}
     engine = _resolve_engine(opts, models)
     settings = _model_settings(opts, engine.folder)
-    return _edit(reference, mask, original, region, opts, extra, engine, settings, _Stages(progress),
+    return _edit(reference, mask, original, region, opts, edit, engine, settings, _Stages(progress),
                  _cancel_check(cancel), keep_latent)  # fmt: skip
 
 
@@ -681,7 +677,7 @@ def _edit(
     original: Mask | None,
     explicit: np.ndarray | None,
     opts: dict,
-    extra: dict,
+    edit: EditSettings,
     engine: _Engine,
     settings: dict,
     stages: _Stages,
@@ -690,7 +686,6 @@ def _edit(
 ) -> SyntheticCT:
     from .editing import (
         AIR_BELOW_HU,
-        EDIT_MARGIN_MM,
         CanonicalView,
         blend_weight,
         check_region_size,
@@ -698,6 +693,8 @@ def _edit(
         crop_body,
         describe_crop,
         edit_region,
+        match_levels,
+        match_noise,
         plan_crop,
     )
 
@@ -724,13 +721,16 @@ def _edit(
                 "give the region on the CT's grid",
             )
         view = CanonicalView(reference.affine, reference.shape)
-        margin = float(extra.get("edit_margin_mm", EDIT_MARGIN_MM))
         region, how = edit_region(
-            mask.labels, spacing_of(reference.affine), None if original is None else original.labels, explicit, margin
+            mask.labels,
+            spacing_of(reference.affine),
+            None if original is None else original.labels,
+            explicit,
+            edit.edit_margin_mm,
         )
         check_region_size(region, (mask.labels > 0) | (reference.hu > AIR_BELOW_HU))
         region_c, hu_c, labels_c = view(region), view(reference.hu), view(mask.labels)
-        crop = plan_crop(region_c, view, folder.grid_rules(), compression_of(folder.config), int(extra.get("context", 4)))
+        crop = plan_crop(region_c, view, folder.grid_rules(), compression_of(folder.config))
         has_body = bool((mask.labels == L.BODY).any())
     check_cancel()
 
@@ -745,39 +745,36 @@ def _edit(
             labels_crop = crop_body(labels_crop, hu_crop)
         cond = _conditioning(models, labels_crop, crop.spacing, opts, settings, folder, device)
     with stages("encode-ct"):
-        wide = crop.widened(int(extra.get("encode_context", 0)) * c, view.shape)
-        hu_wide = wide.take(hu_c, 1, HU_MIN).astype(np.float32, copy=False)
-        image = torch.from_numpy(np.clip((hu_wide - HU_MIN) / (HU_MAX - HU_MIN), 0.0, 1.0))[None, None]
+        image = torch.from_numpy(np.clip((hu_crop - HU_MIN) / (HU_MAX - HU_MIN), 0.0, 1.0))[None, None]
         with torch.no_grad(), models.autocast():
-            mu = models.autoencoder.encode(image.to(device))[0]
-        offset = [int(round(v)) // c for v in (crop.origin - wide.origin) / crop.step]
-        mu = mu[(slice(None), slice(None)) + tuple(slice(o, o + n // c) for o, n in zip(offset, crop.shape))]
+            mu = models.autoencoder.encode(image.to(device))[0]  # the posterior mean: no sampling noise
         reference_latent = mu.float() * models.scale_factor
         drawn_crop = crop.take(region_c, 1, 0.0) > 0 if not crop.aligned else crop.take(region_c, 0, False)
         free = torch.nn.functional.max_pool3d(
             torch.from_numpy(drawn_crop.astype(np.float32))[None, None], kernel_size=c, stride=c
         ).to(device)
-        if extra.get("soft"):
+        if edit.latent_blend > 0:  # the ring of latent voxels around the footprint held only partly
             ring = torch.nn.functional.max_pool3d(free, 3, 1, 1) - free
-            free = free + float(extra["soft"]) * ring
-        match = extra.get("level_match", 0.6)
-        if match:
+            free = free + edit.latent_blend * ring
+        if edit.patient_levels:
             from .latent_prior import reference_level_shift
 
             patient = reference_level_shift(
                 models.latent_prior, torch.from_numpy(labels_crop.astype(np.int64)), c, reference_latent, free
             )
-            cond.level_prior, cond.prior_from = patient, float(match)
-            again = extra.get("level_match_again", 0)
-            cond.bone_prior, cond.bone_prior_from = (patient, float(again)) if again else (None, 0.0)
+            # the sampler's two level steps (sampling.sample_latent), both the patient's here
+            cond.level_prior, cond.prior_from = patient, edit.patient_levels[0]
+            cond.bone_prior, cond.bone_prior_from = (
+                (patient, edit.patient_levels[1]) if len(edit.patient_levels) > 1 else (None, 0.0)
+            )
         else:
-            if cond.level_prior is not None:  # the prior moves levels inside the edit only
+            if cond.level_prior is not None:  # the model's prior, moving levels inside the edit only
                 cond.level_prior = _inside(cond.level_prior, free)
             if cond.bone_prior is not None:
                 cond.bone_prior = _inside(cond.bone_prior, free)
+        # the timestep shift of a full generation of the scan: the crop is part of that image
         scan_latent = tuple(int(round(n * s / t)) // c for n, s, t in zip(view.shape, view.spacing, crop.spacing))
-        hold = LatentHold(reference_latent, free, int(extra.get("harmonize", 0)),
-                          scan_latent if extra.get("scan_schedule", 1) else None)
+        hold = LatentHold(reference_latent, free, edit.harmonize, scan_latent)
         del image, mu
     check_cancel()
 
@@ -799,20 +796,16 @@ def _edit(
     check_cancel()
     with stages("composite"):
         box = crop.box
-        weight = blend_weight(region_c[box], view.spacing, float(extra.get("band_mm", 6.0)))
+        weight = blend_weight(region_c[box], view.spacing, edit.band_mm)
         weight[(labels_c[box] == 0) & (hu_c[box] <= AIR_BELOW_HU)] = 0.0  # air outside the body stays the scan's
         drawn_box = crop.back(drawn)
-        if extra.get("level_correction", 0):
-            from .editing import match_levels
-
+        if edit.level_correction:
             if original is not None:
                 kept = view(original.labels)[box] == labels_c[box]
             else:
                 kept = ~np.isin(labels_c[box], L.TUMORS)
             drawn_box, _ = match_levels(drawn_box, hu_c[box], labels_c[box], region_c[box], kept)
-        if extra.get("noise_match", 0):
-            from .editing import match_noise
-
+        if edit.noise_match:
             body_box = (labels_c[box] > 0) | (hu_c[box] > AIR_BELOW_HU)
             drawn_box, added = match_noise(drawn_box, hu_c[box], body_box, region_c[box], opts["seed"])
             if added:
@@ -821,8 +814,9 @@ def _edit(
         view(hu)[box] = composite(hu_c[box], drawn_box, weight)
     region_voxels = int(np.count_nonzero(region))
     seconds = time.perf_counter() - started
-    edit = {
+    record = {
         "region": how,
+        "margin_mm": edit.edit_margin_mm,
         "region_voxels": region_voxels,
         "region_mm3": round(region_voxels * float(np.prod(spacing_of(reference.affine))), 1),
         "crop_shape": list(crop.shape),
@@ -831,8 +825,8 @@ def _edit(
         "seconds": round(seconds, 3),
     }
     notes.append(
-        f"edited the reference CT: {region_voxels} voxels redrawn ({how}) on a crop of {describe_crop(crop)}; "
-        f"the rest of the scan is unchanged"
+        f"edited the reference CT in {seconds:.1f} s: {region_voxels} voxels redrawn ({how}) on a crop of "
+        f"{describe_crop(crop)}; the rest of the scan is unchanged"
     )
     labels_out = mask.labels.astype(np.int16, copy=False)
     return SyntheticCT(
@@ -854,7 +848,7 @@ def _edit(
         latent=latent.cpu() if keep_latent else None,
         # the preview slices through the middle of the edit
         canonical=(view(hu), view(labels_out), view.spacing, tuple((s.start + s.stop) // 2 for s in box)),
-        edit=edit,
+        edit=record,
     )
 
 
@@ -936,8 +930,9 @@ def generate(
     if reference is None:
         ct = _synthesize(mask, opts, engine, settings, stages, cancelled, keep_latent)
     else:
-        extra = {} if checked.get("edit_margin_mm") is None else {"edit_margin_mm": checked["edit_margin_mm"]}
-        ct = _edit(reference, mask, original, region, opts, extra, engine, settings, stages, cancelled, keep_latent)
+        margin = checked.get("edit_margin_mm")
+        edit = EditSettings() if margin is None else EditSettings(edit_margin_mm=margin)
+        ct = _edit(reference, mask, original, region, opts, edit, engine, settings, stages, cancelled, keep_latent)
 
     # 3. Writing, all outputs at once.
     with stages("write"):

@@ -336,7 +336,10 @@ def _check_edits(value: Any) -> tuple:
     from .lesions import parse_rule  # the rules' grammar has one home; numpy + scipy only
 
     for rule in value:
-        parse_rule(rule)
+        try:
+            parse_rule(rule)
+        except MaisiSynthError as exc:
+            raise RequestError(exc.message, exc.hint) from None
     return tuple(value)
 
 

@@ -17,11 +17,13 @@ Requests (`id` is any string the caller chooses, echoed in every event about the
 Events:
 
     ready     once at start: pid, device, device name, memory, torch / CUDA / MONAI versions
-    progress  id, stage (load, encode-mask, sample, decode, write), elapsed s; sample adds i, total;
+    progress  id, stage (load, encode-mask, sample, decode, write; an edit of a reference CT adds
+              encode-ct and composite), elapsed s; sample adds i, total;
               a download's stages are resolve, verify, download (file, done, size, bytes, total), install
     log       id (or null), level, message
     result    id, output paths, seed, steps, shape, spacing, timings per stage, peak memory, the
-              model used in words ("model"), and "models": "loaded" or "reused"; a download's result
+              model used in words ("model"), "models": "loaded" or "reused", and for an edit "edit"
+              (region voxels and millilitres, crop shape and spacing, seconds); a download's result
               has model_dir, repo, revision, commit, files, sizes (never the token)
     error     id (or null), kind, message, hint; kinds: the engine's user errors (bad-mask, ...),
               cancelled, bad-request, out-of-memory, internal

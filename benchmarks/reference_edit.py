@@ -10,7 +10,8 @@ removed; each edit redraws the changed voxels dilated by the edit margin. Per tu
 
 - outside: max |Δ| between the output and the reference outside the edit region (must be 0);
 - contrast: the inserted lesion's median minus its host organ's median in the output, against the same
-  for the real lesions of that type in the reference, both averaged over the cases (as `evaluate`);
+  for the real lesions of that type in the reference, both averaged over the cases. The host organ is
+  the organ the lesion sits in (for a bone lesion its vertebra, where `evaluate` takes every bone);
 - shell: median of the host voxels within 5 mm of the inserted lesion minus the reference's host
   median (the lesion sits in this patient's organ, not in the model's average one);
 - seam: mean |gradient| on the voxels of the blend band and the ring just outside the region, over
@@ -83,6 +84,14 @@ def seam_ratio(out: np.ndarray, region: np.ndarray, host: np.ndarray, spacing, b
     return float(g[at].mean() / g[far].mean())
 
 
+def host_of(lesion: np.ndarray, host_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The host organ of a lesion: the voxels of `labels` with the labels `host_labels` has at the
+    lesion (the organ it was put into, or that replaces it when removed), tumors excepted. For a bone
+    lesion this is its vertebra, not every bone of the body."""
+    ids = [int(v) for v in np.unique(host_labels[lesion]) if v != 0 and not L.is_tumor(int(v))]
+    return np.isin(labels, ids) & ~np.isin(labels, L.TUMORS)
+
+
 def mean(values):
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -93,7 +102,7 @@ def quality(args) -> dict:
     from scipy import ndimage
 
     from MaisiSynthLib.cases import find_pairs
-    from MaisiSynthLib.editing import BLEND_BAND_MM, ReferenceCT, check_reference_ct, edit_region
+    from MaisiSynthLib.editing import BLEND_BAND_MM, EDIT_MARGIN_MM, ReferenceCT, check_reference_ct, edit_region
     from MaisiSynthLib.lesions import random_tumor
     from MaisiSynthLib.masks import Mask, remove_tumors
     from MaisiSynthLib.models import load_models
@@ -105,6 +114,7 @@ def quality(args) -> dict:
     models = load_models(model_dir, args.device)
     options = {"steps": args.steps, "seed": 0, **parse_set(args.set)}
     band = float(options.get("band_mm", BLEND_BAND_MM))
+    margin = float(options.get("edit_margin_mm", EDIT_MARGIN_MM))
     rows = []
     for name, image_path, label_path in find_pairs(cases):
         image = nib.load(str(image_path))
@@ -118,17 +128,16 @@ def quality(args) -> dict:
             drawn_full = generate_volume(original, {"steps": args.steps, "seed": 0}, models=models).hu
         rng = np.random.default_rng([1000, int(sum(map(ord, name)))])
         for tumor in TYPES:
-            host_ids = L.TUMOR_HOSTS[tumor]
-            ref_host = np.isin(labels, host_ids)
-            ref_host_median = float(np.median(hu[ref_host]))
             row = {"case": name, "tumor": L.name_of(tumor)}
             if (labels == tumor).any():
                 real = labels == tumor
-                row["real_contrast"] = float(np.median(hu[real]) - ref_host_median)
-                real_shell = (ndimage.distance_transform_edt(~real, sampling=spacing) <= SHELL_MM) & ~real & ref_host
-                row["real_shell"] = float(np.median(hu[real_shell]) - ref_host_median) if real_shell.any() else None
+                real_host = host_of(real, remove_tumors(labels, (tumor,)), labels)
+                host_median = float(np.median(hu[real_host]))
+                row["real_contrast"] = float(np.median(hu[real]) - host_median)
+                real_shell = (ndimage.distance_transform_edt(~real, sampling=spacing) <= SHELL_MM) & ~real & real_host
+                row["real_shell"] = float(np.median(hu[real_shell]) - host_median) if real_shell.any() else None
                 if drawn_full is not None:  # the same shell where a full generation of the mask draws the lesion
-                    host_drawn = float(np.median(drawn_full[ref_host]))
+                    host_drawn = float(np.median(drawn_full[real_host]))
                     row["full_generation_shell"] = (
                         float(np.median(drawn_full[real_shell]) - host_drawn) if real_shell.any() else None
                     )
@@ -140,15 +149,16 @@ def quality(args) -> dict:
             ct = edit_volume(reference, Mask(edited, image.affine), dict(options), original=original, models=models)
             row["seconds"] = time.perf_counter() - started
             out = ct.hu
-            region, _ = edit_region(edited, spacing, labels, margin_mm=options.get("edit_margin_mm", 10.0))
+            region, _ = edit_region(edited, spacing, labels, margin_mm=margin)
             row["outside_max_abs"] = float(np.abs(out.astype(np.float64) - hu)[~region].max())
             lesion = (edited == tumor) & (labels != tumor)
-            host = np.isin(edited, host_ids)
+            host = host_of(lesion, labels, edited)  # the organ the lesion was put into
+            host_median = float(np.median(hu[host]))
             row["contrast"] = float(np.median(out[lesion]) - np.median(out[host]))
             near = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= SHELL_MM
             shell = near & ~lesion & host
-            row["shell"] = float(np.median(out[shell]) - ref_host_median) if shell.any() else None
-            row["shell_reference"] = float(np.median(hu[shell]) - ref_host_median) if shell.any() else None
+            row["shell"] = float(np.median(out[shell]) - host_median) if shell.any() else None
+            row["shell_reference"] = float(np.median(hu[shell]) - host_median) if shell.any() else None
             row["seam"] = seam_ratio(out, region, host, spacing, band)
             row["seam_reference"] = seam_ratio(hu, region, host, spacing, band)
             # removal of the case's own tumors of this type
@@ -156,9 +166,10 @@ def quality(args) -> dict:
                 removed = remove_tumors(labels, (tumor,))
                 ct = edit_volume(reference, Mask(removed, image.affine), dict(options), original=original, models=models)
                 former = labels == tumor
-                region, _ = edit_region(removed, spacing, labels, margin_mm=options.get("edit_margin_mm", 10.0))
+                region, _ = edit_region(removed, spacing, labels, margin_mm=margin)
                 row["removal_outside_max_abs"] = float(np.abs(ct.hu.astype(np.float64) - hu)[~region].max())
-                row["removal"] = float(np.median(ct.hu[former]) - np.median(hu[ref_host & ~former]))
+                host = host_of(former, removed, labels)
+                row["removal"] = float(np.median(ct.hu[former]) - np.median(hu[host]))
             rows.append(row)
             print(
                 f"{name} {row['tumor'][:16]:16s} contrast {row['contrast']:+6.0f} (real {row.get('real_contrast', float('nan')):+5.0f}) "

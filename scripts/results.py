@@ -530,13 +530,19 @@ def guidance(args) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Editing a reference CT
 
-# What else was tried, each against the shipped settings (pipeline.EDIT_OPTIONS), on the same edits
+# What else was tried, each against the shipped settings (editing.EditSettings), on the same edits
 EDIT_VARIANTS = {
     "shipped": {},
-    "margin 10 mm, band 6 mm": {"edit_margin_mm": 10, "band_mm": 6},
-    "patient levels once (0.6 T)": {"level_match_again": 0},
-    "no patient levels (the model's prior, inside the region)": {"level_match": 0},
-    "softer latent blend (ring at 0.5)": {"latent_blend": 0.5},
+    "margin 10 mm": {"edit_margin_mm": 10},
+    "margin 20 mm": {"edit_margin_mm": 20},
+    "patient latent levels once (0.6 T)": {"patient_levels": [0.6]},
+    "no image-space level correction": {"level_correction": False},
+    "no patient levels (latent or image; the model's prior inside the region)": {
+        "patient_levels": [],
+        "level_correction": False,
+    },
+    "no noise matching": {"noise_match": False},
+    "softer latent blend (ring held at 0.5)": {"latent_blend": 0.5},
     "RePaint harmonisation (1 jump per step)": {"harmonize": 1},
 }
 
@@ -559,19 +565,22 @@ def edit(args) -> None:
             continue
         log(f"edit quality: {name}")
         sets = [f"--set={key}={json.dumps(value)}" for key, value in options.items()]
+        sets += ["--baseline"] if name == "shipped" else []
         data["variants"][name] = benchmark("quality", "--cases", cases, "--model-dir", str(args.model), *sets)
     log("edit timing")
     data["timing"] = benchmark("timing", "--model-dir", str(args.model), "--threads", str(args.threads))
     shipped = data["variants"]["shipped"]["summary"]
     rows = [
         "| tumor type | outside max \\|Δ\\| HU | inserted contrast HU | real HU | ratio | host shell \\|Δ\\| HU "
-        "(real lesions' shell) | seam ratio (reference's) | removal \\|Δ\\| HU | s per edit |",
+        "(real lesions: in the scan / in a full generation) | seam ratio (the scan's) | removal \\|Δ\\| HU "
+        "| s per edit |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for tumor, r in shipped.items():
         rows.append(
             f"| {tumor} | {fmt(r['outside_max_abs_hu'], 0)} | {fmt(r['contrast_hu'], 0)} | {fmt(r['real_contrast_hu'], 0)} "
-            f"| {fmt(r['ratio'], 2)} | {fmt(r['shell_mean_abs_hu'])} ({fmt(r['real_shell_hu'])}) "
+            f"| {fmt(r['ratio'], 2)} | {fmt(r['shell_mean_abs_hu'])} ({fmt(r['real_shell_hu'])} / "
+            f"{fmt(r.get('full_generation_shell_hu'))}) "
             f"| {fmt(r['seam'], 2)} ({fmt(r['seam_reference'], 2)}) | {fmt(r['removal_mean_abs_hu'])} | {fmt(r['seconds'])} |"
         )  # fmt: skip
     if len(data["variants"]) > 1:

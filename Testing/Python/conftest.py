@@ -116,7 +116,7 @@ def write_scan(folder: Path, seed: int = 3, shape=(64, 64, 32), spacing=(6.0, 6.
 
 
 def assert_kept_outside(
-    edited_ct: Path, reference_ct: Path, edited_labels: np.ndarray, original: np.ndarray, margin_mm: float = 10.0
+    edited_ct: Path, reference_ct: Path, edited_labels: np.ndarray, original: np.ndarray, margin_mm: float = 15.0
 ) -> None:
     """Every voxel more than the margin from a changed label is the reference's, value for value
     (the test's own region rule, not the engine's), and something inside was drawn."""

@@ -16,6 +16,7 @@ from scipy import ndimage
 from MaisiSynthLib import cli
 from MaisiSynthLib import labels as L
 from MaisiSynthLib.editing import (
+    EDIT_MARGIN_MM,
     CanonicalView,
     check_reference_ct,
     composite,
@@ -65,7 +66,7 @@ def test_an_edit_keeps_the_reference_bit_for_bit_outside_the_region(scan, tiny_m
     lesion = (edited == L.HEPATIC_TUMOR) & (original != L.HEPATIC_TUMOR)
     # the label output is the mask with one hepatic lesion added, nothing else changed
     assert lesion.sum() > 10 and np.array_equal(edited[~lesion], original[~lesion])
-    outside = far_from(edited != original, SPACING, 10.0 + 1e-6)
+    outside = far_from(edited != original, SPACING, EDIT_MARGIN_MM + 1e-6)
     assert np.array_equal(ct[outside], ref[outside])  # the same int16 values, bit for bit
     assert np.abs(ct[lesion].astype(int) - ref[lesion]).max() > 0  # and the lesion was drawn
     data = json.loads(result.stdout)
@@ -112,7 +113,7 @@ def test_an_edit_of_a_clinical_resolution_scan_is_drawn_at_the_models_spacing(co
     assert edit["crop_resampled"] is True and edit["crop_spacing"] == [2.5, 2.5, 4.0]
     ct = np.asanyarray(nib.load(str(out)).dataobj)
     edited = np.asanyarray(nib.load(str(tmp_path / "l.nii.gz")).dataobj)
-    outside = far_from(edited != labels, (0.8, 0.8, 2.0), 10.0 + 1e-6)
+    outside = far_from(edited != labels, (0.8, 0.8, 2.0), EDIT_MARGIN_MM + 1e-6)
     assert ct.dtype == np.int16 and ct.shape == fine_hu.shape
     assert np.array_equal(ct[outside], fine_hu[outside].astype(np.int16))
     assert np.abs(ct[~outside].astype(int) - fine_hu[~outside]).max() > 0
@@ -287,3 +288,42 @@ def test_noise_is_added_only_where_the_drawn_hu_are_smoother_than_the_scan():
     rough = scan * 1.3  # drawn HU with more grain than the scan get nothing
     same, none = match_noise(rough, scan, body, region, seed=3)
     assert none == 0.0 and same is rough
+
+
+def test_every_solver_and_guidance_keeps_the_outside_and_a_seed_repeats(scan, tiny_model):
+    from MaisiSynthLib.editing import read_reference_ct
+    from MaisiSynthLib.lesions import random_tumor
+    from MaisiSynthLib.masks import Mask, read_mask
+    from MaisiSynthLib.models import load_models
+    from MaisiSynthLib.pipeline import edit_volume
+
+    models = load_models(tiny_model, "cpu")
+    reference = read_reference_ct(scan / "ct.nii.gz")
+    original = read_mask(scan / "mask.nii.gz")
+    edited = random_tumor(original.labels, L.HEPATIC_TUMOR, 15.0, SPACING, np.random.default_rng(0))
+    outside = far_from(edited != original.labels, SPACING, EDIT_MARGIN_MM + 1e-6)
+    runs = {}
+    for name, options in {
+        "heun + cfg": {"solver": "heun", "cfg_scale": 2.0, "mask_guidance": 2.0},
+        "euler": {},
+        "euler again": {},
+        "another seed": {"seed": 5},
+    }.items():
+        ct = edit_volume(reference, Mask(edited, original.affine), {"steps": 2, **options}, original=original,
+                         models=models)  # fmt: skip
+        assert np.array_equal(ct.hu[outside], reference.hu[outside]), name
+        runs[name] = ct.hu
+    assert np.array_equal(runs["euler"], runs["euler again"])
+    assert not np.array_equal(runs["euler"], runs["another seed"]) and not np.array_equal(runs["euler"], runs["heun + cfg"])
+
+
+def test_edit_settings_are_checked_by_name_type_and_range():
+    from MaisiSynthLib.editing import EditSettings
+    from MaisiSynthLib.request import RequestError
+
+    assert EditSettings.from_options({}) == EditSettings()
+    assert EditSettings.from_options({"patient_levels": [0.7], "harmonize": 2}).patient_levels == (0.7,)
+    for bad in ({"band": 3}, {"band_mm": -1}, {"harmonize": 1.5}, {"noise_match": 1}, {"patient_levels": [0.3, 0.6]},
+                {"patient_levels": [0.6, 0.3, 0.1]}, {"edit_margin_mm": 500}, {"latent_blend": "0.5"}):  # fmt: skip
+        with pytest.raises(RequestError):
+            EditSettings.from_options(bad)

@@ -65,6 +65,11 @@ def test_the_command_line_flags_come_from_the_request():
         ("decode_overlap", [0, 0.5, None], [1, -0.1]),
         ("controlnet", [True, False], ["no", None, 1]),
         ("modality", [*R.CT_MODALITIES, None], ["mri", "CT", 1]),
+        (
+            "edits",
+            [["insert:hepatic:20"], ("remove:all", "swap:lung:hepatic"), None],
+            ["insert:hepatic:20", ["insert:brain:20"], [7], ["x" * 101], ["remove:all"] * 17],
+        ),
     ],
 )
 def test_ranges_and_types_are_checked_once_the_same_way(name, good, bad):
@@ -143,3 +148,19 @@ def test_modality_reaches_the_conditioning(tiny_model):
     default = generate_volume(mask, options).hu
     assert np.array_equal(generate_volume(mask, {**options, "modality": "ct"}).hu, default)  # the model's is ct
     assert not np.array_equal(generate_volume(mask, {**options, "modality": "ct_contrast"}).hu, default)
+
+
+def test_the_fields_of_an_edit_need_the_reference_ct_and_its_grid():
+    edit = {**VALID, "reference_ct": "ct.nii.gz"}
+    check_params({**edit, "original_mask": "m0.nii.gz", "edit_margin_mm": 5})
+    for margin in (-1, 101, "10", True):
+        with pytest.raises(RequestError, match="edit margin"):
+            check_params({**edit, "edit_margin_mm": margin})
+    for fields, words in (
+        ({**VALID, "original_mask": "m0.nii.gz"}, "only to an edit"),
+        ({**VALID, "edit_region": "r.nii.gz"}, "only to an edit"),
+        ({**edit, "original_mask": "m0.nii.gz", "edit_region": "r.nii.gz"}, "not both"),
+        ({**edit, "output_size": [64, 64, 64]}, "own grid"),
+    ):
+        with pytest.raises(RequestError, match=words):
+            check_params(fields)
