@@ -79,6 +79,7 @@ class EditSettings:
     noise_match: bool = True  # `match_noise` on the drawn HU
     latent_blend: float = 0.0  # > 0: the latent voxels around the region held only partly (1 − this)
     harmonize: int = 0  # RePaint resampling jumps per step (sampling.LatentHold)
+    context: int = CONTEXT_LATENT  # latent voxels of the scan the networks see around the region
 
     @classmethod
     def from_options(cls, options: dict) -> "EditSettings":
@@ -100,7 +101,12 @@ class EditSettings:
 
         if "edit_margin_mm" in values:
             values["edit_margin_mm"] = check_field("edit_margin_mm", values["edit_margin_mm"])
-        for name, low, high, whole in (("band_mm", 0, 50, False), ("latent_blend", 0, 1, False), ("harmonize", 0, 10, True)):
+        for name, low, high, whole in (
+            ("band_mm", 0, 50, False),
+            ("latent_blend", 0, 1, False),
+            ("harmonize", 0, 10, True),
+            ("context", 1, 16, True),
+        ):
             if name in values:
                 values[name] = number(name, low, high, whole)
         for name in ("level_correction", "noise_match"):
@@ -433,9 +439,12 @@ def plan_crop(
     target = np.array(model_spacing(tuple(spacing), rules))
     step = np.where(np.isclose(target, spacing, rtol=0, atol=1e-6), 1.0, target / spacing)
     m = max(rules.size_multiple, rules.min_size)
-    # the region's extent in model voxels, plus context on each side, rounded up to the size step
+    # The region's extent in model voxels plus the context on each side, rounded up to the size step;
+    # up to half a latent voxel of the context on each side may go rather than round up a whole step
+    # (a 20 mm lesion's region plus 4 latent voxels a side is 49 voxels: 48 sees 3.9 latent voxels a
+    # side at 0.56x the work of 64).
     extent = (hi_r - lo_r) / step
-    size = np.maximum(np.ceil((extent + 2 * context * compression) / m).astype(int) * m, m)
+    size = np.maximum(np.ceil((extent + 2 * context * compression - compression) / m).astype(int) * m, m)
     centre = (lo_r + hi_r - 1) / 2.0
     origin = centre - step * (size - 1) / 2.0
     reach = step * (size - 1)

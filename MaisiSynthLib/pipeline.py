@@ -23,7 +23,24 @@ import torch
 
 from . import labels as L
 from .decoding import HU_MAX, HU_MIN, decode_latent, resample_intensities, to_hu
-from .editing import EDIT_OPTIONS, EditSettings, ReferenceCT, read_reference_ct
+from .editing import (
+    AIR_BELOW_HU,
+    EDIT_OPTIONS,
+    CanonicalView,
+    EditSettings,
+    ReferenceCT,
+    blend_weight,
+    check_region_size,
+    composite,
+    crop_body,
+    describe_crop,
+    edit_region,
+    match_levels,
+    match_noise,
+    on_reference_grid,
+    plan_crop,
+    read_reference_ct,
+)
 from .errors import CancelledError, GeometryError, MaskError, ModelError, OptionError
 from .grid import plan_output_grid, spacing_of
 from .lesions import apply_rules, parse_rule
@@ -468,6 +485,35 @@ def _peak_memory(device: torch.device) -> dict:
     return peak
 
 
+def _run_fields(
+    opts: dict,
+    settings: dict,
+    engine: _Engine,
+    mask_guidance: float,
+    latent_prior_from: float,
+    stages: _Stages,
+    notes: list[str],
+    latent: torch.Tensor,
+    keep_latent: bool,
+) -> dict:
+    """What a SyntheticCT says of the run that made it, a new CT's or an edit's."""
+    return dict(
+        seed=opts["seed"],
+        steps=settings["steps"],
+        solver=opts["solver"],
+        cfg_scale=settings["cfg"],
+        model_dir=str(engine.folder.root),
+        device=str(engine.device),
+        model=engine.choice.describe(),
+        mask_guidance=mask_guidance,
+        latent_prior_from=latent_prior_from,
+        timings=stages.timings,
+        peak_memory=_peak_memory(engine.device),
+        notes=notes,
+        latent=latent.cpu() if keep_latent else None,
+    )
+
+
 def _conditioning(
     models: MaisiModels,
     labels: np.ndarray,
@@ -615,24 +661,11 @@ def _synthesize(
     if hu_out.shape == mask.shape and np.allclose(affine_out, mask.affine, atol=1e-4):
         affine_out = mask.affine  # the mask's own grid: keep its affine bit for bit
     labels_out, _ = from_canonical(labels, affine, mask.affine)
-    peak = _peak_memory(device)
     return SyntheticCT(
         hu=hu_out,
         labels=labels_out.astype(np.int16),
         affine=affine_out,
-        seed=opts["seed"],
-        steps=settings["steps"],
-        solver=opts["solver"],
-        cfg_scale=settings["cfg"],
-        model_dir=str(folder.root),
-        device=str(device),
-        model=engine.choice.describe(),
-        mask_guidance=guidance_used,
-        latent_prior_from=prior_used,
-        timings=stages.timings,
-        peak_memory=peak,
-        notes=notes,
-        latent=latent.cpu() if keep_latent else None,
+        **_run_fields(opts, settings, engine, guidance_used, prior_used, stages, notes, latent, keep_latent),
         canonical=(hu, labels, spacing),
     )
 
@@ -684,20 +717,6 @@ def _edit(
     cancelled: Callable[[], bool],
     keep_latent: bool,
 ) -> SyntheticCT:
-    from .editing import (
-        AIR_BELOW_HU,
-        CanonicalView,
-        blend_weight,
-        check_region_size,
-        composite,
-        crop_body,
-        describe_crop,
-        edit_region,
-        match_levels,
-        match_noise,
-        plan_crop,
-    )
-
     started = time.perf_counter()
     folder, device = engine.folder, engine.device
     notes: list[str] = list(mask.notes)
@@ -730,7 +749,7 @@ def _edit(
         )
         check_region_size(region, (mask.labels > 0) | (reference.hu > AIR_BELOW_HU))
         region_c, hu_c, labels_c = view(region), view(reference.hu), view(mask.labels)
-        crop = plan_crop(region_c, view, folder.grid_rules(), compression_of(folder.config))
+        crop = plan_crop(region_c, view, folder.grid_rules(), compression_of(folder.config), edit.context)
         has_body = bool((mask.labels == L.BODY).any())
     check_cancel()
 
@@ -745,11 +764,11 @@ def _edit(
             labels_crop = crop_body(labels_crop, hu_crop)
         cond = _conditioning(models, labels_crop, crop.spacing, opts, settings, folder, device)
     with stages("encode-ct"):
+        drawn_crop = crop.take(region_c, 1, 0.0) > 0 if not crop.aligned else crop.take(region_c, 0, False)
         image = torch.from_numpy(np.clip((hu_crop - HU_MIN) / (HU_MAX - HU_MIN), 0.0, 1.0))[None, None]
         with torch.no_grad(), models.autocast():
             mu = models.autoencoder.encode(image.to(device))[0]  # the posterior mean: no sampling noise
         reference_latent = mu.float() * models.scale_factor
-        drawn_crop = crop.take(region_c, 1, 0.0) > 0 if not crop.aligned else crop.take(region_c, 0, False)
         free = torch.nn.functional.max_pool3d(
             torch.from_numpy(drawn_crop.astype(np.float32))[None, None], kernel_size=c, stride=c
         ).to(device)
@@ -833,19 +852,7 @@ def _edit(
         hu=hu,
         labels=labels_out,
         affine=reference.affine,
-        seed=opts["seed"],
-        steps=settings["steps"],
-        solver=opts["solver"],
-        cfg_scale=settings["cfg"],
-        model_dir=str(folder.root),
-        device=str(device),
-        model=engine.choice.describe(),
-        mask_guidance=guidance_used,
-        latent_prior_from=prior_used,
-        timings=stages.timings,
-        peak_memory=_peak_memory(device),
-        notes=notes,
-        latent=latent.cpu() if keep_latent else None,
+        **_run_fields(opts, settings, engine, guidance_used, prior_used, stages, notes, latent, keep_latent),
         # the preview slices through the middle of the edit
         canonical=(view(hu), view(labels_out), view.spacing, tuple((s.start + s.stop) // 2 for s in box)),
         edit=record,
@@ -854,8 +861,6 @@ def _edit(
 
 def _on_grid(mask: Mask, reference: ReferenceCT, what: str) -> Mask:
     """The mask on the reference CT's grid (`editing.on_reference_grid`)."""
-    from .editing import on_reference_grid
-
     labels = on_reference_grid(mask.labels, mask.affine, reference, what, Path(mask.source).name or what)
     if labels is mask.labels:
         return mask
@@ -875,8 +880,6 @@ def _apply_edit_rules(mask: Mask, rules: tuple[str, ...], seed: int) -> Mask:
 
 def read_edit_region(path: str | Path, reference: ReferenceCT) -> np.ndarray:
     """An edit region file (nonzero voxels) on the reference CT's grid."""
-    from .editing import on_reference_grid
-
     volume = read_volume(path, "edit region")
     array = np.asarray(volume.array)
     while array.ndim > 3 and array.shape[-1] == 1:

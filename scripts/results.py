@@ -572,8 +572,8 @@ def edit(args) -> None:
     shipped = data["variants"]["shipped"]["summary"]
     rows = [
         "| tumor type | outside max \\|Δ\\| HU | inserted contrast HU | real HU | ratio | host shell \\|Δ\\| HU "
-        "(real lesions: in the scan / in a full generation) | seam ratio (the scan's) | removal \\|Δ\\| HU "
-        "| s per edit |",
+        "(real lesions: in the scan / in a full generation) | seam ratio (the scan's) | removal \\|Δ\\| HU: "
+        "host median (host within 10 mm) | s per edit |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for tumor, r in shipped.items():
@@ -581,7 +581,8 @@ def edit(args) -> None:
             f"| {tumor} | {fmt(r['outside_max_abs_hu'], 0)} | {fmt(r['contrast_hu'], 0)} | {fmt(r['real_contrast_hu'], 0)} "
             f"| {fmt(r['ratio'], 2)} | {fmt(r['shell_mean_abs_hu'])} ({fmt(r['real_shell_hu'])} / "
             f"{fmt(r.get('full_generation_shell_hu'))}) "
-            f"| {fmt(r['seam'], 2)} ({fmt(r['seam_reference'], 2)}) | {fmt(r['removal_mean_abs_hu'])} | {fmt(r['seconds'])} |"
+            f"| {fmt(r['seam'], 2)} ({fmt(r['seam_reference'], 2)}) | {fmt(r['removal_mean_abs_hu'])} "
+            f"({fmt(r['removal_local_mean_abs_hu'])}) | {fmt(r['seconds'])} |"
         )  # fmt: skip
     if len(data["variants"]) > 1:
         rows += ["", "| variant | contrast ratio: hepatic / pancreatic / colon / lung / bone | shell \\|Δ\\| HU, mean "
