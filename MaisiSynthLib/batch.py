@@ -44,7 +44,7 @@ from . import __version__
 from . import labels as L
 from .errors import MaisiSynthError, OptionError
 from .grid import spacing_of
-from .lesions import EditRule, apply_rules, parse_rule  # noqa: F401 - the rules' home is lesions.py
+from .lesions import EditRule, apply_rules, parse_rule
 from .request import DEFAULTS, check_field, check_options
 
 MANIFEST = "manifest.jsonl"

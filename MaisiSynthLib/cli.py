@@ -58,7 +58,7 @@ REQUEST_FLAGS: dict[str, dict] = {
     "edit_margin_mm": dict(
         type=float,
         help="with --reference-ct: how far the changed (or, without --original-mask, the tumor) voxels are widened "
-        "into the region that is redrawn (default 15 mm)",
+        "into the region that is redrawn (default 10 mm, 15 mm around lung tumors)",
     ),
 }
 EDIT_RULE_HELP = "mask edit, repeatable: insert:hepatic:10-30[:count] (diameters in mm), swap:lung:hepatic, remove:all"

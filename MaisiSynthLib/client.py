@@ -473,9 +473,7 @@ class RemoteClient(_EventClient):
                 raise
             params = {key: value for key, value in params.items() if key not in INPUT_FIELDS}
             outputs = {key: Path(value).name for key, value in local.items()}
-            self._json(
-                "POST", "/v1/requests", {"id": request_id, **uploads, "outputs": outputs, "params": params}
-            )
+            self._json("POST", "/v1/requests", {"id": request_id, **uploads, "outputs": outputs, "params": params})
             if request_id in self._cancelled:
                 self.cancel(request_id)
             end = None

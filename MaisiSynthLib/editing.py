@@ -43,10 +43,14 @@ from .volumes import Volume, read_volume
 
 # The dilation of the changed voxels that is redrawn with them: the tissue a lesion touches (its
 # rim, its blurred edge, the organ around it) has to be drawn with it, and the blend band at the
-# region's edge has to lie beyond all that. Drawn lesions are softer than their masks (the demo
-# model's lung nodules by about 8 mm): with 10 mm the band fell on the nodules' edges, with 20 mm the
-# larger region drew weaker lesions (docs/results.md, section 6).
-EDIT_MARGIN_MM = 15.0
+# region's edge has to lie beyond all that. A drawn lesion's edge is softer than its mask, and how far
+# that shows depends on its contrast to the host: a soft-tissue lesion's fades within 10 mm, a lung
+# nodule (about 700 HU above aerated lung) shows about 8 mm out, so with 10 mm its blend band fell on
+# the nodule's edge (seam ratio 2.2) and 15 mm is needed there; 15 mm everywhere drew the other hosts
+# less like the patient's and 20 mm drew weaker lesions (docs/results.md, section 6).
+EDIT_MARGIN_MM = 10.0
+WIDE_MARGIN_MM = 15.0
+WIDE_MARGIN_TUMORS = (L.LUNG_TUMOR,)
 # The band at the region's edge over which the drawn HU are blended into the reference.
 BLEND_BAND_MM = 6.0
 # When the sampler moves the drawn regions to the patient's latent levels (t/T; `reference_level_shift`)
@@ -70,7 +74,7 @@ class EditSettings:
     the in-memory core (`pipeline.edit_volume`), their defaults what docs/results.md section 6 measured
     best on the held-out torsos."""
 
-    edit_margin_mm: float = EDIT_MARGIN_MM
+    edit_margin_mm: float | None = None  # None: EDIT_MARGIN_MM, WIDE_MARGIN_MM around lung tumors
     band_mm: float = BLEND_BAND_MM
     # t/T at which the drawn latent levels are moved to the patient's (at most two; empty: the model's
     # own latent prior instead, inside the region only)
@@ -99,7 +103,7 @@ class EditSettings:
                 raise RequestError(f"{name} must be a whole number, got {value!r}", "")
             return int(value) if whole else float(value)
 
-        if "edit_margin_mm" in values:
+        if values.get("edit_margin_mm") is not None:
             values["edit_margin_mm"] = check_field("edit_margin_mm", values["edit_margin_mm"])
         for name, low, high, whole in (
             ("band_mm", 0, 50, False),
@@ -114,8 +118,10 @@ class EditSettings:
                 raise RequestError(f"{name} must be true or false, got {values[name]!r}", "")
         if "patient_levels" in values:
             at = values["patient_levels"]
-            ok = isinstance(at, (list, tuple)) and len(at) <= 2 and all(
-                not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < 1 for t in at
+            ok = (
+                isinstance(at, (list, tuple))
+                and len(at) <= 2
+                and all(not isinstance(t, bool) and isinstance(t, (int, float)) and 0 < t < 1 for t in at)
             )
             if not ok or list(at) != sorted(at, reverse=True):
                 raise RequestError(
@@ -301,14 +307,15 @@ def edit_region(
     spacing: tuple[float, float, float],
     original: np.ndarray | None = None,
     explicit: np.ndarray | None = None,
-    margin_mm: float = EDIT_MARGIN_MM,
+    margin_mm: float | None = None,
 ) -> tuple[np.ndarray, str]:
     """The voxels an edit redraws, and in words how they were chosen.
 
     `explicit` (nonzero voxels) is taken as it is. Otherwise the changed voxels against `original`
-    or, without it, the tumor voxels of `edited`, dilated by `margin_mm`. With an original mask the
-    tumors it already holds are real ones in the scan and stay as they are; without one, every tumor of
-    the edited mask is drawn anew (there is no telling the new ones from the real ones)."""
+    or, without it, the tumor voxels of `edited`, dilated by `margin_mm`; None: EDIT_MARGIN_MM, and
+    WIDE_MARGIN_MM where the seed is (or was) a lung tumor. With an original mask the tumors it already
+    holds are real ones in the scan and stay as they are; without one, every tumor of the edited mask
+    is drawn anew (there is no telling the new ones from the real ones)."""
     if explicit is not None:
         region = np.asarray(explicit) != 0
         how = "the given edit region"
@@ -317,7 +324,7 @@ def edit_region(
         return region, how
     if original is not None:
         seed = edited != original
-        how = f"the voxels whose label changed, dilated by {margin_mm:g} mm"
+        what = "the voxels whose label changed"
         if not seed.any():
             raise MaskError(
                 "the edited mask is the same as the original mask: there is nothing to edit",
@@ -325,13 +332,22 @@ def edit_region(
             )
     else:
         seed = _is_tumor_lut()[edited.astype(np.int64, copy=False) & 0xFFFF]
-        how = f"the tumor voxels of the mask, dilated by {margin_mm:g} mm"
+        what = "the tumor voxels of the mask"
         if not seed.any():
             raise MaskError(
                 "the mask holds no tumor, so there is no edit region",
                 "insert a tumor, pass --original-mask (to redraw what changed) or --edit-region",
             )
-    return dilate_mm(seed, spacing, margin_mm), how
+    if margin_mm is not None:
+        return dilate_mm(seed, spacing, margin_mm), f"{what}, dilated by {margin_mm:g} mm"
+    wide = seed & np.isin(edited, WIDE_MARGIN_TUMORS)
+    if original is not None:
+        wide |= seed & np.isin(original, WIDE_MARGIN_TUMORS)
+    region = dilate_mm(seed & ~wide, spacing, EDIT_MARGIN_MM)
+    if wide.any():
+        region |= dilate_mm(wide, spacing, WIDE_MARGIN_MM)
+        return region, f"{what}, dilated by {EDIT_MARGIN_MM:g} mm ({WIDE_MARGIN_MM:g} mm around lung tumors)"
+    return region, f"{what}, dilated by {EDIT_MARGIN_MM:g} mm"
 
 
 def check_region_size(region: np.ndarray, body: np.ndarray) -> None:

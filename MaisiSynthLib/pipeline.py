@@ -2,8 +2,12 @@
 
 Two layers. `generate_volume(mask, options)` is the in-memory core: a validated mask (labels +
 affine) in, the CT (int16 HU + affine, and the labels on the same grid) out; batch and evaluation
-call it with masks they already hold. `generate(request)` is the file wrapper the CLI and the worker
-use: it checks the output paths, reads the mask file, runs the core and writes every output once.
+call it with masks they already hold. `edit_volume(reference, mask, options, original | region)`
+is its twin for an edit of the user's own CT: the same conditioning, sampling and decoding on a crop
+around the edit, the reference latent held outside it, the drawn HU blended into the scan
+(`editing.py` holds the geometry and the arithmetic of an edit). `generate(request)` is the file
+wrapper the CLI and the worker use: it checks the output paths, reads the input files, applies the
+request's edit rules, runs one of the two cores and writes every output once.
 
 The order is fixed so that bad input costs nothing: options, output paths, model folder and mask are
 all checked before any network is loaded, and outputs are written only at the very end, all or none.
@@ -92,6 +96,7 @@ __all__ = [
     "SyntheticCT",
     "generate",
     "generate_volume",
+    "edit_volume",
     "default_model_dir",
 ]
 EDIT_ONLY = ("edit_margin_mm", "edits")
@@ -726,9 +731,7 @@ def _edit(
             raise CancelledError()
 
     if opts["output_size"] is not None or opts["spacing"] is not None:
-        raise OptionError(
-            "an edit is written on the reference CT's own grid", "leave out --output-size and --spacing"
-        )
+        raise OptionError("an edit is written on the reference CT's own grid", "leave out --output-size and --spacing")
     # 1. Everything cheap, before any model loads: grids, the region, the crop.
     with stages("read-mask", report=False):
         mask = _on_grid(mask, reference, "mask")
@@ -835,7 +838,6 @@ def _edit(
     seconds = time.perf_counter() - started
     record = {
         "region": how,
-        "margin_mm": edit.edit_margin_mm,
         "region_voxels": region_voxels,
         "region_mm3": round(region_voxels * float(np.prod(spacing_of(reference.affine))), 1),
         "crop_shape": list(crop.shape),
@@ -889,7 +891,9 @@ def read_edit_region(path: str | Path, reference: ReferenceCT) -> np.ndarray:
     return on_reference_grid(array != 0, volume.affine, reference, "edit region", Path(path).name)
 
 
-def _inside(shift: Callable[[torch.Tensor], torch.Tensor], free: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def _inside(
+    shift: Callable[[torch.Tensor], torch.Tensor], free: torch.Tensor
+) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x0: shift(x0) * free
 
 

@@ -220,7 +220,7 @@ DEFAULTS: dict = {
     "reference_ct": None,
     "original_mask": None,  # the mask before the edit: the region is then what changed
     "edit_region": None,  # or the region itself (nonzero voxels)
-    "edit_margin_mm": None,  # how far the changed (or tumor) voxels are widened (None: editing.EDIT_MARGIN_MM)
+    "edit_margin_mm": None,  # how far the changed (or tumor) voxels are widened (None: editing.edit_region's rule)
     "edits": None,  # edit rules applied to the mask first (lesions.parse_rule), e.g. ["insert:hepatic:20"]
 }
 
@@ -435,9 +435,7 @@ def check_edit_fields(fields: dict) -> None:
             "leave out --original-mask or --edit-region",
         )
     if any(fields.get(name) is not None for name in ("output_size", "spacing")) and fields.get("reference_ct"):
-        raise RequestError(
-            "an edit is written on the reference CT's own grid", "leave out --output-size and --spacing"
-        )
+        raise RequestError("an edit is written on the reference CT's own grid", "leave out --output-size and --spacing")
 
 
 # ---------------------------------------------------------------------------------------------------

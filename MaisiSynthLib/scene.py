@@ -431,15 +431,14 @@ def snapshot_labels(scene, segmentation_node, reference_volume) -> np.ndarray | 
 def edit_region_of(scene, segmentation_node, reference_volume, margin_mm: float | None = None):
     """(region, edited labels, labels before): the voxels an edit of the reference CT would redraw,
     by the engine's own rule (`editing.edit_region`); region None when nothing was kept or changed."""
-    from .editing import EDIT_MARGIN_MM, edit_region
+    from .editing import edit_region
     from .grid import spacing_of
 
     before = snapshot_labels(scene, segmentation_node, reference_volume)
     labels, affine = export_labels(scene, segmentation_node, reference_volume)
     if before is None or np.array_equal(before, labels):
         return None, labels, before
-    margin = EDIT_MARGIN_MM if margin_mm is None else margin_mm
-    region, _ = edit_region(labels, spacing_of(affine), original=before, margin_mm=margin)
+    region, _ = edit_region(labels, spacing_of(affine), original=before, margin_mm=margin_mm)
     return region, labels, before
 
 
@@ -455,7 +454,9 @@ def edit_is_local(region: np.ndarray | None, labels: np.ndarray) -> bool:
     )
 
 
-def write_edit_inputs(scene, reference_volume, labels: np.ndarray, before: np.ndarray, folder: str | os.PathLike) -> dict:
+def write_edit_inputs(
+    scene, reference_volume, labels: np.ndarray, before: np.ndarray, folder: str | os.PathLike
+) -> dict:
     """The files of an edit request besides the mask: the reference CT and the mask before the edits
     (uncompressed NRRD on the CT's grid); returns the request fields naming them, the mask's too."""
     folder = Path(folder)
@@ -482,8 +483,7 @@ def prepare_generate(scene, segmentation_node, reference_volume, options, folder
         if options.wants_edit(edit_is_local(region, labels)):
             if region is None:
                 raise MaskError(
-                    "nothing in the segmentation changed since it was chosen with this CT, so there is nothing "
-                    "to edit",
+                    "nothing in the segmentation changed since it was chosen with this CT, so there is nothing to edit",
                     "insert, remove or change a tumor first, or choose 'draw a new CT on its grid'",
                 )
             inputs = write_edit_inputs(scene, reference_volume, labels, before, folder)

@@ -242,9 +242,7 @@ def create_app(
             return too_big
         safe = _safe_name(name)
         if format_of(safe) not in ("nifti", "nrrd", "seg.nrrd"):
-            return problem(
-                415, "bad-mask", f"{safe} is not a supported volume format", "upload .nii.gz, .nii or .nrrd"
-            )
+            return problem(415, "bad-mask", f"{safe} is not a supported volume format", "upload .nii.gz, .nii or .nrrd")
         mask_id = uuid.uuid4().hex
         folder = hub.workdir / "uploads" / mask_id
         folder.mkdir(parents=True)

@@ -95,7 +95,7 @@ def host_of(lesion: np.ndarray, host_labels: np.ndarray, labels: np.ndarray) -> 
     return np.isin(labels, ids) & ~np.isin(labels, L.TUMORS)
 
 
-def edit_once(models, reference, original, edited: np.ndarray, options: dict, margin: float):
+def edit_once(models, reference, original, edited: np.ndarray, options: dict, margin: float | None):
     """(output HU, the edit region by the engine's rule, seconds) of one edit of `reference`."""
     from MaisiSynthLib.editing import edit_region
     from MaisiSynthLib.grid import spacing_of
@@ -119,7 +119,7 @@ def quality(args) -> dict:
     from scipy import ndimage
 
     from MaisiSynthLib.cases import find_pairs
-    from MaisiSynthLib.editing import BLEND_BAND_MM, EDIT_MARGIN_MM, ReferenceCT, check_reference_ct
+    from MaisiSynthLib.editing import BLEND_BAND_MM, ReferenceCT, check_reference_ct
     from MaisiSynthLib.lesions import random_tumor
     from MaisiSynthLib.masks import Mask, remove_tumors
     from MaisiSynthLib.models import load_models
@@ -131,7 +131,7 @@ def quality(args) -> dict:
     models = load_models(model_dir, args.device)
     options = {"steps": args.steps, "seed": 0, **parse_set(args.set)}
     band = float(options.get("band_mm", BLEND_BAND_MM))
-    margin = float(options.get("edit_margin_mm", EDIT_MARGIN_MM))
+    margin = options.get("edit_margin_mm")  # None: the engine's rule
     rows = []
     for name, image_path, label_path in find_pairs(cases):
         image = nib.load(str(image_path))
@@ -166,7 +166,9 @@ def quality(args) -> dict:
                 # the same against the host tissue right around the former tumor (a vertebral body is
                 # brighter than its vertebra's median, which holds the thin posterior elements)
                 around = (ndimage.distance_transform_edt(~real, sampling=spacing) <= 2 * SHELL_MM) & host
-                real_row["removal_local"] = float(np.median(out[real]) - np.median(hu[around])) if around.any() else None
+                real_row["removal_local"] = (
+                    float(np.median(out[real]) - np.median(hu[around])) if around.any() else None
+                )
             for k in range(args.per_case):  # insertions: each its own edit of the case, its own row
                 low, high = TUMOR_RADII_MM[tumor]
                 hosts = VERTEBRAE if tumor == L.BONE_LESION else None
@@ -206,13 +208,17 @@ def quality(args) -> dict:
         drawn = mean([r["contrast"] for r in mine])
         summary[L.name_of(tumor)] = {
             "lesions": len(mine),
-            "outside_max_abs_hu": max([r["outside_max_abs"] for r in mine] + [r.get("removal_outside_max_abs", 0) for r in mine]),
+            "outside_max_abs_hu": max(
+                [r["outside_max_abs"] for r in mine] + [r.get("removal_outside_max_abs", 0) for r in mine]
+            ),
             "contrast_hu": drawn,
             "real_contrast_hu": real,
             "ratio": drawn / real if real else None,
             "shell_mean_abs_hu": mean([abs(r["shell"]) for r in mine if r["shell"] is not None]),
             "real_shell_hu": mean([abs(v) for r in mine if (v := r.get("real_shell")) is not None]),
-            "full_generation_shell_hu": mean([abs(v) for r in mine if (v := r.get("full_generation_shell")) is not None]),
+            "full_generation_shell_hu": mean(
+                [abs(v) for r in mine if (v := r.get("full_generation_shell")) is not None]
+            ),
             "seam": mean([r["seam"] for r in mine]),
             "seam_reference": mean([r["seam_reference"] for r in mine]),
             "removal_mean_abs_hu": mean([abs(r["removal"]) for r in mine if "removal" in r]),
@@ -327,7 +333,9 @@ def print_timing(data: dict) -> None:
     print(f"{'grid':<12} {'kind':<9} {'seconds':>8} {'crop':>10} {'peak RSS MB':>12} {'volume MB':>10}")
     for r in data["runs"]:
         crop = "x".join(map(str, r.get("crop_shape", []))) or "—"
-        print(f"{r['grid']:<12} {r['kind']:<9} {r['seconds']:8.2f} {crop:>10} {r['peak_rss_mb']:12.0f} {r['volume_mb']:10.1f}")
+        print(
+            f"{r['grid']:<12} {r['kind']:<9} {r['seconds']:8.2f} {crop:>10} {r['peak_rss_mb']:12.0f} {r['volume_mb']:10.1f}"
+        )
     s = data["summary"]
     print(
         f"edit / full generation on the small grid: {s['edit_over_generate_small']:.2f}; 8x the voxels: edit "

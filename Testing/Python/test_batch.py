@@ -17,8 +17,8 @@ import pytest
 from conftest import assert_kept_outside, run_cli, save_nifti, torso_labels, write_scan
 
 from MaisiSynthLib import labels as L
-from MaisiSynthLib.batch import EditRule, apply_rules, parse_rule
 from MaisiSynthLib.errors import OptionError
+from MaisiSynthLib.lesions import EditRule, apply_rules, parse_rule
 
 RULE = "insert:hepatic:6-12"
 

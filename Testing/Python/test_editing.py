@@ -314,7 +314,9 @@ def test_every_solver_and_guidance_keeps_the_outside_and_a_seed_repeats(scan, ti
         assert np.array_equal(ct.hu[outside], reference.hu[outside]), name
         runs[name] = ct.hu
     assert np.array_equal(runs["euler"], runs["euler again"])
-    assert not np.array_equal(runs["euler"], runs["another seed"]) and not np.array_equal(runs["euler"], runs["heun + cfg"])
+    assert not np.array_equal(runs["euler"], runs["another seed"]) and not np.array_equal(
+        runs["euler"], runs["heun + cfg"]
+    )
 
 
 def test_edit_settings_are_checked_by_name_type_and_range():
@@ -327,3 +329,21 @@ def test_edit_settings_are_checked_by_name_type_and_range():
                 {"patient_levels": [0.6, 0.3, 0.1]}, {"edit_margin_mm": 500}, {"latent_blend": "0.5"}):  # fmt: skip
         with pytest.raises(RequestError):
             EditSettings.from_options(bad)
+
+
+def test_by_default_a_lung_tumor_gets_the_wider_margin():
+    from MaisiSynthLib.editing import WIDE_MARGIN_MM
+
+    labels = np.full((40, 40, 20), 28, np.int16)  # lung lobe
+    labels[:, 20:] = 1  # liver
+    edited = labels.copy()
+    edited[8:10, 8:10, 9:11] = L.LUNG_TUMOR
+    edited[30:32, 30:32, 9:11] = L.HEPATIC_TUMOR
+    spacing = (2.0, 2.0, 2.0)
+    region, how = edit_region(edited, spacing, original=labels)
+    lung = ndimage.distance_transform_edt(edited != L.LUNG_TUMOR, sampling=spacing) <= WIDE_MARGIN_MM
+    liver = ndimage.distance_transform_edt(edited != L.HEPATIC_TUMOR, sampling=spacing) <= EDIT_MARGIN_MM
+    assert np.array_equal(region, lung | liver) and "lung tumors" in how
+    # a removed lung tumor (its voxels were one) as well
+    healed, _ = edit_region(labels, spacing, original=edited)
+    assert healed[lung].all() and healed.sum() == region.sum()
