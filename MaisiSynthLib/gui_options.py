@@ -109,10 +109,14 @@ class GenerateOptions:
             elif url.hostname not in ("127.0.0.1", "localhost", "::1") and not self.token:
                 out.append("a remote server needs its token (the server refuses requests without it)")
         else:
-            if self.model_dir and not Path(self.model_dir).is_dir():
+            if self.model_dir and not Path(self.model_dir).expanduser().is_dir():
                 out.append(f"model folder not found: {self.model_dir}")
-            if self.python and not (Path(self.python).is_file() or shutil.which(self.python)):
-                out.append(f"Python executable not found: {self.python}")
+            python = self.python_executable()
+            if self.python and not (Path(python).is_file() or shutil.which(python)):
+                out.append(
+                    f"Python executable not found: {self.python} (give the full path of its python, e.g. "
+                    "~/maisi-env/bin/python or C:\\maisi-env\\Scripts\\python.exe)"
+                )
         return out
 
     def worker_params(self, mask: str, output: str, edit: dict | None = None) -> dict:
@@ -170,7 +174,9 @@ class GenerateOptions:
     def python_executable(self) -> str:
         """The worker's Python: the chosen one, else Slicer's own (PythonSlicer next to Slicer)."""
         if self.python:
-            return shutil.which(self.python) or self.python
+            # "~/maisi-env/bin/python" is what the README tells users to type; no shell expands it here
+            given = os.path.expanduser(self.python.strip())
+            return shutil.which(given) or given
         here = Path(sys.executable)
         for name in ("PythonSlicer", "PythonSlicer.exe"):
             candidate = here.with_name(name)

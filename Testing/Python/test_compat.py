@@ -52,6 +52,16 @@ manifest = {"format": 1, "repo": "nvidia/NV-Generate-CT", "commit": "c" * 40, "f
 (weights.parent / model_home.MANIFEST_NAME).write_text(json.dumps(manifest))
 assert model_home.choose_model_dir().source == "official"  # the module's default model, as the worker sees it
 assert download.check_download_params({"token": "t"}) == {"token": "t"}
+home = tempfile.mkdtemp()  # a Worker Python typed as the README says: ~/maisi-env/bin/python
+os.environ["HOME"] = os.environ["USERPROFILE"] = home
+exe = os.path.join(home, "maisi-env", "bin", "python")
+os.makedirs(os.path.dirname(exe))
+with open(exe, "w") as f:
+    f.write("")
+typed = gui_options.GenerateOptions(python="~/maisi-env/bin/python")
+assert not [p for p in typed.problems() if "Python" in p], typed.problems()
+assert typed.python_executable() == exe
+assert any("Python executable not found" in p for p in gui_options.GenerateOptions(python="~/nothere/python").problems())
 print("OK", sys.version_info[:2])
 """
 
