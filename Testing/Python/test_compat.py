@@ -150,3 +150,35 @@ def test_the_dependency_check_names_what_the_worker_python_lacks(tmp_path):
     hint = dependencies.install_hint(bare, lacking)
     assert hint.splitlines()[0].startswith(f'"{bare}" -m pip install torch') and '"monai>=1.5"' in hint
     assert "error" in dependencies.probe(str(tmp_path / "no-python"))
+
+
+def test_the_engine_installs_into_slicer_58s_python(tmp_path):
+    """Slicer 5.8 bundles Python 3.9: `pip install` of the engine must not be refused there (the
+    worker's torch and MONAI come from the PyTorch extension and pip; --no-deps leaves them out here).
+    The package is built from a copy, so the checkout gets no build/ or egg-info."""
+    import shutil
+
+    base = _python("3.9")
+    if base is None:
+        pytest.skip("Python 3.9 is not installed (pyenv)")
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "MaisiSynthLib", source / "MaisiSynthLib", ignore=shutil.ignore_patterns("__pycache__"))
+    site = tmp_path / "site"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "PIP_REQUIRE_VIRTUALENV"}
+    installed = subprocess.run(
+        [base, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(source)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    if installed.returncode != 0 and "requires a different Python" not in installed.stderr:
+        pytest.skip(f"pip could not build the package here: {installed.stderr[-300:]}")
+    assert installed.returncode == 0, installed.stderr[-1000:]
+    # what Slicer's side imports, from the installed copy, on the Slicer-like 3.9
+    python = _slicer_like_python("3.9")
+    code = "import MaisiSynthLib.gui_options as g, MaisiSynthLib.scene; print(g.__file__)"
+    ran = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**env, "PYTHONPATH": str(site)}, timeout=120)  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert Path(ran.stdout.strip()).is_relative_to(site)
