@@ -6,12 +6,14 @@ The scripts run for real, in a copy of the repository's scripts, with `.venv/bin
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 if sys.version_info >= (3, 11):
@@ -66,3 +68,28 @@ def test_test_only_packages_are_extras_not_core_dependencies():
         names = {re.split(r"[<>=!~ \[]", d)[0].lower() for d in extras[extra]}
         assert names and not names & core, (extra, names & core)
     assert any(d.startswith("huggingface_hub") for d in extras["download"])
+
+
+def test_ci_fails_when_the_repository_outgrows_the_extensions_index(checkout):
+    """The Index takes 100 MB with history; CI stops above 95 MB, before the tests. A small repository
+    with a 2 MB incompressible file stands in, its limit lowered to 1 MB (and raised to 5 MB)."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    shutil.copytree(REPO / ".ci", checkout / ".ci")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (checkout / "weights.bin").write_bytes(np.random.default_rng(0).bytes(2 << 20))
+    for cmd in (["init", "-q"], ["add", "weights.bin", ".ci", "scripts"], ["commit", "-qm", "weights"]):
+        subprocess.run([*git, *cmd], cwd=checkout, check=True, capture_output=True)
+    over = subprocess.run(
+        [".ci/run"], cwd=checkout, capture_output=True, text=True, env={**os.environ, "REPO_LIMIT_MB": "1"}
+    )
+    assert over.returncode != 0 and "over the 1 MB limit" in over.stderr
+    assert not (checkout / "calls.log").exists()  # stopped before set-up and tests
+    under = subprocess.run(
+        [".ci/run"], cwd=checkout, capture_output=True, text=True, env={**os.environ, "REPO_LIMIT_MB": "5"}
+    )
+    assert under.returncode == 0, under.stderr
+    assert (
+        re.search(r"repository size: 2\.\d MB", under.stdout)
+        and "python -m pytest -q" in (checkout / "calls.log").read_text()
+    )
