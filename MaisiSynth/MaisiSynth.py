@@ -24,13 +24,14 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# MaisiSynthLib is installed next to this file by the extension (CMakeLists.txt); from a source
-# checkout (Developer mode, "Add module path"), it is one folder up.
-_HERE = Path(__file__).resolve().parent
-for _candidate in (_HERE, _HERE.parent):
-    if (_candidate / "MaisiSynthLib" / "__init__.py").exists() and str(_candidate) not in sys.path:
-        sys.path.insert(0, str(_candidate))
-        break
+
+def _engine_on_path() -> None:
+    """MaisiSynthLib: beside this file when installed, one folder up in a checkout (not at file scope)."""
+    here = Path(__file__).resolve().parent
+    found = [c for c in (here, here.parent) if (c / "MaisiSynthLib" / "__init__.py").exists()]
+    if found and str(found[0]) not in sys.path:
+        sys.path.insert(0, str(found[0]))
+
 
 POLL_MS = 100
 
@@ -63,6 +64,7 @@ class _UserAction:
 class MaisiSynth(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
+        _engine_on_path()
         parent.title = "MaisiSynth"
         parent.categories = ["Segmentation"]
         parent.dependencies = ["Segmentations", "SegmentEditor"]
@@ -159,11 +161,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentationChanged(self, node):
         self.ui.segmentEditorWidget.setSegmentationNode(node)
         self.onReferenceChanged(self.ui.referenceVolumeSelector.currentNode())
-        events = (
-            slicer.vtkSegmentation.SegmentAdded,
-            slicer.vtkSegmentation.SegmentRemoved,
-            slicer.vtkSegmentation.SegmentModified,
-        )
+        S = slicer.vtkSegmentation
+        events = (S.SegmentAdded, S.SegmentRemoved, S.SegmentModified)
         previous = getattr(self, "observedSegmentation", None)
         if previous is not None:  # only the segment observers: the scene-close observer stays
             for event in events:
@@ -574,9 +573,9 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         from MaisiSynthLib import scene
         from MaisiSynthLib.gui_options import GenerateOptions
 
-        example = _HERE.parent / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
-        if not example.exists():  # installed extension layout
-            example = _HERE / "Resources" / "examples" / "example_hepatic_tumor.nii.gz"
+        here = Path(__file__).resolve().parent  # the example: one up in a checkout, beside when installed
+        example = next(p / "Resources/examples/example_hepatic_tumor.nii.gz" for p in (here.parent, here)
+                       if (p / "Resources/examples/example_hepatic_tumor.nii.gz").exists())  # fmt: skip
         labelmap = slicer.util.loadLabelVolume(str(example))  # Slicer's own reader (Slicer ships no NIfTI package)
         mask = scene.array_from_volume(labelmap)
         segmentation = scene.import_labels(slicer.mrmlScene, mask, scene.ijk_to_ras(labelmap), "example")
