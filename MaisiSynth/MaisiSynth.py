@@ -280,15 +280,15 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- generate / cancel ----------------------------------------------------------------------------
 
     def options(self):
-        from MaisiSynthLib.gui_options import GenerateOptions
+        from MaisiSynthLib.gui_options import GenerateOptions, from_spin_box
 
         return GenerateOptions(
             grid_preset=self.ui.gridPresetComboBox.currentIndex,
-            steps=self.ui.stepsSpinBox.value,
+            steps=from_spin_box("stepsSpinBox", self.ui.stepsSpinBox.value),
             seed=self.ui.seedSpinBox.value,
-            cfg_scale=self.ui.cfgSpinBox.value,
+            cfg_scale=from_spin_box("cfgSpinBox", self.ui.cfgSpinBox.value),
             solver=self.ui.solverComboBox.currentText,
-            mask_guidance=self.ui.maskGuidanceSpinBox.value,
+            mask_guidance=from_spin_box("maskGuidanceSpinBox", self.ui.maskGuidanceSpinBox.value),
             latent_prior=self.ui.latentPriorComboBox.currentText,
             device=self.ui.deviceComboBox.currentText,
             model_dir=self.ui.modelDirPathLineEdit.currentPath,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .request import DEFAULTS, DEVICES, OFFICIAL_STEPS, SOLVER_NAMES, field_problem
+from .request import DEFAULTS, DEVICES, SOLVER_NAMES, field_problem
 
 # (label, output size or None for the reference grid / "auto", spacing in mm or None)
 GRID_PRESETS: list[tuple[str, tuple[int, int, int] | str | None, tuple[float, float, float] | None]] = [
@@ -34,6 +34,15 @@ EDIT_MODES: dict[str, str] = {
     "edit it where the mask changed": "edit",
     "draw a new CT on its grid": "new",
 }
+# Spin boxes whose lowest value reads "model default" (Qt's specialValueText), spin box name in
+# MaisiSynth.ui → (option, that value): at or below it the request leaves the option out, so the model
+# folder's own setting applies (maisi_synth.json, its inference config), as on the command line.
+MODEL_DEFAULT_SPINS: dict[str, tuple[str, float]] = {
+    "stepsSpinBox": ("steps", 0),
+    "cfgSpinBox": ("cfg_scale", -0.5),
+    "maskGuidanceSpinBox": ("mask_guidance", 0.5),
+}
+PANEL_DEFAULTS = {option for option, _ in MODEL_DEFAULT_SPINS.values()}
 # The panel's fixed menus: combo box name in MaisiSynth.ui → its items, in order.
 MENUS: dict[str, list[str]] = {
     "editModeComboBox": list(EDIT_MODES),
@@ -48,22 +57,24 @@ __all__ = [
     "GRID_PRESETS",
     "LATENT_PRIOR_CHOICES",
     "MENUS",
+    "MODEL_DEFAULT_SPINS",
     "SOLVERS",
     "GenerateOptions",
     "error_text",
     "failure_text",
+    "from_spin_box",
 ]
 
 
 @dataclass
 class GenerateOptions:
     grid_preset: int = 0
-    steps: int = OFFICIAL_STEPS  # the panel shows a number, not "the model's default"
+    # None: the model folder's setting (the spin boxes' 'model default'); only what the user set is sent
+    steps: int | None = None
     seed: int = DEFAULTS["seed"]
-    cfg_scale: float = 0.0  # off, as the official inference config
+    cfg_scale: float | None = None  # 0: off
     solver: str = DEFAULTS["solver"]
-    # 0: the model folder's setting (the spin box's 'model default'); else 1 (off) .. 10
-    mask_guidance: float = 0.0
+    mask_guidance: float | None = None  # 1 (off) .. 10
     latent_prior: str = next(iter(LATENT_PRIOR_CHOICES))
     device: str = DEFAULTS["device"]
     model_dir: str = ""  # empty: the downloaded official weights, else the embedded demo model
@@ -84,18 +95,15 @@ class GenerateOptions:
             out.append("choose an output grid preset")
         # The same rules as every front door (request.py); Qt spin boxes hold floats for whole numbers.
         for name, value in (
-            ("steps", _whole(self.steps)),
+            ("steps", None if self.steps is None else _whole(self.steps)),
             ("seed", _whole(self.seed)),
-            ("cfg_scale", float(self.cfg_scale)),
+            ("cfg_scale", None if self.cfg_scale is None else float(self.cfg_scale)),
+            ("mask_guidance", None if self.mask_guidance is None else float(self.mask_guidance)),
             ("solver", self.solver),
         ):
-            problem = field_problem(name, value)
+            problem = field_problem(name, value) if value is not None else None
             if problem:
-                out.append(problem)
-        if float(self.mask_guidance) != 0.0:
-            problem = field_problem("mask_guidance", float(self.mask_guidance))
-            if problem:
-                out.append(f"{problem} (or 'model default')")
+                out.append(problem + (" (or 'model default')" if name in PANEL_DEFAULTS else ""))
         if self.edit_mode not in EDIT_MODES:
             out.append(f"the reference CT's use must be one of {', '.join(EDIT_MODES)}")
         if self.latent_prior not in LATENT_PRIOR_CHOICES:
@@ -126,14 +134,15 @@ class GenerateOptions:
         params: dict = {
             "mask": mask,
             "output": output,
-            "steps": int(self.steps),
             "seed": int(self.seed),
-            "cfg_scale": float(self.cfg_scale),
             "solver": self.solver,
         }
         # absent: the model folder's sampling settings (maisi_synth.json), as on the command line
-        if float(self.mask_guidance) != 0.0:
-            params["mask_guidance"] = float(self.mask_guidance)
+        if self.steps is not None:
+            params["steps"] = int(self.steps)
+        for name in ("cfg_scale", "mask_guidance"):
+            if getattr(self, name) is not None:
+                params[name] = float(getattr(self, name))
         if LATENT_PRIOR_CHOICES.get(self.latent_prior) is not None:
             params["latent_prior_from"] = LATENT_PRIOR_CHOICES[self.latent_prior]
         if size is not None:
@@ -225,3 +234,9 @@ def failure_text(action: str, error: BaseException) -> tuple[str, bool]:
     if isinstance(error, ValueError):
         return f"{action}\n\n{error}", False
     return f"{action}\n\n{type(error).__name__}: {error} (details in the Python console)", True
+
+
+def from_spin_box(name: str, value: float) -> float | None:
+    """A spin box's value as the option it sets (MODEL_DEFAULT_SPINS): None at its 'model default'."""
+    _, model_default = MODEL_DEFAULT_SPINS[name]
+    return None if float(value) <= model_default + 1e-9 else value

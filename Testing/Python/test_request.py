@@ -87,8 +87,9 @@ def test_the_panel_refuses_what_the_request_refuses():
     from MaisiSynthLib.gui_options import GenerateOptions
 
     assert GenerateOptions().problems() == []
-    assert GenerateOptions(steps=1001).problems() == [R.field_problem("steps", 1001)]
-    assert GenerateOptions(cfg_scale=100.5).problems() == [R.field_problem("cfg_scale", 100.5)]
+    default = " (or 'model default')"  # what the panel's spin boxes offer besides a value
+    assert GenerateOptions(steps=1001).problems() == [R.field_problem("steps", 1001) + default]
+    assert GenerateOptions(cfg_scale=100.5).problems() == [R.field_problem("cfg_scale", 100.5) + default]
     assert GenerateOptions(steps=30.0).problems() == []  # a spin box's float of a whole number
 
 

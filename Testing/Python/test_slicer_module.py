@@ -159,7 +159,6 @@ def test_generate_options_become_worker_params():
         "output": "out.nrrd",
         "steps": 12,
         "seed": 3,
-        "cfg_scale": 0.0,
         "solver": "heun",
         "output_size": [128, 128, 64],
         "spacing": [3.0, 3.0, 5.0],
@@ -180,7 +179,8 @@ def test_sampling_controls_leave_the_model_defaults_unless_set():
     from MaisiSynthLib.request import check_params
 
     default = GenerateOptions().worker_params("in.nrrd", "out.nrrd")
-    assert "mask_guidance" not in default and "latent_prior_from" not in default
+    for name in ("steps", "cfg_scale", "mask_guidance", "latent_prior_from"):
+        assert name not in default
     assert MENUS["latentPriorComboBox"][0] == GenerateOptions().latent_prior == "model default"
     chosen = GenerateOptions(mask_guidance=2.0, latent_prior="off")
     assert chosen.problems() == []
@@ -194,6 +194,28 @@ def test_sampling_controls_leave_the_model_defaults_unless_set():
     assert len(problems) == 2
     assert "mask guidance" in problems[0] and "model default" in problems[0]
     assert "latent prior must be one of model default, off" in problems[1]
+
+
+def test_one_step_up_from_model_default_is_a_value_generate_takes():
+    """Steps, CFG and mask guidance start at 'model default' (Qt shows the special text at the spin
+    box's minimum, which sends nothing); every value a spin box steps to from there is one the
+    request takes (mask guidance used to step 0 → 0.5, which Generate refused)."""
+    from MaisiSynthLib.gui_options import MODEL_DEFAULT_SPINS, from_spin_box
+
+    root = ET.parse(REPO / "MaisiSynth" / "Resources" / "UI" / "MaisiSynth.ui").getroot()
+    for name, (option, model_default) in MODEL_DEFAULT_SPINS.items():
+        box = root.find(f".//widget[@name='{name}']")
+        props = {p.get("name"): p[0].text for p in box.findall("property")}
+        assert props["specialValueText"] == "model default"
+        low, high, start = (float(props[k]) for k in ("minimum", "maximum", "value"))
+        step = float(props.get("singleStep", 1))
+        assert low == start == model_default and from_spin_box(name, start) is None
+        value = low + step
+        while value <= high:
+            options = GenerateOptions(**{option: from_spin_box(name, value)})
+            assert options.problems() == [], (name, value, options.problems())
+            assert options.worker_params("a", "b")[option] == value
+            value += step * 7  # a sample of the range, the first step up included
 
 
 @pytest.mark.parametrize(
