@@ -41,8 +41,7 @@ class _UserAction:
     re-raise, so the code after the block always runs; `ok` says whether the block succeeded."""
 
     def __init__(self, message):
-        self.message = message
-        self.ok = False
+        self.message, self.ok = message, False
 
     def __enter__(self):
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
@@ -378,9 +377,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.logTextEdit.appendPlainText(dependencies.summary(report))
         lacking = dependencies.missing(report) if "error" not in report else []
         if lacking and self.options().python:  # an external Python: the user installs there
-            slicer.util.infoDisplay(
-                "Install the missing packages with:\n\n" + dependencies.install_hint(python, lacking)
-            )
+            hint, note = dependencies.install_hint(python, lacking), dependencies.install_note(python, lacking)
+            slicer.util.infoDisplay(f"Install the missing packages with:\n\n{hint}\n\n{note}".strip())
         elif lacking and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
             self.logic.installIntoSlicer(lacking)
             self.ui.logTextEdit.appendPlainText(dependencies.summary(dependencies.probe(python)))
@@ -481,18 +479,21 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
     def installIntoSlicer(requirements):
         """torch through the PyTorch extension's PyTorch Utils (the build for this GPU), the rest with pip."""
         with _UserAction("Cannot install the packages."):
-            if "torch" in requirements:
-                import PyTorchUtils
+            from MaisiSynthLib.dependencies import PYTORCH_EXTENSION_MISSING, TORCH_REQUIREMENT
 
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+            if any(r.startswith("torch") for r in requirements):
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    raise ValueError(PYTORCH_EXTENSION_MISSING) from None
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(torchVersionRequirement=TORCH_REQUIREMENT) is None:
                     raise ValueError("PyTorch was not installed (see the PyTorch Utils module)")
-            rest = [r for r in requirements if r != "torch"]
+            rest = [r for r in requirements if not r.startswith("torch")]
             if rest:
                 slicer.util.pip_install(" ".join(f'"{r}"' for r in rest))
 
     def generate(self, segmentation, reference, options, onEvent):
-        """Write the request's files (an edit of the reference CT, or a mask for a new CT), send it to
-        the worker; returns the request id."""
+        """Write the request's files (a CT's edit, or a mask for a new CT), send it; the request id."""
         from MaisiSynthLib import scene
 
         if segmentation is None:

@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
-# module name → pip requirement, for everything the worker imports
+# Slicer's Python gets torch through the PyTorch extension's PyTorch Utils (the build for its GPU)
+PYTORCH_EXTENSION_MISSING = (
+    "The PyTorch extension is missing: install 'PyTorch' from the Extensions Manager, restart Slicer, "
+    "then press Check dependencies again."
+)
+# MONAI 1.5's own lower bound for torch; PyTorch Utils gets it as its version requirement
+TORCH_REQUIREMENT = ">=2.4.1"
+# module name → pip requirement, for everything the worker imports (huggingface_hub: the official
+# weights' download, which also runs in the worker)
 REQUIREMENTS = {
-    "torch": "torch",
+    "torch": "torch" + TORCH_REQUIREMENT,
     "monai": "monai>=1.5",
     "einops": "einops",
     "numpy": "numpy",
@@ -27,6 +36,13 @@ REQUIREMENTS = {
     "slicerio": "slicerio",
     "PIL": "pillow",
     "tqdm": "tqdm",
+    "huggingface_hub": "huggingface_hub>=0.24",
+}
+# an installed package older than its requirement's lower bound counts as missing (pip upgrades it)
+_MINIMUM = {
+    name: tuple(int(part) for part in req.split(">=")[1].split("."))
+    for name, req in REQUIREMENTS.items()
+    if ">=" in req
 }
 
 _PROBE = r"""
@@ -75,7 +91,15 @@ def probe(python: str, env: dict | None = None, timeout: float = 120.0) -> dict:
 def missing(report: dict) -> list[str]:
     """pip requirements of the packages the report lacks (torch first: it decides the CUDA build)."""
     packages = report.get("packages", {})
-    return [REQUIREMENTS[name] for name in REQUIREMENTS if packages.get(name) is None]
+    return [REQUIREMENTS[name] for name in REQUIREMENTS if _too_old(name, packages.get(name))]
+
+
+def _too_old(name: str, version: str | None) -> bool:
+    """Not installed, or older than the requirement's lower bound ("2.13.0+cpu" → (2, 13, 0))."""
+    if version is None:
+        return True
+    parts = re.match(r"\d+(?:\.\d+)*", version)
+    return bool(parts) and tuple(int(p) for p in parts.group(0).split(".")) < _MINIMUM.get(name, ())
 
 
 def summary(report: dict) -> str:
@@ -96,12 +120,27 @@ def summary(report: dict) -> str:
 
 
 def install_hint(python: str, lacking: list[str]) -> str:
-    """The command that installs `lacking` into an external worker Python (torch first, alone: the
-    CUDA build must be chosen for the machine, see pytorch.org)."""
-    rest = [r for r in lacking if r != "torch"]
-    lines = []
-    if "torch" in lacking:
-        lines.append(f'"{python}" -m pip install torch   # or the CUDA build for your GPU, see pytorch.org')
-    if rest:
-        lines.append(f'"{python}" -m pip install ' + " ".join(f'"{r}"' for r in rest))
+    """The commands that install `lacking` into an external worker Python, one per line, each the
+    same in bash, cmd and PowerShell: no comments, every requirement in double quotes (">" would
+    redirect), the interpreter quoted only when its path needs it. torch goes alone and first: its
+    build must be chosen for the machine (`install_note`)."""
+    exe = python if _plain(python) else f'"{python}"'
+    torch = [r for r in lacking if r.startswith("torch")]
+    rest = [r for r in lacking if not r.startswith("torch")]
+    lines = [f"{exe} -m pip install " + " ".join(f'"{r}"' for r in group) for group in (torch, rest) if group]
     return "\n".join(lines)
+
+
+def install_note(python: str, lacking: list[str]) -> str:
+    """What to know before running `install_hint`'s commands (said beside them, not in them)."""
+    notes = []
+    if any(r.startswith("torch") for r in lacking):
+        notes.append("For a GPU, install the CUDA build of torch that pytorch.org gives for your machine instead.")
+    if not _plain(python):
+        notes.append("In PowerShell, put & and a space before the quoted path.")
+    return " ".join(notes)
+
+
+def _plain(path: str) -> bool:
+    """A path every shell takes unquoted (no spaces, no characters any of them treats specially)."""
+    return bool(path) and all(c.isalnum() or c in "/\\:._-" for c in path)

@@ -146,10 +146,41 @@ def test_the_dependency_check_names_what_the_worker_python_lacks(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     report = dependencies.probe(bare, env=env)
     lacking = dependencies.missing(report)
-    assert lacking[0] == "torch" and "monai>=1.5" in lacking  # torch first: it decides the CUDA build
+    assert lacking[0] == "torch>=2.4.1" and "monai>=1.5" in lacking  # torch first: it decides the CUDA build
+    assert "huggingface_hub>=0.24" in lacking  # the official weights' download runs in the worker too
     hint = dependencies.install_hint(bare, lacking)
-    assert hint.splitlines()[0].startswith(f'"{bare}" -m pip install torch') and '"monai>=1.5"' in hint
+    assert hint.splitlines()[0] == f'{bare} -m pip install "torch>=2.4.1"' and '"monai>=1.5"' in hint
     assert "error" in dependencies.probe(str(tmp_path / "no-python"))
+    # an installed package older than the lower bound is listed too (pip then upgrades it)
+    old = {**full, "packages": {**full["packages"], "torch": "2.3.1+cpu", "monai": "1.4.0"}}
+    assert dependencies.missing(old) == ["torch>=2.4.1", "monai>=1.5"]
+
+
+def test_the_install_hint_runs_as_pasted(tmp_path):
+    """The hint is pasted into bash, cmd or PowerShell as it is: no comment (cmd has none), every
+    requirement quoted (an unquoted ">" redirects in all three), the interpreter quoted only when its
+    path has a space. Run here through bash, with a stand-in Python that records its arguments."""
+    import shutil
+
+    from MaisiSynthLib import dependencies
+
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash")
+    lacking = ["torch>=2.4.1", "monai>=1.5", "huggingface_hub>=0.24"]
+    for folder in ("plain", "with space"):
+        python = tmp_path / folder / "python"
+        python.parent.mkdir()
+        python.write_text('#!/bin/sh\nprintf "%s|" "$@" >> "$(dirname "$0")/argv"; echo >> "$(dirname "$0")/argv"\n')
+        python.chmod(0o755)
+        hint = dependencies.install_hint(str(python), lacking)
+        assert "#" not in hint and ">" not in hint.replace(">=", "")
+        ran = subprocess.run(["bash", "-c", hint], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        calls = (python.parent / "argv").read_text().splitlines()
+        assert calls == ["-m|pip|install|torch>=2.4.1|", "-m|pip|install|monai>=1.5|huggingface_hub>=0.24|"]
+        assert not list(tmp_path.glob("=*"))  # nothing redirected into a file named "=2.4.1"
+        note = dependencies.install_note(str(python), lacking)
+        assert "CUDA" in note and (("PowerShell" in note) == (folder == "with space"))
 
 
 def test_the_engine_installs_into_slicer_58s_python(tmp_path):
