@@ -159,7 +159,6 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentationChanged(self, node):
         self.ui.segmentEditorWidget.setSegmentationNode(node)
-        self.onReferenceChanged(self.ui.referenceVolumeSelector.currentNode())
         S = slicer.vtkSegmentation
         events = (S.SegmentAdded, S.SegmentRemoved, S.SegmentModified)
         previous = getattr(self, "observedSegmentation", None)
@@ -171,6 +170,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for event in events:
                 self.addObserver(self.observedSegmentation, event, self.onSegmentsChanged)
         self.updateMapping()
+        self.onReferenceChanged(self.ui.referenceVolumeSelector.currentNode())  # last: observers are in place
 
     def onSegmentsChanged(self, caller=None, event=None):
         self.updateMapping()
@@ -178,8 +178,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onReferenceChanged(self, node):
         segmentation = self.ui.segmentationSelector.currentNode()
         if node is None and segmentation is not None:
-            # Painting needs a source volume; without a reference CT, a blank one on the mask's grid.
-            node = self.logic.canvasVolume(segmentation)
+            with _UserAction("Cannot make a blank volume to paint on."):  # painting needs a source volume
+                node = self.logic.canvasVolume(segmentation)
         elif segmentation is not None:
             from MaisiSynthLib import scene
 

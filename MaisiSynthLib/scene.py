@@ -638,7 +638,9 @@ def reference_grid(scene, segmentation_node):
     ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportAllSegmentsToLabelmapNode(
         segmentation_node, node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
     )
-    if not ok or node.GetImageData() is None:
+    image = node.GetImageData()
+    # a segmentation without segments or reference geometry: the export fails and leaves no scalars
+    if not ok or image is None or image.GetPointData().GetScalars() is None:
         discard(scene, node)
         raise MaskError("the segmentation has no geometry to generate on", "select a reference CT")
     return node
@@ -729,27 +731,51 @@ def compare_side_by_side(scene, reference, synthetic, segmentation=None) -> None
         display.SetVisibility2DOutline(True)
 
 
+# A new, blank segmentation with no reference CT has no grid: its canvas is the official 1.5 mm grid
+# (256³, 38 cm across, centred on the origin), on which the mask is painted and then generated.
+BLANK_CANVAS_SHAPE = (256, 256, 256)
+BLANK_CANVAS_SPACING = 1.5
+CANVAS_ROLE = "MaisiSynth.Canvas"
+
+
 def canvas_volume(scene, segmentation_node, name: str = "MaisiSynth canvas"):
-    """A blank scalar volume (-1000 HU) on the segmentation's own geometry, reused while that geometry
-    holds: the Segment Editor paints only with a source volume, and a mask loaded alone has none."""
-    grid = reference_grid(scene, segmentation_node)
+    """A blank scalar volume (-1000 HU) to paint on: the Segment Editor paints only with a source
+    volume, and a mask loaded alone has none. On the segmentation's own geometry, or for a blank
+    segmentation (no segments, no geometry) on BLANK_CANVAS_*, which then becomes its geometry. One
+    canvas per scene, reused while the geometry holds, never saved with the scene."""
+    blank = False
     try:
-        shape, affine = array_from_volume(grid).shape, ijk_to_ras(grid)
-    finally:
-        discard(scene, grid)
-    existing = scene.GetFirstNodeByName(name)
-    if (
-        existing is not None
-        and existing.IsA("vtkMRMLScalarVolumeNode")
-        and existing.GetImageData() is not None
-        and array_from_volume(existing).shape == shape
-        and np.allclose(ijk_to_ras(existing), affine, atol=1e-4)
-    ):
-        return existing
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    set_volume_array(node, np.full(shape, -1000, np.int16), affine)
-    node.CreateDefaultDisplayNodes()
+        grid = reference_grid(scene, segmentation_node)
+        try:
+            shape, affine = array_from_volume(grid).shape, ijk_to_ras(grid)
+        finally:
+            discard(scene, grid)
+    except MaskError:
+        blank, shape = True, BLANK_CANVAS_SHAPE
+        affine = np.diag([-BLANK_CANVAS_SPACING, -BLANK_CANVAS_SPACING, BLANK_CANVAS_SPACING, 1.0])
+        affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) - 1) / 2
+    node = None
+    for existing in _canvases(scene):
+        fits = existing.GetImageData() is not None and array_from_volume(existing).shape == shape
+        if node is None and fits and np.allclose(ijk_to_ras(existing), affine, atol=1e-4):
+            node = existing
+        else:
+            discard(scene, existing)  # another geometry's canvas: it would only pile up
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node.SetAttribute(CANVAS_ROLE, "1")
+        node.SetSaveWithScene(False)
+        set_volume_array(node, np.full(shape, -1000, np.int16), affine)
+        node.CreateDefaultDisplayNodes()
+    if blank:  # the grid the user paints on, and later generates on
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(node)
     return node
+
+
+def _canvases(scene) -> list:
+    found = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes = [found.GetItemAsObject(i) for i in range(found.GetNumberOfItems())]
+    return [n for n in nodes if n.GetAttribute(CANVAS_ROLE)]
 
 
 def adopt_result(scene, path: str | os.PathLike, name: str, reference_volume=None):

@@ -272,6 +272,37 @@ def test_a_mask_alone_gets_one_canvas_to_paint_on(scene, reference):
     assert S.canvas_volume(scene, seg) is canvas and scene.GetNumberOfNodes() == count  # reused, nothing left over
 
 
+def test_a_blank_segmentation_without_a_reference_ct_gets_a_canvas_and_can_be_painted(scene, reference):
+    """A radiologist who starts from a new, empty segmentation (no segments, no geometry, no CT):
+    Slicer's export fails and leaves a volume without scalars, which used to raise out of the
+    module's selector slot. Now the canvas is the blank grid and becomes the segmentation's geometry,
+    a stroke painted on it exports as labels, and switching segmentations keeps a single canvas
+    that is never saved with the scene."""
+    blank = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    canvas = S.canvas_volume(scene, blank)
+    shape, spacing = S.BLANK_CANVAS_SHAPE, S.BLANK_CANVAS_SPACING
+    assert S.array_from_volume(canvas).shape == shape and not canvas.GetSaveWithScene()
+    np.testing.assert_allclose(np.abs(np.diag(S.ijk_to_ras(canvas))[:3]), spacing)
+    centre = S.ijk_to_ras(canvas) @ np.r_[(np.array(shape) - 1) / 2, 1.0]
+    np.testing.assert_allclose(centre[:3], 0, atol=1e-6)  # around the origin
+    # a stroke: a liver ball painted on the canvas, as the Segment Editor's Paint effect writes it
+    stroke = np.zeros(shape, bool)
+    stroke[100:140, 90:150, 110:150] = True
+    sid = blank.GetSegmentation().AddEmptySegment("", "liver", (1, 0, 0))
+    S.ensure_segmentation_converters()
+    S._write_segment(scene, blank, canvas, sid, stroke)
+    labels, affine = S.export_labels(scene, blank, None)  # no reference CT: the segmentation's own grid
+    ras = affine @ np.r_[np.argwhere(labels == L.id_for_name("liver")).mean(0), 1.0]
+    expected = S.ijk_to_ras(canvas) @ np.r_[np.argwhere(stroke).mean(0), 1.0]
+    np.testing.assert_allclose(ras[:3], expected[:3], atol=spacing)
+    assert (labels == L.id_for_name("liver")).sum() == stroke.sum()
+    # switching to a mask with its own grid and back: one canvas at a time, not one more per switch
+    other = painted(scene, reference, [("liver", LIVER)])
+    for node in (other, blank, other, blank):
+        S.canvas_volume(scene, node)
+        assert len(S._canvases(scene)) == 1
+
+
 def test_an_edit_of_the_reference_ct_from_the_tumor_tools_through_a_real_worker(scene, tiny_model, tmp_path):
     """The module's edit flow on real MRML: the segmentation is kept before the first tumor tool
     changes it, the region is what changed, the inputs go to a real worker, and the result comes back
