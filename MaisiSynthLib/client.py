@@ -610,7 +610,9 @@ class ClientSession:
         kind: str = "generate",
     ) -> str:
         request_id = uuid.uuid4().hex[:12]
-        alive = self.client is not None and getattr(self.client, "alive", True)
+        # a client that could not start is not reused: the next request starts a new one (the server
+        # may be up by now), rather than queueing behind a start that will never come
+        alive = self.client is not None and self._start_error is None and getattr(self.client, "alive", True)
         if key != self.key or not (alive or self.starting):
             self.close()
             self.key, self.client = key, make_client()

@@ -42,8 +42,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model, workdir, token: str | None = TOKEN, *extra: str):
-    port = free_port()
+def start_server(model, workdir, token: str | None = TOKEN, *extra: str, port: int | None = None):
+    port = port or free_port()
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="-1", PYTHONUNBUFFERED="1")
     env.pop("MAISI_SYNTH_TOKEN", None)
     if token:
@@ -255,3 +255,38 @@ def test_a_dying_server_is_reported(tiny_model, mask, tmp_path):
     end, _ = act_at_step(client, rid, 1, lambda: process.send_signal(signal.SIGKILL))
     assert end["type"] == "error" and end["kind"] == "worker-died"
     assert process.wait(30) == -signal.SIGKILL and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_a_session_retries_a_server_it_could_not_reach(tiny_model, mask, tmp_path):
+    """The module's session to a remote server whose first connection failed (not up yet, a typo
+    fixed on the server's side): every later Generate to the same address tries again, answered
+    with an error while nothing listens and run once the server is up, never 'Queued…' for ever."""
+    from MaisiSynthLib.client import ClientSession
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    session = ClientSession()
+
+    def generate(name: str) -> dict:
+        got: list[dict] = []
+        params = {"mask": str(mask), "output": str(tmp_path / name), "steps": 2}
+        session.request(("remote", url, TOKEN), lambda: RemoteClient(url, token=TOKEN), params, got.append)
+        deadline = time.monotonic() + 180
+        while not any(e["type"] in ("result", "error") for e in got):
+            assert time.monotonic() < deadline, f"no answer, still {session.starting=} {session.ready=}"
+            session.poll()
+            time.sleep(0.05)
+        return got[-1]
+
+    for attempt in ("a.nii.gz", "b.nii.gz"):
+        failed = generate(attempt)
+        assert failed["kind"] == "worker-died" and "could not start" in failed["message"]
+    process, client = start_server(tiny_model, tmp_path / "work", TOKEN, port=port)
+    try:
+        done = generate("c.nii.gz")
+        assert done["type"] == "result", done
+        assert (tmp_path / "c.nii.gz").is_file()
+    finally:
+        session.close()
+        process.terminate()
+        process.wait(30)
