@@ -583,6 +583,11 @@ class ClientSession:
     sent by `poll()` once it is (or answered with a `worker-died` error if it could not start).
     `close()` stops a local worker this session started, never a remote server: other users may share it.
     `kind` is the client method a request calls: "generate", or "download" (local workers only).
+
+    A client replaced while it still runs requests (the user changed the device, the worker Python or
+    the server during a job) is retired, not closed: `poll()` keeps delivering its events and
+    `cancel()` still reaches it, and it is closed once its last request has ended. Local workers are
+    shut down on a background thread (`closing`), so the GUI never waits for one to exit.
     """
 
     def __init__(self) -> None:
@@ -592,6 +597,8 @@ class ClientSession:
         self._start_error: str | None = None
         self._queued: list[tuple[str, dict, Callback | None, str]] = []
         self._late: list[tuple[Callback | None, dict]] = []  # events for requests that never reached a client
+        self.retired: list[_EventClient] = []  # replaced while running requests; closed when they end
+        self.closing: list[threading.Thread] = []  # local workers shutting down
 
     @property
     def ready(self) -> bool:
@@ -614,7 +621,7 @@ class ClientSession:
         # may be up by now), rather than queueing behind a start that will never come
         alive = self.client is not None and self._start_error is None and getattr(self.client, "alive", True)
         if key != self.key or not (alive or self.starting):
-            self.close()
+            self._retire()
             self.key, self.client = key, make_client()
             self._start_error = None
             self._thread = threading.Thread(
@@ -671,6 +678,11 @@ class ClientSession:
                 callback(event)
         if self.client is not None and self._thread is None:
             self.client.poll()
+        for client in list(self.retired):
+            client.poll()
+            if not client.pending:
+                self.retired.remove(client)
+                self._stop(client)
 
     def cancel(self, request_id: str) -> None:
         for item in list(self._queued):
@@ -678,19 +690,46 @@ class ClientSession:
                 self._queued.remove(item)
                 self._late.append((item[2], error_event(request_id, "cancelled", "cancelled by the user", "")))
                 return
-        if self.client is not None and self._thread is None:
+        owner = next((c for c in self.retired if request_id in c.pending), None)
+        if owner is not None:
+            owner.cancel(request_id)
+        elif self.client is not None and self._thread is None:
             self.client.cancel(request_id)
 
-    def close(self) -> None:
+    def _retire(self) -> None:
+        """Make way for a new client: the current one keeps its running requests (retired), or stops."""
+        client = self.client
+        if client is not None and self._thread is None and self._start_error is None and client.pending:
+            self.client, self.key = None, None
+            self.retired.append(client)
+        self.close(retired=False)
+
+    def close(self, retired: bool = True) -> None:
+        """Stop this session's client (and, unless `retired` is False, the retired ones): queued
+        requests end as cancelled; a local worker cancels what it runs and exits in the background."""
         client, self.client, self.key = self.client, None, None
-        if self._thread is not None:
-            self._thread.join(1.0)  # a starting worker is stopped below once it exists
-            self._thread = None
+        starting, self._thread = self._thread, None
         for request_id, _, callback, _ in self._queued:
             self._late.append((callback, error_event(request_id, "cancelled", "the worker was closed", "")))
         self._queued = []
-        if isinstance(client, WorkerClient):
+        self._stop(client, starting)
+        for old in self.retired if retired else []:
+            self._stop(old)
+        if retired:
+            self.retired = []
+
+    def _stop(self, client: _EventClient | None, starting: threading.Thread | None = None) -> None:
+        if not isinstance(client, WorkerClient):  # a remote server is shared: never stopped from here
+            return
+
+        def shutdown() -> None:
+            if starting is not None:
+                starting.join(120)  # a worker still starting is stopped once it exists
             try:
                 client.shutdown()
             except Exception:  # noqa: BLE001 - closing must not fail
                 client.kill()
+
+        thread = threading.Thread(target=shutdown, daemon=True, name="maisi-synth-shutdown")
+        thread.start()
+        self.closing = [t for t in self.closing if t.is_alive()] + [thread]

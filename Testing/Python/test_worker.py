@@ -306,6 +306,67 @@ def test_a_gui_session_never_waits_for_the_worker(tiny_model, mask, tmp_path):
     assert not shut
 
 
+def test_a_settings_change_during_a_job_keeps_the_job(tiny_model, mask, tmp_path):
+    """The user changes the device (or worker Python, or server) while a job runs: the new key gets a
+    new worker, and the running job still reaches its result (the old worker is retired, polled until
+    its last job ends, then shut down); a cancel still reaches a retired worker. No call the GUI makes
+    waits: each returns within 0.2 s while workers are busy, start and stop."""
+    from MaisiSynthLib.client import ClientSession
+
+    session = ClientSession()
+    make = lambda: WorkerClient(env=CPU, worker_args=["--device", "cpu"])  # noqa: E731
+    events: dict[str, list[dict]] = {}
+    slowest = 0.0
+
+    def timed(call, *args):
+        nonlocal slowest
+        started = time.monotonic()
+        out = call(*args)
+        slowest = max(slowest, time.monotonic() - started)
+        return out
+
+    def submit(key, name, steps):
+        got: list[dict] = []
+        rid = timed(session.request, key, make, params(mask, tmp_path / name, tiny_model, steps=steps), got.append)
+        events[rid] = got
+        return rid
+
+    def until(done, timeout=240):
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert time.monotonic() < deadline, {rid: [e["type"] for e in got][-3:] for rid, got in events.items()}
+            timed(session.poll)
+            time.sleep(0.02)
+
+    def ended(rid):
+        return any(e["type"] in ("result", "error") for e in events[rid])
+
+    first = submit(("local", "a"), "first.nii.gz", 40)
+    until(lambda: any(e.get("stage") == "sample" for e in events[first]))  # running
+    old = session.client
+    second = submit(("local", "b"), "second.nii.gz", 3)  # the settings change
+    assert session.retired == [old] and session.client is not old
+    until(lambda: ended(first) and ended(second))
+    assert events[first][-1]["type"] == "result" and (tmp_path / "first.nii.gz").is_file()
+    assert events[second][-1]["type"] == "result" and (tmp_path / "second.nii.gz").is_file()
+    until(lambda: not session.retired)
+    assert old.wait_exit(60) == 0  # shut down once its job had ended
+
+    long = submit(("local", "b"), "long.nii.gz", 400)
+    until(lambda: any(e.get("stage") == "sample" for e in events[long]))
+    busy = session.client
+    third = submit(("local", "c"), "third.nii.gz", 3)
+    assert session.retired == [busy]
+    timed(session.cancel, long)  # reaches the retired worker
+    until(lambda: ended(long) and ended(third))
+    assert events[long][-1]["kind"] == "cancelled" and not (tmp_path / "long.nii.gz").exists()
+    assert events[third][-1]["type"] == "result"
+    current = session.client
+    timed(session.close)
+    assert current.wait_exit(60) == 0 and busy.wait_exit(60) == 0
+    assert slowest < 0.2, f"a GUI-thread call took {slowest:.3f} s"
+
+
 def test_an_edit_keeps_the_scan_and_a_cancelled_edit_leaves_nothing(worker, tiny_model, tmp_path):
     scan = write_scan(tmp_path / "scan")
     edit = {"reference_ct": str(scan / "ct.nii.gz"), "edits": ["insert:hepatic:30"]}
