@@ -8,6 +8,7 @@ imported at module load, so the module appears even when PyTorch is not installe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 import tempfile
@@ -31,6 +32,11 @@ def _engine_on_path() -> None:
     found = [c for c in (here, here.parent) if (c / "MaisiSynthLib" / "__init__.py").exists()]
     if found and str(found[0]) not in sys.path:
         sys.path.insert(0, str(found[0]))
+
+
+def _lib(name):
+    """A MaisiSynthLib module, imported on first use (the module loads before torch is installed)."""
+    return importlib.import_module(f"MaisiSynthLib.{name}")
 
 
 POLL_MS = 100
@@ -81,7 +87,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
-        self.requestId = self.downloadId = None
+        self.requestId = self.downloadId = self.probe = None
         self.timer = None
 
     def setup(self):
@@ -125,18 +131,16 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.downloadButton.connect("clicked(bool)", self.onDownloadOrCancel)
 
         self.timer = qt.QTimer()
-        self.timer.connect("timeout()", self.logic.poll)
+        self.timer.connect("timeout()", self.onPoll)
         self.timer.start(POLL_MS)
         self.onSegmentationChanged(self.ui.segmentationSelector.currentNode())
 
     def enter(self):
         self.ui.segmentEditorWidget.installKeyboardShortcuts()
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(self.logic.segmentEditorNode())
-        # the module's own selectors drive the editor; two sets of selectors would drift apart
-        self.ui.segmentEditorWidget.setSegmentationNodeSelectorVisible(False)
-        self.ui.segmentEditorWidget.setSourceVolumeNodeSelectorVisible(False)
-        self.ui.modelDirPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs  # a model is a folder, not a file
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.ui.segmentEditorWidget.updateEffectList()  # effects registered after setup (other extensions)
+        if self.probe is None:  # once, in the background: a fresh install hears of it before Generate
+            self.onCheckDependencies(quiet=True)
 
     def exit(self):
         # an effect left active would keep painting in the views after the user left the module
@@ -304,6 +308,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         options = self.options()
         problems = options.problems()
+        if not options.server_url and self.probe is not None and self.probe.lacking and not self.probe.offered:
+            return self.onProbed(self.probe)  # offers the install (a fresh install: before "worker died")
         if problems:
             slicer.util.errorDisplay("Cannot generate yet:\n\n• " + "\n• ".join(problems))
             return
@@ -366,22 +372,26 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- dependencies -------------------------------------------------------------------------------
 
-    def onCheckDependencies(self):
-        from MaisiSynthLib import dependencies
+    def onCheckDependencies(self, quiet=False):
+        python = self.options().python_executable()  # probed on a thread; onPoll hands on the report
+        self.probe = _lib("dependencies").BackgroundProbe(python, self.logic.workerBaseEnvironment(python), quiet)
 
-        python = self.options().python_executable()
-        with _UserAction("Cannot check the worker Python.") as action:
-            report = dependencies.probe(python, env=self.logic.workerBaseEnvironment(python))
-        if not action.ok:
-            return
-        self.ui.logTextEdit.appendPlainText(dependencies.summary(report))
-        lacking = dependencies.missing(report) if "error" not in report else []
+    def onPoll(self):
+        self.logic.poll()
+        if self.probe is not None and self.probe.report is not None and not self.probe.shown:
+            self.probe.shown = True
+            self.ui.logTextEdit.appendPlainText(_lib("dependencies").summary(self.probe.report))
+            if not self.probe.quiet:
+                self.onProbed(self.probe)
+
+    def onProbed(self, probe):
+        dependencies, python, lacking, probe.offered = _lib("dependencies"), probe.python, probe.lacking, True
         if lacking and self.options().python:  # an external Python: the user installs there
             hint, note = dependencies.install_hint(python, lacking), dependencies.install_note(python, lacking)
             slicer.util.infoDisplay(f"Install the missing packages with:\n\n{hint}\n\n{note}".strip())
         elif lacking and slicer.util.confirmOkCancelDisplay(f"Install {', '.join(lacking)} into Slicer's Python?"):
             self.logic.installIntoSlicer(lacking)
-            self.ui.logTextEdit.appendPlainText(dependencies.summary(dependencies.probe(python)))
+            self.onCheckDependencies()  # again, in the background: what the install achieved
 
     # -- result ---------------------------------------------------------------------------------------
 
@@ -423,9 +433,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def canvasVolume(segmentation):
-        from MaisiSynthLib import scene
-
-        return scene.canvas_volume(slicer.mrmlScene, segmentation)
+        return _lib("scene").canvas_volume(slicer.mrmlScene, segmentation)
 
     @contextlib.contextmanager
     def _grid(self, segmentation, reference):
@@ -442,28 +450,20 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
                 scene.discard(slicer.mrmlScene, grid)
 
     def swapTumor(self, segmentation, segmentId, tumor, reference=None):
-        from MaisiSynthLib import scene
-
-        scene.swap_tumor(segmentation, segmentId, tumor, slicer.mrmlScene, reference)
+        _lib("scene").swap_tumor(segmentation, segmentId, tumor, slicer.mrmlScene, reference)
 
     def removeTumor(self, segmentation, segmentId, reference):
-        from MaisiSynthLib import scene
-
         with self._grid(segmentation, reference) as grid:
-            return scene.remove_tumor(slicer.mrmlScene, segmentation, segmentId, grid)
+            return _lib("scene").remove_tumor(slicer.mrmlScene, segmentation, segmentId, grid)
 
     def insertTumor(self, segmentation, reference, tumor, centreRas, diameterMm):
-        from MaisiSynthLib import scene
-
         with self._grid(segmentation, reference) as grid:
-            return scene.insert_tumor(slicer.mrmlScene, segmentation, grid, tumor, centreRas, diameterMm)
+            return _lib("scene").insert_tumor(slicer.mrmlScene, segmentation, grid, tumor, centreRas, diameterMm)
 
     @staticmethod
     def lesionCentre(pointNode):
         """The first control point of a markup, else the crosshair (not the last mouse position)."""
-        from MaisiSynthLib import scene
-
-        return scene.lesion_centre(slicer.mrmlScene, pointNode)
+        return _lib("scene").lesion_centre(slicer.mrmlScene, pointNode)
 
     # -- the worker -----------------------------------------------------------------------------------
 

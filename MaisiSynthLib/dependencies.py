@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 # Slicer's Python gets torch through the PyTorch extension's PyTorch Utils (the build for its GPU)
 PYTORCH_EXTENSION_MISSING = (
@@ -144,3 +145,33 @@ def install_note(python: str, lacking: list[str]) -> str:
 def _plain(path: str) -> bool:
     """A path every shell takes unquoted (no spaces, no characters any of them treats specially)."""
     return bool(path) and all(c.isalnum() or c in "/\\:._-" for c in path)
+
+
+class BackgroundProbe:
+    """`probe` on a thread, for a GUI that must not wait for it (importing torch takes seconds, and
+    the probe may take up to its timeout): start it, then read `report` (None until it is done) from
+    the GUI's timer. `shown` and `offered` are the GUI's marks: the summary logged, the install offered.
+    `quiet`: a check the user did not ask for (only logged unless something is missing at Generate)."""
+
+    def __init__(self, python: str, env: dict | None = None, quiet: bool = False, timeout: float = 120.0):
+        self.python, self.quiet = python, quiet
+        self.report: dict | None = None
+        self.shown = self.offered = False
+        self._thread = threading.Thread(target=self._run, args=(env, timeout), daemon=True, name="maisi-synth-probe")
+        self._thread.start()
+
+    def _run(self, env: dict | None, timeout: float) -> None:
+        try:
+            self.report = probe(self.python, env=env, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - a report, never an exception on a thread
+            self.report = {"error": f"cannot check {self.python}: {exc}"}
+
+    @property
+    def lacking(self) -> list[str]:
+        """What to install, once the report is in (nothing while it runs or when the Python failed)."""
+        report = self.report
+        return missing(report) if report is not None and "error" not in report else []
+
+    def wait(self, timeout: float | None = None) -> dict | None:
+        self._thread.join(timeout)
+        return self.report

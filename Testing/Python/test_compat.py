@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,27 @@ def test_the_dependency_check_names_what_the_worker_python_lacks(tmp_path):
     # an installed package older than the lower bound is listed too (pip then upgrades it)
     old = {**full, "packages": {**full["packages"], "torch": "2.3.1+cpu", "monai": "1.4.0"}}
     assert dependencies.missing(old) == ["torch>=2.4.1", "monai>=1.5"]
+
+
+def test_the_dependency_probe_runs_off_the_gui_thread():
+    """Importing torch in the probed Python takes seconds: the module starts the probe and reads its
+    report from its timer, so neither "Check dependencies" nor the first visit freezes Slicer."""
+    from MaisiSynthLib import dependencies
+
+    started = time.monotonic()
+    background = dependencies.BackgroundProbe(sys.executable)
+    assert time.monotonic() - started < 0.2 and background.report is None and background.lacking == []
+    report = background.wait(120)
+    assert report is not None and report["packages"]["torch"] and background.lacking == []
+    assert report["packages"] == dependencies.probe(sys.executable)["packages"]
+    bare = _python("3.12") or _python("3.9")
+    if bare is not None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        lacking = dependencies.BackgroundProbe(bare, env, quiet=True)
+        lacking.wait(120)
+        assert lacking.quiet and lacking.lacking[0] == "torch>=2.4.1"
+    broken = dependencies.BackgroundProbe("/no/such/python")
+    assert "error" in broken.wait(30) and broken.lacking == []
 
 
 def test_the_install_hint_runs_as_pasted(tmp_path):

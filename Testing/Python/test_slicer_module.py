@@ -196,6 +196,23 @@ def test_sampling_controls_leave_the_model_defaults_unless_set():
     assert "latent prior must be one of model default, off" in problems[1]
 
 
+def test_revisiting_the_module_adds_no_observer_and_nothing_probes_on_the_gui_thread():
+    """enter() runs on every visit: an observer added there is added again ("already has observer");
+    it refreshes the editor's effects instead (extensions may register theirs after setup). The worker
+    Python is probed only through BackgroundProbe, read by the timer's onPoll."""
+    import ast
+
+    source = (REPO / "MaisiSynth" / "MaisiSynth.py").read_text(encoding="utf-8")
+    widget = next(
+        n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.ClassDef) and n.name == "MaisiSynthWidget"
+    )
+    methods = {f.name: ast.unparse(f) for f in widget.body if isinstance(f, ast.FunctionDef)}
+    assert "addObserver" not in methods["enter"] and "updateEffectList()" in methods["enter"]
+    assert "addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent" in methods["setup"]
+    assert "connect('timeout()', self.onPoll)" in methods["setup"] and "self.probe.report" in methods["onPoll"]
+    assert ".probe(" not in source and "BackgroundProbe(" in methods["onCheckDependencies"]
+
+
 def test_one_step_up_from_model_default_is_a_value_generate_takes():
     """Steps, CFG and mask guidance start at 'model default' (Qt shows the special text at the spin
     box's minimum, which sends nothing); every value a spin box steps to from there is one the
