@@ -77,12 +77,18 @@ def set_volume_array(volume_node, array: np.ndarray, affine: np.ndarray) -> None
     image.SetDimensions(*array.shape)
     scalars = numpy_support.numpy_to_vtk(data.ravel(), deep=True)
     image.GetPointData().SetScalars(scalars)
+    volume_node.SetIJKToRASMatrix(_vtk_matrix(affine))
+    volume_node.SetAndObserveImageData(image)
+
+
+def _vtk_matrix(affine: np.ndarray):
+    import vtk
+
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
             matrix.SetElement(r, c, float(affine[r, c]))
-    volume_node.SetIJKToRASMatrix(matrix)
-    volume_node.SetAndObserveImageData(image)
+    return matrix
 
 
 def discard(scene, node) -> None:
@@ -743,33 +749,75 @@ def canvas_volume(scene, segmentation_node, name: str = "MaisiSynth canvas"):
     volume, and a mask loaded alone has none. On the segmentation's own geometry, or for a blank
     segmentation (no segments, no geometry) on BLANK_CANVAS_*, which then becomes its geometry. One
     canvas per scene, reused while the geometry holds, never saved with the scene."""
-    blank = False
-    try:
-        grid = reference_grid(scene, segmentation_node)
-        try:
-            shape, affine = array_from_volume(grid).shape, ijk_to_ras(grid)
-        finally:
-            discard(scene, grid)
-    except MaskError:
-        blank, shape = True, BLANK_CANVAS_SHAPE
+    geometry = segmentation_geometry(segmentation_node)
+    blank = geometry is None
+    if geometry is not None:
+        shape, affine = geometry
+    else:
+        shape = BLANK_CANVAS_SHAPE
         affine = np.diag([-BLANK_CANVAS_SPACING, -BLANK_CANVAS_SPACING, BLANK_CANVAS_SPACING, 1.0])
         affine[:3, 3] = -affine[:3, :3] @ (np.array(shape) - 1) / 2
     node = None
     for existing in _canvases(scene):
-        fits = existing.GetImageData() is not None and array_from_volume(existing).shape == shape
+        image = existing.GetImageData()
+        fits = image is not None and tuple(image.GetDimensions()) == tuple(shape)
         if node is None and fits and np.allclose(ijk_to_ras(existing), affine, atol=1e-4):
             node = existing
         else:
             discard(scene, existing)  # another geometry's canvas: it would only pile up
     if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node = _blank_volume(scene, name, shape, affine)
         node.SetAttribute(CANVAS_ROLE, "1")
         node.SetSaveWithScene(False)
-        set_volume_array(node, np.full(shape, -1000, np.int16), affine)
-        node.CreateDefaultDisplayNodes()
     if blank:  # the grid the user paints on, and later generates on
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(node)
     return node
+
+
+def _blank_volume(scene, name: str, shape: tuple[int, int, int], affine: np.ndarray):
+    """A -1000 HU int16 volume, made cheaply for the GUI thread (no transposed copy, and a display
+    node with a fixed soft-tissue window: the automatic one scans every voxel, a second on 512²×200)."""
+    import vtk
+    from vtk.util import numpy_support
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(*shape)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = -1000
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_vtk_matrix(affine))
+    node.SetAndObserveImageData(image)
+    display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+    display.SetAutoWindowLevel(False)
+    display.SetWindowLevel(400, 40)
+    display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
+    node.SetAndObserveDisplayNodeID(display.GetID())
+    return node
+
+
+def segmentation_geometry(segmentation_node) -> tuple[tuple[int, int, int], np.ndarray] | None:
+    """The segmentation's reference grid, (shape (I,J,K), IJK→RAS affine), read from its geometry
+    parameter without exporting a voxel (an export of a 512×512×200 mask took seconds on the GUI
+    thread); None when it has none (a new, empty segmentation)."""
+    slicer = _slicer()
+    import vtk
+
+    converter = slicer.vtkSegmentationConverter
+    text = segmentation_node.GetSegmentation().GetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName()
+    )
+    image = slicer.vtkOrientedImageData()
+    if not text or not converter.DeserializeImageGeometry(text, image, False):
+        return None
+    extent = image.GetExtent()
+    shape = tuple(int(extent[2 * i + 1] - extent[2 * i] + 1) for i in range(3))
+    if min(shape) < 1:
+        return None
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    affine = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+    affine[:3, 3] += affine[:3, :3] @ np.array(extent[::2], float)  # voxel (0,0,0) is the extent's start
+    return shape, affine
 
 
 def _canvases(scene) -> list:
