@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -57,9 +58,7 @@ class _UserAction:
         qt.QApplication.restoreOverrideCursor()
         self.ok = error is None
         if error is not None:
-            from MaisiSynthLib.gui_options import failure_text
-
-            text, bug = failure_text(self.message, error)
+            text, bug = _lib("gui_options").failure_text(self.message, error)
             if bug:
                 logging.error("MaisiSynth: %s", self.message, exc_info=(kind, error, traceback))
             slicer.util.errorDisplay(text)
@@ -185,10 +184,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with _UserAction("Cannot make a blank volume to paint on."):  # painting needs a source volume
                 node = self.logic.canvasVolume(segmentation)
         elif segmentation is not None:
-            from MaisiSynthLib import scene
-
             with _UserAction("Cannot keep the segmentation before edits."):  # what an edit of this CT compares against
-                scene.ensure_snapshot(slicer.mrmlScene, segmentation, node)
+                _lib("scene").ensure_snapshot(slicer.mrmlScene, segmentation, node)
         self.ui.segmentEditorWidget.setSourceVolumeNode(node)
 
     def updateMapping(self):
@@ -341,9 +338,12 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif kind in ("result", "error"):
             self.requestId, self.ui.generateButton.text = None, "Generate"
             self.ui.progressBar.value, self.ui.statusLabel.text = gui_progress.final_status(event)
-            if kind == "result":
-                self.ui.resultSelector.setCurrentNode(self.logic.loadResult(event))
-                self.onSideBySide()
+            job = self.logic.jobs.end(event)  # an error's folder is removed now
+            if kind == "result" and job is not None:
+                with _UserAction("Cannot load the result.") as action:
+                    self.ui.resultSelector.setCurrentNode(self.logic.loadResult(event, job))
+                    self.onSideBySide()
+                self.ui.statusLabel.text = self.ui.statusLabel.text if action.ok else "Failed to load the result"
             elif event.get("kind") != "cancelled":
                 slicer.util.errorDisplay(gui_options.error_text(event))
 
@@ -415,10 +415,8 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        from MaisiSynthLib.client import ClientSession
-
-        self.session = ClientSession()
-        self.requests = {}  # request id → (input name, reference node id, seed, edit region or None)
+        self.session = _lib("client").ClientSession()
+        self.jobs = _lib("jobs").JobRecords()  # request id → what its end needs, its temporary folder
 
     # -- scene edits ----------------------------------------------------------------------------------
 
@@ -469,9 +467,7 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def workerBaseEnvironment(python):
-        from MaisiSynthLib.client import same_interpreter
-
-        if not same_interpreter(python) and hasattr(slicer.util, "startupEnvironment"):
+        if not _lib("client").same_interpreter(python) and hasattr(slicer.util, "startupEnvironment"):
             return slicer.util.startupEnvironment()
         return None
 
@@ -494,16 +490,19 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
 
     def generate(self, segmentation, reference, options, onEvent):
         """Write the request's files (a CT's edit, or a mask for a new CT), send it; the request id."""
-        from MaisiSynthLib import scene
-
         if segmentation is None:
             raise ValueError("Select a segmentation first.")
         folder = Path(tempfile.mkdtemp(prefix="MaisiSynth-"))
-        params, region = scene.prepare_generate(slicer.mrmlScene, segmentation, reference, options, folder)
+        try:
+            params, region = _lib("scene").prepare_generate(slicer.mrmlScene, segmentation, reference, options, folder)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         key, factory = options.client_factory(self.workerBaseEnvironment(options.python_executable()))
         inputName = (reference or segmentation).GetName()
         requestId = self.session.request(key, factory, params, onEvent)  # returns at once; see poll()
-        self.requests[requestId] = (inputName, reference.GetID() if reference else None, options.seed, region)
+        referenceId = reference.GetID() if reference else None
+        self.jobs.add(requestId, _lib("jobs").Job(inputName, referenceId, options.seed, region, folder))
         return requestId
 
     def download(self, options, hfToken, onEvent):
@@ -525,23 +524,23 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
     def shutdown(self):
         """Stop the local worker this module started; a remote server is left running (it may be shared)."""
         self.session.close()
+        self.jobs.clear()
 
-    def loadResult(self, event):
-        from MaisiSynthLib import scene
-
-        inputName, referenceId, seed, region = self.requests.pop(event["id"])
-        reference = slicer.mrmlScene.GetNodeByID(referenceId) if referenceId else None
-        return scene.adopt_edit_result(slicer.mrmlScene, event["output"], inputName, seed, region, reference)
+    def loadResult(self, event, job):
+        reference = slicer.mrmlScene.GetNodeByID(job.reference_id) if job.reference_id else None
+        try:
+            adopt = _lib("scene").adopt_edit_result
+            return adopt(slicer.mrmlScene, event["output"], job.input_name, job.seed, job.region, reference)
+        finally:
+            self.jobs.discard(job)
 
     # -- views ----------------------------------------------------------------------------------------
 
     def showSideBySide(self, reference, synthetic, segmentation):
         if synthetic is None:
             return
-        from MaisiSynthLib import scene
-
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-        scene.compare_side_by_side(slicer.mrmlScene, reference, synthetic, segmentation)
+        _lib("scene").compare_side_by_side(slicer.mrmlScene, reference, synthetic, segmentation)
         slicer.util.resetSliceViews()
 
     def setFade(self, reference, synthetic, value):
@@ -552,12 +551,10 @@ class MaisiSynthLogic(ScriptedLoadableModuleLogic):
         composite.SetForegroundOpacity(value)
 
     def exportPair(self, synthetic, segmentation, folder):
-        from MaisiSynthLib import scene
-
         if synthetic is None or segmentation is None or not folder:
             raise ValueError("Choose a synthetic CT, its segmentation and an export folder.")
         stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in synthetic.GetName())
-        return scene.export_pair(slicer.mrmlScene, synthetic, segmentation, folder, stem)
+        return _lib("scene").export_pair(slicer.mrmlScene, synthetic, segmentation, folder, stem)
 
 
 class MaisiSynthTest(ScriptedLoadableModuleTest):

@@ -29,7 +29,7 @@ import sys
 for blocked in ("torch", "monai", "nibabel", "nrrd", "resource", "fcntl"):
     sys.modules[blocked] = None  # not in Slicer's Python (the last two: not on Windows)
 import numpy as np
-from MaisiSynthLib import client, errors, gui_options, gui_progress, labels as L, lesions, masks, request, scene
+from MaisiSynthLib import client, errors, gui_options, gui_progress, jobs, labels as L, lesions, masks, request, scene
 from MaisiSynthLib import download, model_home
 assert L.id_for_name("liver tumor") == L.HEPATIC_TUMOR and L.id_for_name("lung_upper_lobe_left") == 28
 labels = np.zeros((40, 40, 40), np.int16)

@@ -213,6 +213,44 @@ def test_revisiting_the_module_adds_no_observer_and_nothing_probes_on_the_gui_th
     assert ".probe(" not in source and "BackgroundProbe(" in methods["onCheckDependencies"]
 
 
+def test_a_job_leaves_no_temporary_folder_or_record_however_it_ends(tmp_path):
+    """Each Generate writes the patient's mask (and for an edit the CT) into a folder of its own: a
+    failed or cancelled job removes it at once, a result once loaded (even if loading fails), and
+    closing the scene removes what is still in flight. The module loads a result inside a
+    _UserAction, so a failed load shows its dialog and the status does not say "Done"."""
+    import ast
+
+    from MaisiSynthLib.jobs import Job, JobRecords
+
+    jobs = JobRecords()
+    folders = {}
+    for rid in ("failed", "cancelled", "done", "running"):
+        folders[rid] = tmp_path / rid
+        folders[rid].mkdir()
+        (folders[rid] / "mask.nii.gz").write_bytes(b"mask")
+        jobs.add(rid, Job("CT", None, 0, None, folders[rid]))
+    assert jobs.end({"type": "error", "id": "failed", "kind": "worker-died"}).input_name == "CT"
+    assert jobs.end({"type": "error", "id": "cancelled", "kind": "cancelled"}) is not None
+    assert not folders["failed"].exists() and not folders["cancelled"].exists()
+    done = jobs.end({"type": "result", "id": "done"})
+    assert done.folder.exists()  # the result is loaded from it first
+    jobs.discard(done)
+    assert not folders["done"].exists() and len(jobs) == 1
+    assert jobs.end({"type": "error", "id": "done"}) is None  # a late duplicate: nothing happens
+    jobs.clear()
+    assert not folders["running"].exists() and len(jobs) == 0
+
+    source = (REPO / "MaisiSynth" / "MaisiSynth.py").read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    widget = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "MaisiSynthWidget")
+    on_event = ast.unparse(next(f for f in widget.body if getattr(f, "name", "") == "onEvent"))
+    assert "jobs.end(event)" in on_event and "with _UserAction('Cannot load the result.')" in on_event
+    logic = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == "MaisiSynthLogic")
+    methods = {f.name: ast.unparse(f) for f in logic.body if isinstance(f, ast.FunctionDef)}
+    assert "self.jobs.discard(job)" in methods["loadResult"] and "self.jobs.clear()" in methods["shutdown"]
+    assert "shutil.rmtree(folder" in methods["generate"]  # a request that fails to start leaves nothing
+
+
 def test_one_step_up_from_model_default_is_a_value_generate_takes():
     """Steps, CFG and mask guidance start at 'model default' (Qt shows the special text at the spin
     box's minimum, which sends nothing); every value a spin box steps to from there is one the
