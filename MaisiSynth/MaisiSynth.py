@@ -13,6 +13,7 @@ import logging
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import ctk
@@ -568,9 +569,12 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         self.test_generate_from_example()
 
     def test_generate_from_example(self):
-        from MaisiSynthLib import scene
         from MaisiSynthLib.gui_options import GenerateOptions
 
+        scene, dependencies, python = _lib("scene"), _lib("dependencies"), GenerateOptions().python_executable()
+        lacking = [r for r in dependencies.missing(dependencies.probe(python)) if r.startswith(("torch", "monai"))]
+        if lacking:  # a build's Python without them cannot run the worker: say so, do not hang or fail
+            return self.delayDisplay(f"Skipped: the worker Python {python} lacks {', '.join(lacking)}")
         here = Path(__file__).resolve().parent  # the example: one up in a checkout, beside when installed
         example = next(p / "Resources/examples/example_hepatic_tumor.nii.gz" for p in (here.parent, here)
                        if (p / "Resources/examples/example_hepatic_tumor.nii.gz").exists())  # fmt: skip
@@ -578,19 +582,18 @@ class MaisiSynthTest(ScriptedLoadableModuleTest):
         mask = scene.array_from_volume(labelmap)
         segmentation = scene.import_labels(slicer.mrmlScene, mask, scene.ijk_to_ras(labelmap), "example")
         self.delayDisplay("Generating (CPU, 3 steps)")
-        logic = MaisiSynthLogic()
-        events = []
-        options = GenerateOptions(steps=3, device="cpu")
-        requestId = logic.generate(segmentation, None, options, events.append)
-        while not any(e.get("type") in ("result", "error") for e in events):
-            logic.poll()
-            slicer.app.processEvents()
-        end = events[-1]
-        self.assertEqual(end["type"], "result", end)
-        volume = logic.loadResult(end)
-        self.assertEqual(volume.GetImageData().GetDimensions(), tuple(mask.shape))
-        values = scene.array_from_volume(volume)
-        self.assertTrue(values.min() >= -1000 and values.max() <= 1000)
-        self.assertTrue(requestId)
-        logic.shutdown()
+        logic, events, deadline = MaisiSynthLogic(), [], time.monotonic() + 600
+        try:
+            logic.generate(segmentation, None, GenerateOptions(steps=3, device="cpu"), events.append)
+            while not any(e.get("type") in ("result", "error") for e in events):
+                self.assertLess(time.monotonic(), deadline, "no result from the worker within 10 minutes")
+                logic.poll()
+                slicer.app.processEvents()
+                time.sleep(0.02)
+            self.assertEqual(events[-1]["type"], "result", events[-1])
+            volume = logic.loadResult(events[-1], logic.jobs.end(events[-1]))
+            self.assertEqual(volume.GetImageData().GetDimensions(), tuple(mask.shape))
+            self.assertTrue(abs(scene.array_from_volume(volume)).max() <= 1000)  # HU of a CT
+        finally:
+            logic.shutdown()  # the worker stops whatever happened
         self.delayDisplay("Test passed")

@@ -210,7 +210,22 @@ def test_revisiting_the_module_adds_no_observer_and_nothing_probes_on_the_gui_th
     assert "addObserver" not in methods["enter"] and "updateEffectList()" in methods["enter"]
     assert "addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent" in methods["setup"]
     assert "connect('timeout()', self.onPoll)" in methods["setup"] and "self.probe.report" in methods["onPoll"]
-    assert ".probe(" not in source and "BackgroundProbe(" in methods["onCheckDependencies"]
+    assert all(".probe(" not in m for m in methods.values())  # the self-test may wait; the widget never
+    assert "BackgroundProbe(" in methods["onCheckDependencies"]
+
+
+def test_the_self_test_has_a_deadline_stops_its_worker_and_skips_without_torch():
+    """CTest runs MaisiSynthTest in the build's Slicer: it must not spin for ever, must stop the
+    worker when it fails, and skips (saying why) when the worker Python lacks torch or MONAI."""
+    import ast
+
+    tree = ast.parse((REPO / "MaisiSynth" / "MaisiSynth.py").read_text(encoding="utf-8"))
+    test = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "test_generate_from_example")
+    body = ast.unparse(test)
+    assert "deadline" in body and "assertLess(time.monotonic(), deadline" in body
+    tries = [n for n in ast.walk(test) if isinstance(n, ast.Try)]
+    assert tries and any("logic.shutdown()" in ast.unparse(s) for s in tries[0].finalbody)
+    assert "Skipped: the worker Python" in body and "'torch', 'monai'" in body
 
 
 def test_a_job_leaves_no_temporary_folder_or_record_however_it_ends(tmp_path):
