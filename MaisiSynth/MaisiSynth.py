@@ -148,9 +148,8 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
 
     def onSceneStartClose(self, caller=None, event=None):
-        self.logic.shutdown()  # a download stops too; the next one continues where it stopped
+        self.logic.jobs.clear(cancel=self.logic.session.cancel)  # the worker and a download go on
         self.requestId, self.ui.generateButton.text = None, "Generate"
-        self.downloadId, self.ui.downloadButton.text = None, "Get official weights"
 
     def cleanup(self):
         self.removeObservers()
@@ -322,7 +321,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.workerReported = False
         self.ui.generateButton.text = "Cancel"
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = "Starting the worker…" if self.logic.session.starting else "Queued…"
+        self.ui.statusLabel.text = _lib("gui_progress").queued_status(self.logic.session.starting, self.downloadId)
 
     def onEvent(self, event):
         from MaisiSynthLib import gui_options, gui_progress

@@ -83,3 +83,11 @@ def download_status(event: dict) -> tuple[int, str]:
     if stage == "install":
         return 100, "Installing…"
     return 0, "Asking the Hugging Face Hub…"
+
+
+def queued_status(starting: bool, downloading: object) -> str:
+    """The status of a Generate not yet running: the worker runs one request at a time, so behind a
+    weights download (gigabytes) it waits, and says so rather than sitting silent."""
+    if downloading:
+        return "Queued: the weights download runs first (Cancel download to generate now)…"
+    return "Starting the worker…" if starting else "Queued…"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -46,9 +46,12 @@ class JobRecords:
         if job is not None:
             shutil.rmtree(job.folder, ignore_errors=True)
 
-    def clear(self) -> None:
+    def clear(self, cancel: Callable[[str], None] | None = None) -> None:
         """Forget every job and remove its folder (scene closed, module left): their events will not
-        be shown any more."""
-        jobs, self._jobs = list(self._jobs.values()), {}
-        for job in jobs:
+        be shown any more. `cancel`: called with each request id first (a scene close cancels its
+        jobs but keeps the worker, and a weights download, going)."""
+        jobs, self._jobs = self._jobs, {}
+        for request_id, job in jobs.items():
+            if cancel is not None:
+                cancel(request_id)
             self.discard(job)

@@ -214,6 +214,20 @@ def test_revisiting_the_module_adds_no_observer_and_nothing_probes_on_the_gui_th
     assert "BackgroundProbe(" in methods["onCheckDependencies"]
 
 
+def test_a_scene_close_keeps_the_worker_and_a_download_and_a_queued_generate_says_why_it_waits():
+    """Closing the scene cancels its jobs but neither stops the worker (its models stay loaded) nor
+    aborts a weights download; a Generate pressed during a download says it waits for it."""
+    import ast
+
+    from MaisiSynthLib.gui_progress import queued_status
+
+    tree = ast.parse((REPO / "MaisiSynth" / "MaisiSynth.py").read_text(encoding="utf-8"))
+    close = ast.unparse(next(n for n in ast.walk(tree) if getattr(n, "name", "") == "onSceneStartClose"))
+    assert "shutdown" not in close and "downloadId" not in close and "jobs.clear(cancel=" in close
+    assert "download" in queued_status(False, "req-1") and "Cancel download" in queued_status(True, "req-1")
+    assert queued_status(True, None) == "Starting the worker…" and queued_status(False, None) == "Queued…"
+
+
 def test_the_self_test_has_a_deadline_stops_its_worker_and_skips_without_torch():
     """CTest runs MaisiSynthTest in the build's Slicer: it must not spin for ever, must stop the
     worker when it fails, and skips (saying why) when the worker Python lacks torch or MONAI."""
@@ -252,8 +266,9 @@ def test_a_job_leaves_no_temporary_folder_or_record_however_it_ends(tmp_path):
     jobs.discard(done)
     assert not folders["done"].exists() and len(jobs) == 1
     assert jobs.end({"type": "error", "id": "done"}) is None  # a late duplicate: nothing happens
-    jobs.clear()
-    assert not folders["running"].exists() and len(jobs) == 0
+    cancelled = []
+    jobs.clear(cancel=cancelled.append)  # a scene close: its jobs are cancelled, the worker goes on
+    assert cancelled == ["running"] and not folders["running"].exists() and len(jobs) == 0
 
     source = (REPO / "MaisiSynth" / "MaisiSynth.py").read_text(encoding="utf-8")
     tree = ast.parse(source)
