@@ -281,6 +281,19 @@ def test_a_job_leaves_no_temporary_folder_or_record_however_it_ends(tmp_path):
     assert "shutil.rmtree(folder" in methods["generate"]  # a request that fails to start leaves nothing
 
 
+def test_research_settings_sit_in_a_collapsed_advanced_section():
+    """The main panel holds what a radiologist needs; the sampler's research settings are one click
+    away, collapsed, and still read by the module (their names are unchanged)."""
+    root = ET.parse(REPO / "MaisiSynth" / "Resources" / "UI" / "MaisiSynth.ui").getroot()
+    advanced = root.find(".//widget[@name='advancedCollapsibleButton']")
+    assert advanced is not None and advanced.get("class") == "ctkCollapsibleButton"
+    props = {p.get("name"): p[0].text for p in advanced.findall("property")}
+    assert props["collapsed"] == "true"
+    inside = {w.get("name") for w in advanced.iter("widget")}
+    assert {"cfgSpinBox", "solverComboBox", "maskGuidanceSpinBox", "latentPriorComboBox"} <= inside
+    assert not {"stepsSpinBox", "seedSpinBox", "gridPresetComboBox", "generateButton"} & inside
+
+
 def test_one_step_up_from_model_default_is_a_value_generate_takes():
     """Steps, CFG and mask guidance start at 'model default' (Qt shows the special text at the spin
     box's minimum, which sends nothing); every value a spin box steps to from there is one the
