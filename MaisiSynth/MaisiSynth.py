@@ -180,6 +180,7 @@ class MaisiSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onReferenceChanged(self, node):
         segmentation = self.ui.segmentationSelector.currentNode()
+        self.ui.segmentEditorWidget.setAutoShowSourceVolumeNode(node is not None)  # a canvas is not shown
         if node is None and segmentation is not None:
             with _UserAction("Cannot make a blank volume to paint on."):  # painting needs a source volume
                 node = self.logic.canvasVolume(segmentation)

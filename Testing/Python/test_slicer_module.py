@@ -210,6 +210,8 @@ def test_revisiting_the_module_adds_no_observer_and_nothing_probes_on_the_gui_th
     assert "addObserver" not in methods["enter"] and "updateEffectList()" in methods["enter"]
     assert "addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent" in methods["setup"]
     assert "connect('timeout()', self.onPoll)" in methods["setup"] and "self.probe.report" in methods["onPoll"]
+    # a canvas set as source volume must not replace what the views show (a synthetic CT, say)
+    assert "setAutoShowSourceVolumeNode(node is not None)" in methods["onReferenceChanged"]
     assert all(".probe(" not in m for m in methods.values())  # the self-test may wait; the widget never
     assert "BackgroundProbe(" in methods["onCheckDependencies"]
 
