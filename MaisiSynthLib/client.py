@@ -485,7 +485,11 @@ class RemoteClient(_EventClient):
                         break
                     self._push(event)
             if end is not None:
-                if end.get("type") == "result":
+                if end.get("type") == "result" and request_id in self._cancelled:  # finished as it was cancelled
+                    end = error_event(
+                        request_id, "cancelled", "cancelled by the user; the server's output is not kept", ""
+                    )
+                elif end.get("type") == "result":
                     end = self._download(request_id, end, local)
                 # the server forgets the request (and deletes its files) before the caller hears the end
                 with self._request("DELETE", f"/v1/requests/{request_id}"):
@@ -574,6 +578,9 @@ class RemoteError(Exception):
 # The GUI's session: start in the background, queue what comes meanwhile
 
 
+CANCEL_GRACE_S = 30.0  # a cancelled request stops within one sampling step; a minute's step is not normal
+
+
 class ClientSession:
     """One worker (or server) connection for a GUI, which must never wait for it.
 
@@ -598,6 +605,10 @@ class ClientSession:
         self._queued: list[tuple[str, dict, Callback | None, str]] = []
         self._late: list[tuple[Callback | None, dict]] = []  # events for requests that never reached a client
         self.retired: list[_EventClient] = []  # replaced while running requests; closed when they end
+        # a remote cancel not answered within this many seconds is ended here: reported cancelled, and
+        # what the server sends for it later is ignored (a local worker enforces its own: cancel_timeout)
+        self.cancel_grace_s = CANCEL_GRACE_S
+        self._cancelling: dict[str, tuple[float, _EventClient]] = {}
         self.closing: list[threading.Thread] = []  # local workers shutting down
 
     @property
@@ -678,11 +689,23 @@ class ClientSession:
                 callback(event)
         if self.client is not None and self._thread is None:
             self.client.poll()
+        self._end_unanswered_cancels()
         for client in list(self.retired):
             client.poll()
             if not client.pending:
                 self.retired.remove(client)
                 self._stop(client)
+
+    def _end_unanswered_cancels(self) -> None:
+        now = time.monotonic()
+        for request_id, (since, client) in list(self._cancelling.items()):
+            if request_id not in client.pending:
+                del self._cancelling[request_id]
+            elif now - since > self.cancel_grace_s:
+                del self._cancelling[request_id]
+                message = "cancelled here; the server did not answer the cancel, and its result is ignored"
+                client._push(error_event(request_id, "cancelled", message, ""))
+                client.poll()
 
     def cancel(self, request_id: str) -> None:
         for item in list(self._queued):
@@ -691,10 +714,12 @@ class ClientSession:
                 self._late.append((item[2], error_event(request_id, "cancelled", "cancelled by the user", "")))
                 return
         owner = next((c for c in self.retired if request_id in c.pending), None)
+        if owner is None and self.client is not None and self._thread is None:
+            owner = self.client
         if owner is not None:
             owner.cancel(request_id)
-        elif self.client is not None and self._thread is None:
-            self.client.cancel(request_id)
+            if not isinstance(owner, WorkerClient):
+                self._cancelling.setdefault(request_id, (time.monotonic(), owner))
 
     def _retire(self) -> None:
         """Make way for a new client: the current one keeps its running requests (retired), or stops."""

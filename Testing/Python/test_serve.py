@@ -290,3 +290,44 @@ def test_a_session_retries_a_server_it_could_not_reach(tiny_model, mask, tmp_pat
         session.close()
         process.terminate()
         process.wait(30)
+
+
+def test_a_cancel_the_server_does_not_answer_ends_the_job_here(tiny_model, mask, tmp_path, monkeypatch):
+    """A server that never answers a cancel (its worker hung, or an older server) must not leave the
+    GUI in "Cancelling…": after the session's grace period the job ends as cancelled here, and what
+    the server sends for it later writes nothing. The stand-in server is the real one with cancels
+    ignored (a sitecustomize on its PYTHONPATH)."""
+    from MaisiSynthLib.client import ClientSession
+
+    deaf = tmp_path / "deaf"
+    deaf.mkdir()
+    (deaf / "sitecustomize.py").write_text(
+        "from MaisiSynthLib import worker\nworker.RequestRunner.cancel = lambda self, request_id, target: None\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(deaf))
+    process, client = start_server(tiny_model, tmp_path / "work")
+    url = client.url
+    session = ClientSession()
+    session.cancel_grace_s = 2.0
+    got: list[dict] = []
+    out = tmp_path / "long.nii.gz"
+    params = {"mask": str(mask), "output": str(out), "steps": 1000}
+    try:
+        rid = session.request(("remote", url, TOKEN), lambda: RemoteClient(url, token=TOKEN), params, got.append)
+        deadline = time.monotonic() + 180
+        while not any(e.get("stage") == "sample" for e in got):
+            assert time.monotonic() < deadline, got[-3:]
+            session.poll()
+            time.sleep(0.02)
+        session.cancel(rid)
+        cancelled_at = time.monotonic()
+        while not any(e["type"] in ("result", "error") for e in got):
+            assert time.monotonic() - cancelled_at < 60, "the unanswered cancel never ended the job"
+            session.poll()
+            time.sleep(0.02)
+        assert got[-1]["kind"] == "cancelled" and "did not answer" in got[-1]["message"]
+        assert time.monotonic() - cancelled_at >= 2.0 and not out.exists()
+    finally:
+        session.close()
+        process.kill()  # its runner is still drawing the job it was told to cancel
+        process.wait(30)
