@@ -594,7 +594,7 @@ class ClientSession:
     A client replaced while it still runs requests (the user changed the device, the worker Python or
     the server during a job) is retired, not closed: `poll()` keeps delivering its events and
     `cancel()` still reaches it, and it is closed once its last request has ended. Local workers are
-    shut down on a background thread (`closing`), so the GUI never waits for one to exit.
+    shut down on a background thread, so the GUI never waits for one to exit.
     """
 
     def __init__(self) -> None:
@@ -609,7 +609,6 @@ class ClientSession:
         # what the server sends for it later is ignored (a local worker enforces its own: cancel_timeout)
         self.cancel_grace_s = CANCEL_GRACE_S
         self._cancelling: dict[str, tuple[float, _EventClient]] = {}
-        self.closing: list[threading.Thread] = []  # local workers shutting down
 
     @property
     def ready(self) -> bool:
@@ -755,6 +754,4 @@ class ClientSession:
             except Exception:  # noqa: BLE001 - closing must not fail
                 client.kill()
 
-        thread = threading.Thread(target=shutdown, daemon=True, name="maisi-synth-shutdown")
-        thread.start()
-        self.closing = [t for t in self.closing if t.is_alive()] + [thread]
+        threading.Thread(target=shutdown, daemon=True, name="maisi-synth-shutdown").start()

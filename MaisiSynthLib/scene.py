@@ -52,6 +52,10 @@ def ijk_to_ras(volume_node) -> np.ndarray:
 
     matrix = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(matrix)
+    return _numpy_matrix(matrix)
+
+
+def _numpy_matrix(matrix) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
@@ -815,7 +819,7 @@ def segmentation_geometry(segmentation_node) -> tuple[tuple[int, int, int], np.n
         return None
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
-    affine = np.array([[matrix.GetElement(i, j) for j in range(4)] for i in range(4)])
+    affine = _numpy_matrix(matrix)
     affine[:3, 3] += affine[:3, :3] @ np.array(extent[::2], float)  # voxel (0,0,0) is the extent's start
     return shape, affine
 
